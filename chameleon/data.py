@@ -1,0 +1,149 @@
+"""Corpora with one schema each, and tokenisation into fixed-length tensors.
+
+Language modelling: DatasetDict(train / validation / test) with a "text" column.
+Instructions: DatasetDict(train / validation / test) with "instruction", "input", "output".
+Splits we make ourselves are decided by a hash of the example's text, so every machine
+gets the same split and no text sits in two splits.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from datasets import Dataset, DatasetDict
+
+from chameleon.assets import ASSETS
+
+SPLITS = ("train", "validation", "test")
+INSTRUCTION_FIELDS = ("instruction", "input", "output")
+HUB_HINT = "the Hugging Face hub is unreachable from here; offline, use the embedded default {default!r}"
+
+
+def load_lm_corpus(name: str = "wiki") -> DatasetDict:
+    """A language-modelling corpus: "wiki" (embedded), "wikitext-2-raw-v1" (hub) or a local file.
+
+    Args:
+        name: a corpus name, or a path to a .txt (one example per non-empty line), .jsonl
+            (a "text" field per line) or .parquet (a "text" column) file.
+    """
+    if name == "wiki":
+        articles = json.loads(ASSETS["wiki"].require().read_text())
+        texts = [a["extract"].strip() for _, a in sorted(articles.items())]
+        return _hash_split([{"text": t} for t in texts if t], key=lambda r: r["text"], name=name)
+    if name in ("wikitext-2-raw-v1", "wikitext-103-raw-v1"):
+        ds = _from_hub(name, "wiki", "wikitext", name)
+        # WikiText keeps blank lines as separators; they hold no example.
+        return ds.filter(lambda r: bool(r["text"].strip()))
+    rows = _read_local(name, "a corpus name ('wiki', 'wikitext-2-raw-v1')")
+    if rows is None:  # plain text: one example per non-empty line
+        rows = [{"text": line.strip()} for line in Path(name).read_text().splitlines()]
+    texts = [str(r["text"]).strip() for r in _require_fields(rows, ("text",), name) if str(r["text"]).strip()]
+    if not texts:
+        raise ValueError(f"{name} holds no usable text: every example is empty; give it non-empty lines")
+    return _hash_split([{"text": t} for t in texts], key=lambda r: r["text"], name=name)
+
+
+def load_instructions(name: str = "chatterbot") -> DatasetDict:
+    """Instruction data: "chatterbot" (embedded stand-in), "alpaca" (yahma/alpaca-cleaned) or a local
+    JSON / JSONL file in Alpaca's format (instruction, input, output per record)."""
+    if name == "chatterbot":
+        rows = _chatterbot_pairs()
+    elif name == "alpaca":
+        rows = list(_from_hub(name, "chatterbot", "yahma/alpaca-cleaned")["train"])
+    else:
+        rows = _read_local(name, "an instruction set name ('chatterbot', 'alpaca')")
+        if rows is None:
+            raise ValueError(f"{name}: instruction data must be .json or .jsonl in Alpaca's format")
+    rows = _require_fields(rows, ("instruction", "output"), name)
+    kept = [{f: str(r.get(f) or "").strip() for f in INSTRUCTION_FIELDS} for r in rows]
+    kept = [r for r in kept if r["instruction"] and r["output"]]
+    if len(kept) < len(rows):
+        print(f"{name}: dropped {len(rows) - len(kept)} of {len(rows)} records with an empty instruction or output")
+    # Identical prompts must not straddle splits: the split follows a hash of instruction + input.
+    return _hash_split(kept, key=lambda r: r["instruction"] + "\n" + r["input"], name=name)
+
+
+def _chatterbot_pairs() -> list[dict]:
+    """Real prompt -> response pairs: each statement of a chatterbot conversation and the next one."""
+    rows = []
+    for path in sorted(ASSETS["chatterbot"].require().parent.glob("*.yml")):
+        for conv in yaml.safe_load(path.read_text()).get("conversations", []):
+            conv = [str(turn) for turn in conv]
+            rows += [{"instruction": q, "input": "", "output": a} for q, a in zip(conv, conv[1:])]
+    return rows
+
+
+def _hash_split(rows: list[dict], key, name: str, fractions=(0.8, 0.1)) -> DatasetDict:
+    """Deterministic 80 / 10 / 10 split by a hash of key(row): the same on every machine, and
+    identical keys always land in the same split. Order within a split follows the input."""
+    parts = {s: [] for s in SPLITS}
+    for row in rows:
+        u = int(hashlib.sha1(key(row).encode()).hexdigest()[:8], 16) / 16**8
+        parts["train" if u < fractions[0] else "validation" if u < sum(fractions) else "test"].append(row)
+    for split, part in parts.items():
+        if not part:
+            raise ValueError(f"{name}: the {split} split is empty ({len(rows)} examples in all); "
+                             f"give it more examples (at least a few dozen)")
+    return DatasetDict({s: Dataset.from_list(p) for s, p in parts.items()})
+
+
+def _from_hub(name: str, default: str, *args) -> DatasetDict:
+    from datasets import load_dataset
+    from chameleon.assets import hub_reachable
+
+    if not hub_reachable():
+        raise ValueError(f"{name!r} comes from the Hugging Face hub, but " + HUB_HINT.format(default=default))
+    return load_dataset(*args)
+
+
+def _read_local(name: str, what: str) -> list[dict] | None:
+    """Records of a local .json / .jsonl / .parquet file; None for a plain-text file."""
+    path = Path(name)
+    if not path.is_file():
+        raise ValueError(f"{name!r} is neither {what} nor an existing file; check the path")
+    if path.suffix == ".jsonl":
+        try:
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{name}: line {err.doc!r:.60} is not valid JSON; write one JSON object per line")
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if not isinstance(data, list):
+            raise ValueError(f"{name}: expected a JSON list of records, got {type(data).__name__}")
+        return data
+    if path.suffix == ".parquet":
+        return Dataset.from_parquet(str(path)).to_list()
+    return None
+
+
+def _require_fields(rows: list, fields: tuple[str, ...], name: str) -> list[dict]:
+    for i, row in enumerate(rows):
+        missing = [f for f in fields if not isinstance(row, dict) or f not in row]
+        if missing:
+            have = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"{name}: record {i} lacks {missing} (it has {have}); every record needs {list(fields)}")
+    return rows
+
+
+def subsample(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    """The first n examples of a seeded permutation (all of them when n is None or >= len)."""
+    if n is None or n >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(n))
+
+
+def tokenize(texts: list[str], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded, truncated (N, max_length) input_ids and attention_mask, as the paper batches them.
+
+    Raises ValueError when an example has fewer than 2 real tokens: nothing to predict.
+    """
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    short = (enc["attention_mask"].sum(1) < 2).nonzero().flatten().tolist()
+    if short:
+        raise ValueError(f"{len(short)} example(s) have fewer than 2 real tokens (e.g. index {short[0]}: "
+                         f"{texts[short[0]]!r}); drop them from the data, nothing can be predicted there")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

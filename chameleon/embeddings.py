@@ -1,0 +1,128 @@
+"""Example embeddings: the mean of the backbone's input token embeddings, L2-normalised.
+
+The paper embeds every example by averaging the LM's input token embeddings (GPT-2's
+`wte`, no positions). The authors' code averages over all max_length positions, padding
+included; the corrected protocol averages over real tokens only. Which one is used is
+just the mask the caller passes:
+
+    mask = embedding_mask(batch["attention_mask"], cfg.protocol)
+    emb = mean_embeddings(model, batch["input_ids"], mask)   # (N, d), unit rows
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+
+def embedding_mask(attention_mask: torch.Tensor, protocol: str) -> torch.Tensor:
+    """The positions that count in an example's mean embedding.
+
+    Args:
+        attention_mask: (N, L) tensor, 1 on real tokens and 0 on padding.
+        protocol: "paper" counts every position, padding included (as the authors' code
+            does); "causal" counts real tokens only.
+    """
+    if protocol == "paper":
+        return torch.ones_like(attention_mask)
+    if protocol == "causal":
+        return attention_mask
+    raise ValueError(f"protocol={protocol!r} is not valid here; choose 'paper' or 'causal'")
+
+
+def _position_table(model: torch.nn.Module) -> torch.Tensor:
+    """The learned absolute position embeddings (GPT-2's `transformer.wpe`), (n_positions, d)."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    wpe = getattr(base, "wpe", None)
+    if not isinstance(wpe, torch.nn.Embedding):
+        raise ValueError(
+            f"{type(model).__name__} has no learned position embeddings (Llama-style models such as "
+            "SmolLM2 encode positions with rotary embeddings inside attention); use positions=False")
+    return wpe.weight
+
+
+@torch.no_grad()
+def mean_embeddings(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
+                    positions: bool = False, batch_size: int = 4096) -> torch.Tensor:
+    """Mean input embedding of each example over the positions where mask == 1, L2-normalised.
+
+    Args:
+        model: a Hugging Face causal LM; its `get_input_embeddings()` table is averaged.
+        input_ids: (N, L) LongTensor of token ids.
+        mask: (N, L) tensor, 1 where a position counts (see `embedding_mask`).
+        positions: also add the learned position embedding of each position before
+            averaging (GPT-2's `wpe`); ValueError for backbones without one.
+        batch_size: examples per chunk; bounds the memory of the gather.
+
+    Returns:
+        (N, d) float32 tensor on the CPU with unit-norm rows (all-zero rows for empty masks).
+    """
+    wte = model.get_input_embeddings().weight
+    wte = wte if wte.dtype == torch.float32 else wte.float()  # half-precision sums lose ~3 digits
+    wpe = _position_table(model).to(wte) if positions else None
+    if wpe is not None and input_ids.shape[1] > wpe.shape[0]:
+        raise ValueError(f"sequences of {input_ids.shape[1]} tokens exceed the {wpe.shape[0]} learned positions")
+    out = []
+    for start in range(0, len(input_ids), batch_size):
+        ids = input_ids[start:start + batch_size].to(wte.device)
+        m = mask[start:start + batch_size].to(wte)
+        # embedding_bag sums the weighted rows without materialising the (n, L, d) gather
+        total = F.embedding_bag(ids, wte, mode="sum", per_sample_weights=m)
+        if wpe is not None:
+            total = total + m @ wpe[:ids.shape[1]]  # sum of position rows at the counted positions
+        mean = total / m.sum(1, keepdim=True).clamp(min=1)
+        out.append(F.normalize(mean, dim=1).cpu())
+    return torch.cat(out) if out else torch.empty(0, wte.shape[1])
+
+
+def _canonical(key: dict) -> str:
+    return json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    # a crash mid-write must never leave a truncated file under the final name
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def cached_embeddings(key: dict, compute: Callable[[], torch.Tensor], cache_dir: Path) -> torch.Tensor:
+    """`compute()`, or its result stored under `key` by an earlier call.
+
+    The file name is a hash of the whole key, so a change of backbone, corpus, split,
+    max_length, protocol, kind, n or seed can never return stale embeddings.
+
+    Args:
+        key: JSON-serialisable description of what `compute` returns, e.g. dict(backbone=...,
+            corpus=..., split=..., max_length=..., protocol=..., kind="token", n=..., seed=...).
+        compute: builds the (N, d) tensor on a cache miss.
+        cache_dir: the kit's cache folder (`cfg.cache_dir`); files go in its "embeddings/".
+
+    Returns:
+        The embeddings as a CPU tensor. Stored as <hash>.safetensors with <hash>.json (the key) beside it.
+    """
+    canonical = _canonical(key)
+    folder = Path(cache_dir) / "embeddings"
+    stem = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    path = folder / f"{stem}.safetensors"
+    if path.exists():
+        return load_file(path)["embeddings"]
+    emb = compute().detach().cpu().contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomic(folder / f"{stem}.json",
+                  lambda tmp: Path(tmp).write_text(json.dumps(key, sort_keys=True, indent=2, default=str) + "\n"))
+    # the tensor file is written last: its presence means the pair is complete
+    _write_atomic(path, lambda tmp: save_file({"embeddings": emb}, tmp, metadata={"key": canonical}))
+    return emb

@@ -1,0 +1,104 @@
+"""The ChamaleonLLM hypernetwork: a small MLP maps a batch's mean embedding to the LoRA matrices of the LM head.
+
+    head = ChameleonHead(model.get_output_embeddings(), d_cond=768, rank=4, alpha=1.0)
+    logits = head(hidden_states, cond=batch_embeddings.mean(0))  # one (A, B) for the whole batch
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from chameleon.lora import FLAVOURS, dims, scaling
+
+
+class HyperNetwork(nn.Module):
+    """cond -> (A, B): Linear-ReLU-Dropout per hidden width, then Linear(hidden[-1], r * (d_in + d_out)).
+
+    With the paper's widths (64, 32) on GPT-2's head (768 -> 50,257, r = 4) this has 6,786,596 parameters.
+    """
+
+    def __init__(self, d_cond: int, d_in: int, d_out: int, rank: int, hidden: tuple[int, ...] = (64, 32),
+                 dropout: float = 0.5, flavour: str = "paper"):
+        """
+        Args:
+            d_cond: size of the conditioning vector (the LM's embedding width).
+            d_in: input width of the adapted layer; A is (rank, d_in).
+            d_out: output width of the adapted layer; B is (d_out, rank).
+            rank: LoRA rank r (>= 1).
+            hidden: widths of the hidden layers.
+            dropout: dropout after each hidden ReLU.
+            flavour: "paper" (A and B both start small and random) or "standard" (B starts at zero).
+        """
+        super().__init__()
+        if rank < 1:
+            raise ValueError("rank must be >= 1; rank 0 means no adapter: use regime 'unadapted'")
+        if flavour not in FLAVOURS:
+            raise ValueError(f"unknown LoRA flavour {flavour!r}; choose one of {list(FLAVOURS)}")
+        self.rank, self.d_in, self.d_out = rank, d_in, d_out
+        layers, width = [], d_cond
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+            width = h
+        last = nn.Linear(width, rank * (d_in + d_out))
+        # The paper initialises the last layer N(0, 1e-3) so the first adapters are small.
+        nn.init.normal_(last.weight, std=1e-3)
+        nn.init.zeros_(last.bias)
+        if flavour == "standard":
+            # The rows after the first r * d_in produce B: zero them so B = 0 and the adapted model
+            # equals the base model at init, as in ordinary LoRA; A stays random so B learns from step one.
+            with torch.no_grad():
+                last.weight[rank * d_in:].zero_()
+        self.net = nn.Sequential(*layers, last)
+
+    def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d_cond,) -> A (r, d_in), B (d_out, r); (n, d_cond) -> A (n, r, d_in), B (n, d_out, r)."""
+        out = self.net(cond)
+        lead = out.shape[:-1]
+        split = self.rank * self.d_in
+        return (out[..., :split].reshape(*lead, self.rank, self.d_in),
+                out[..., split:].reshape(*lead, self.d_out, self.rank))
+
+
+class ChameleonHead(nn.Module):
+    """A frozen LM head plus a LoRA update whose A and B come from a HyperNetwork of the conditioning vector.
+
+    The head is held, not copied, so its weight stays tied to the input embedding.
+    """
+
+    def __init__(self, base: nn.Module, d_cond: int, rank: int, alpha: float, flavour: str = "paper",
+                 hidden: tuple[int, ...] = (64, 32), dropout: float = 0.5):
+        """
+        Args:
+            base: the LM head (nn.Linear, possibly without bias); frozen in place.
+            d_cond: size of the conditioning vector.
+            rank: LoRA rank r (>= 1).
+            alpha: LoRA alpha; see `chameleon.lora.scaling`.
+            flavour: "paper" or "standard"; sets the scaling and the hypernetwork's init.
+            hidden: hypernetwork hidden widths.
+            dropout: hypernetwork dropout.
+        """
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.scaling = scaling(flavour, alpha, rank)
+        d_in, d_out = dims(base)
+        w = base.weight
+        self.hyper = HyperNetwork(d_cond, d_in, d_out, rank, hidden, dropout, flavour).to(w.device, w.dtype)
+
+    def generate_adapter(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (A, B) this head would apply for `cond`; see HyperNetwork.forward for shapes."""
+        return self.hyper(cond)
+
+    def forward(self, hidden: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Logits of base(hidden) + scaling * (hidden @ A.T) @ B.T, never forming the d_out x d_in update.
+
+        Args:
+            hidden: (..., d_in) hidden states, e.g. (B, T, d_in) or (N, d_in).
+            cond: (d_cond,) for one adapter shared by the whole batch (the paper), or (n, d_cond)
+                for one adapter per example, where n is hidden's first dimension.
+        """
+        A, B = self.hyper(cond)
+        if cond.dim() == 1:
+            delta = (hidden @ A.T) @ B.T
+        else:  # example i of hidden goes through its own A[i], B[i]
+            delta = torch.einsum("n...r,nor->n...o", torch.einsum("n...i,nri->n...r", hidden, A), B)
+        return self.base(hidden) + self.scaling * delta
