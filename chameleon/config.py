@@ -21,6 +21,7 @@ class Config:
     task: str = "lm"  # "lm" (WikiText-style language modelling) or "instructions" (Alpaca-style)
     corpus: str = "wiki"  # lm: "wiki" (embedded), "wikitext-2-raw-v1" (hub) or a .txt/.jsonl/.parquet path
     instructions: str = "chatterbot"  # instructions: "chatterbot" (embedded), "alpaca" (hub) or a .json/.jsonl path
+    data_seed: int = 0  # which subset max_*_examples draws; fixed across --seeds, which vary the method only
     max_train_examples: int | None = None  # subsample the train split (None: all of it)
     max_eval_examples: int | None = None  # subsample the validation split (None: all of it)
     max_length: int = 256  # tokens per example; the paper right-pads every example to this length

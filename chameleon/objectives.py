@@ -1,0 +1,58 @@
+"""The two training objectives, as per-position targets (-100 = not scored).
+
+Both protocols are expressed the same way: `targets[i, t]` is the token that the hidden
+state at position t of example i must predict, or -100. The loss is the cross-entropy
+averaged over scored positions, and perplexity is exp of that token-weighted mean.
+
+- "paper" reproduces the authors' default ("last" mode): only the last position is scored,
+  against the token AT that position (not the next one); sequences are right-padded with
+  EOS to max_length, so for short texts the target is the pad token; token id 0 is the
+  ignore index, and the attention mask is `input_ids != 0`, so padding is attended.
+- "causal" is ordinary next-token prediction over every real token: padding is masked out
+  of attention and of the loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+PAPER_IGNORE_ID = 0  # the authors' ignore_index and attention-mask test: token 0, not the pad token
+
+
+def attention_mask(input_ids: torch.Tensor, real: torch.Tensor, protocol: str) -> torch.Tensor:
+    """What the backbone attends to: `input_ids != 0` (paper) or the real tokens (causal)."""
+    return (input_ids != PAPER_IGNORE_ID).long() if protocol == "paper" else real
+
+
+def targets(input_ids: torch.Tensor, real: torch.Tensor, protocol: str,
+            loss_from: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, L) targets aligned with the hidden states; -100 where nothing is scored.
+
+    Args:
+        input_ids: (N, L) right-padded token ids.
+        real: (N, L) 1 on real tokens, 0 on padding (the tokenizer's attention mask).
+        protocol: "paper" or "causal".
+        loss_from: (N,) first token index that may be a target (e.g. where the response of an
+            instruction starts, or after a conditioning prefix); None: from the start.
+    """
+    n, length = input_ids.shape
+    position = torch.arange(length).expand(n, length)
+    out = torch.full_like(input_ids, IGNORE)
+    if protocol == "paper":
+        last = input_ids[:, -1]
+        out[:, -1] = torch.where(last == PAPER_IGNORE_ID, IGNORE, last)
+    elif protocol == "causal":
+        out[:, :-1] = torch.where(real[:, 1:].bool(), input_ids[:, 1:], IGNORE)
+    else:
+        raise ValueError(f"protocol={protocol!r} is not valid here; choose 'paper' or 'causal'")
+    if loss_from is not None:
+        # the target of position t is token t (paper) or t + 1 (causal)
+        token = position if protocol == "paper" else position + 1
+        out = torch.where(token >= loss_from[:, None], out, IGNORE)
+    return out
+
+
+def loss_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of scored rows: logits (M, V), target (M,)."""
+    return F.cross_entropy(logits.float(), target, reduction="sum")

@@ -1,0 +1,91 @@
+"""corpus -> tokens -> embeddings -> clusters: everything a run needs before training.
+
+`prepare(cfg, model, tokenizer)` returns the train and validation `Split`s: fixed-length
+tokens, protocol targets, the embedding each example is clustered by, the embedding the
+hypernetwork is conditioned on, and each example's cluster. Validation examples are routed
+to the nearest train centroid, as a batch arriving at inference time would be (the
+authors cluster validation separately).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from chameleon import instructions, objectives
+from chameleon.clustering import assign, default_k, kmeans
+from chameleon.config import Config
+from chameleon.data import load_instructions, load_lm_corpus, subsample, tokenize
+from chameleon.embeddings import cached_embeddings, embedding_mask, mean_embeddings
+
+
+@dataclass
+class Split:
+    name: str  # "train" or "validation"
+    texts: list[str]  # what the backbone reads (for instructions: prompt + response)
+    input_ids: torch.Tensor  # (N, L) right-padded
+    attention: torch.Tensor  # (N, L) what the backbone attends to (see objectives.attention_mask)
+    targets: torch.Tensor  # (N, L) token to predict at each position, -100 where not scored
+    cluster_emb: torch.Tensor  # (N, d) the embedding k-means sees
+    cond_emb: torch.Tensor  # (N, d) the embedding the hypernetwork's batch mean is taken over
+    labels: np.ndarray  # (N,) cluster of each example
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def load_split_texts(cfg: Config, split: str) -> dict:
+    """The texts of one split, subsampled by cfg.data_seed (fixed across --seeds)."""
+    n = cfg.max_train_examples if split == "train" else cfg.max_eval_examples
+    if cfg.task == "lm":
+        ds = subsample(load_lm_corpus(cfg.corpus)[split], n, cfg.data_seed)
+        return {"full": list(ds["text"])}
+    ds = subsample(load_instructions(cfg.instructions)[split], n, cfg.data_seed)
+    return instructions.texts(list(ds))
+
+
+def prepare(cfg: Config, model, tokenizer) -> tuple[Split, Split, np.ndarray]:
+    """Train and validation splits and the k-means centroids (k, d) of the train split."""
+    raw = {s: load_split_texts(cfg, s) for s in ("train", "validation")}
+    if cfg.batch_size > len(raw["train"]["full"]):
+        raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(raw['train']['full'])} training examples; "
+                         f"lower batch_size or raise max_train_examples")
+    parts = {s: _encode(cfg, model, tokenizer, s, texts) for s, texts in raw.items()}
+    k = cfg.n_clusters or default_k(len(parts["train"]["input_ids"]), cfg.batch_size)
+    train_labels, centroids = kmeans(parts["train"]["cluster_emb"], k, cfg.seed)
+    labels = {"train": train_labels, "validation": assign(parts["validation"]["cluster_emb"], centroids)}
+    splits = [Split(name=s, texts=raw[s]["full"], labels=labels[s], **parts[s]) for s in ("train", "validation")]
+    return splits[0], splits[1], centroids
+
+
+def _encode(cfg: Config, model, tokenizer, split: str, texts: dict) -> dict:
+    enc = tokenize(texts["full"], tokenizer, cfg.max_length)
+    ids, real = enc["input_ids"], enc["attention_mask"]
+    # instructions: the loss is taken on the response tokens alone
+    loss_from = instructions.response_start(texts["prompt"], tokenizer) if "prompt" in texts else None
+    if cfg.conditioning == "prefix":  # the hypernetwork sees the first P tokens; the loss starts after them
+        loss_from = torch.full((len(ids),), cfg.prefix_tokens) if loss_from is None else loss_from.clamp(min=cfg.prefix_tokens)
+    key = dict(backbone=cfg.backbone, task=cfg.task, data=cfg.corpus if cfg.task == "lm" else cfg.instructions,
+               split=split, n=len(ids), data_seed=cfg.data_seed, max_length=cfg.max_length, protocol=cfg.protocol)
+
+    def embed(kind: str, text_key: str, prefix: int | None = None) -> torch.Tensor:
+        def compute():
+            e = tokenize(texts[text_key], tokenizer, cfg.max_length) if text_key != "full" else enc
+            mask = embedding_mask(e["attention_mask"], cfg.protocol)
+            if prefix is not None:
+                mask = mask * (torch.arange(mask.shape[1]) < prefix)
+            return mean_embeddings(model, e["input_ids"], mask)
+        return cached_embeddings({**key, "kind": kind}, compute, cfg.cache_dir)
+
+    cluster_key = "prompt" if "prompt" in texts else "full"
+    cond = {"batch_mean": ("full", "full"), "shuffled": (cluster_key, cluster_key),
+            "task": ("task", "task"), "task_input": ("prompt", "prompt")}
+    if cfg.conditioning == "prefix":
+        cond_emb = embed(f"prefix{cfg.prefix_tokens}", "full", cfg.prefix_tokens)
+    else:
+        kind, text_key = cond[cfg.conditioning]
+        cond_emb = embed(kind, text_key)
+    return dict(input_ids=ids, attention=objectives.attention_mask(ids, real, cfg.protocol),
+                targets=objectives.targets(ids, real, cfg.protocol, loss_from),
+                cluster_emb=embed(cluster_key, cluster_key), cond_emb=cond_emb)

@@ -1,0 +1,91 @@
+"""Config: profiles, task overrides and validation of every choice."""
+import re
+
+import pytest
+
+from chameleon.config import CONDITIONINGS, PROFILES, PROTOCOLS, REGIMES, Config
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu", "paper"])
+def test_profiles_load(name):
+    cfg = Config.from_profile(name)
+    assert cfg.profile == name
+    for key, value in PROFILES[name].items():
+        assert getattr(cfg, key) == value
+    assert cfg.to_dict()["profile"] == name
+
+
+def test_paper_profile_is_the_papers_setting():
+    cfg = Config.from_profile("paper")
+    assert (cfg.backbone, cfg.corpus, cfg.rank, cfg.alpha) == ("gpt2", "wikitext-2-raw-v1", 4, 1.0)
+    assert (cfg.batch_size, cfg.max_length, cfg.lr, cfg.epochs) == (32, 256, 5e-4, 10)
+
+
+def test_paper_instructions_override():
+    cfg = Config.from_profile("paper", task="instructions")
+    assert (cfg.batch_size, cfg.max_length, cfg.lr) == (16, 512, 2e-4)
+    assert cfg.instructions == "alpaca"
+
+
+def test_explicit_override_beats_the_task_override():
+    assert Config.from_profile("paper", task="instructions", batch_size=4).batch_size == 4
+
+
+def test_unknown_profile_lists_the_choices():
+    with pytest.raises(ValueError, match="unknown profile 'fast'") as err:
+        Config.from_profile("fast")
+    for name in PROFILES:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("regime", "lorra", REGIMES),
+    ("protocol", "exact", PROTOCOLS),
+    ("conditioning", "prefixes", CONDITIONINGS["lm"]),
+])
+def test_unknown_choice_lists_the_choices(field, value, allowed):
+    with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}")) as err:
+        Config.from_profile("smoke", **{field: value})
+    for choice in allowed:
+        assert repr(choice) in str(err.value)
+
+
+def test_conditioning_depends_on_the_task():
+    assert Config.from_profile("smoke", task="instructions", conditioning="task_input").conditioning == "task_input"
+    with pytest.raises(ValueError, match="conditioning='task_input'"):
+        Config.from_profile("smoke", task="lm", conditioning="task_input")
+
+
+def test_replace_validates():
+    cfg = Config.from_profile("smoke")
+    assert cfg.replace(regime="lora").regime == "lora"
+    with pytest.raises(ValueError, match="regime"):
+        cfg.replace(regime="nope")
+
+
+@pytest.mark.parametrize("field", ["rank", "batch_size", "epochs", "max_length"])
+def test_nonpositive_sizes_raise(field):
+    with pytest.raises(ValueError, match=f"{field} must be a positive integer"):
+        Config.from_profile("smoke", **{field: 0})
+
+
+@pytest.mark.parametrize("prefix_tokens", [0, 31, 40])
+def test_prefix_tokens_out_of_range(prefix_tokens):
+    # smoke: max_length 32, so prefix_tokens must lie in [1, 31)
+    with pytest.raises(ValueError, match="prefix_tokens"):
+        Config.from_profile("smoke", conditioning="prefix", prefix_tokens=prefix_tokens)
+
+
+def test_prefix_tokens_in_range():
+    assert Config.from_profile("smoke", conditioning="prefix", prefix_tokens=30).prefix_tokens == 30
+
+
+def test_profile_from_environment(monkeypatch):
+    monkeypatch.setenv("CHAMELEON_PROFILE", "smoke")
+    assert Config.from_profile().profile == "smoke"
+    assert Config.from_profile().max_length == 32
+    monkeypatch.delenv("CHAMELEON_PROFILE")
+    assert Config.from_profile().profile == "cpu"
+    monkeypatch.setenv("CHAMELEON_PROFILE", "nonsense")
+    with pytest.raises(ValueError, match="unknown profile"):
+        Config.from_profile()
