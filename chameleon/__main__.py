@@ -42,7 +42,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         if f.name in ("profile", "data_dir", "results_dir", "hyper_hidden"):
             continue
         kind = {"int": int, "float": float, "bool": _bool, "int | None": int}.get(str(f.type), str)
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None)
+        flags = ["--" + f.name.replace("_", "-")] + (["--model"] if f.name == "backbone" else [])
+        parser.add_argument(*flags, dest=f.name, type=kind, default=None)
 
 
 def _bool(text: str) -> bool:
@@ -51,14 +52,51 @@ def _bool(text: str) -> bool:
     return text.lower() in ("1", "true", "yes")
 
 
-COMMANDS = {"doctor": (doctor, "check torch, the device and every embedded asset")}
+def params(args) -> int:
+    from chameleon.compare import parameter_table
+
+    cfg = _config(args)
+    print(f"trainable parameters on {cfg.backbone}, rank {cfg.rank} (unadapted: the backbone's total)")
+    for _, row in parameter_table(cfg).iterrows():
+        print(f"  {row['regime']:<15} {row['trainable_params']:>13,}")
+    return 0
+
+
+def train(args) -> int:
+    from chameleon.training import train as train_run, run_dir
+
+    cfg = _config(args)
+    result = train_run(cfg, resume=args.resume)
+    print(f"{cfg.regime} / {cfg.protocol} / {cfg.conditioning}: {result['trainable_params']:,} trainable parameters, "
+          f"val loss {result['val_loss']:.4f}, val perplexity {result['val_ppl']:.4f}\nresults: {run_dir(cfg)}")
+    return 0
+
+
+def compare(args) -> int:
+    from chameleon.compare import compare as compare_runs, to_markdown
+
+    cfg = _config(args)
+    print(to_markdown(compare_runs(cfg, seeds=args.seeds)))
+    print(f"written to {cfg.results_dir / cfg.profile / cfg.task}/compare-seeds{args.seeds}.md")
+    return 0
+
+
+COMMANDS = {"doctor": (doctor, "check torch, the device and every embedded asset"),
+            "params": (params, "print the trainable parameters of every regime"),
+            "train": (train, "train one regime under one protocol"),
+            "compare": (compare, "train every regime under both protocols and write one table")}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chameleon", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
-        _add_config_options(sub.add_parser(name, help=help_text))
+        command = sub.add_parser(name, help=help_text)
+        _add_config_options(command)
+        if name == "train":
+            command.add_argument("--resume", action="store_true", help="continue an interrupted run")
+        if name == "compare":
+            command.add_argument("--seeds", type=int, default=1, help="seeds per run; the table shows mean ± std")
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][0](args) or 0

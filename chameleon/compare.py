@@ -1,0 +1,96 @@
+"""Every regime under both protocols, side by side with the paper's table.
+
+    table = compare(Config.from_profile("cpu"), seeds=3)   # also written as CSV and Markdown
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pandas as pd
+
+from chameleon.backbones import load_backbone
+from chameleon.config import PROTOCOLS, Config
+from chameleon.regimes import build
+from chameleon.training import train
+
+# The paper's WikiText-2 table (GPT-2 124M, rank 4): parameters, validation loss and perplexity.
+PAPER_TABLE = pd.DataFrame([
+    {"regime": "unadapted", "trainable_params": 124_439_808, "val_loss": 10.2513, "val_ppl": 28_319},
+    {"regime": "lora", "trainable_params": 204_100, "val_loss": 1.3528, "val_ppl": 3.8683},
+    {"regime": "chameleon", "trainable_params": 6_786_596, "val_loss": 0.3753, "val_ppl": 1.4554},
+])
+
+# (regime, conditioning) pairs of a comparison: every regime, and the conditioning controls.
+RUNS = {
+    "lm": [("unadapted", "batch_mean"), ("lora", "batch_mean"), ("lora_matched", "batch_mean"),
+           ("chameleon", "batch_mean"), ("chameleon", "prefix"), ("chameleon", "shuffled"),
+           ("lora_full", "batch_mean"), ("chameleon_full", "batch_mean")],
+    "instructions": [("unadapted", "task"), ("lora", "task"), ("lora_matched", "task"), ("chameleon", "task"),
+                     ("chameleon", "task_input"), ("chameleon", "batch_mean"), ("chameleon", "shuffled")],
+}
+# Conditioning only matters to the hypernetwork; other regimes are labelled "-" in tables.
+KEYS = ["regime", "protocol", "conditioning"]
+
+
+def compare(cfg: Config, seeds: int = 1, runs: list[tuple[str, str]] | None = None,
+            protocols: tuple[str, ...] = PROTOCOLS, progress: bool = True) -> pd.DataFrame:
+    """Train every (regime, conditioning) of `runs` under each protocol for seeds cfg.seed ...
+    cfg.seed + seeds - 1, and write the per-run rows and the summary table.
+
+    Returns the summary: one row per regime x protocol x conditioning with the mean and the
+    standard deviation over seeds.
+    """
+    rows = []
+    for protocol in protocols:
+        for regime, conditioning in runs or RUNS[cfg.task]:
+            for seed in range(cfg.seed, cfg.seed + seeds):
+                run = cfg.replace(regime=regime, protocol=protocol, conditioning=conditioning, seed=seed)
+                result = train(run, progress=progress)
+                rows.append({"regime": regime, "protocol": protocol,
+                             "conditioning": conditioning if regime.startswith("chameleon") else "-",
+                             "seed": seed, "trainable_params": result["trainable_params"],
+                             **{k: result[k] for k in ("val_loss", "val_ppl", "seconds", "bleu", "rouge_l")
+                                if k in result}})
+    per_run = pd.DataFrame(rows)
+    table = summarise(per_run)
+    out = Path(cfg.results_dir) / cfg.profile / cfg.task
+    out.mkdir(parents=True, exist_ok=True)
+    per_run.to_csv(out / f"compare-seeds{seeds}-runs.csv", index=False)
+    table.to_csv(out / f"compare-seeds{seeds}.csv", index=False)
+    (out / f"compare-seeds{seeds}.md").write_text(to_markdown(table) + "\n")
+    return table
+
+
+def summarise(per_run: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds, in the order the runs were made."""
+    metrics = [c for c in ("val_loss", "val_ppl", "bleu", "rouge_l", "seconds") if c in per_run]
+    grouped = per_run.groupby(KEYS, sort=False)
+    table = grouped.agg(trainable_params=("trainable_params", "first"), seeds=("seed", "count"),
+                        **{m: (m, "mean") for m in metrics}, **{f"{m}_std": (m, "std") for m in metrics})
+    return table.reset_index()
+
+
+def to_markdown(table: pd.DataFrame, digits: int = 4) -> str:
+    """A Markdown table; "mean ± std" where there is more than one seed."""
+    metrics = [c for c in ("val_loss", "val_ppl", "bleu", "rouge_l", "seconds") if c in table]
+    header = KEYS + ["trainable params"] + [m.replace("_", " ") for m in metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in table.iterrows():
+        cells = [str(row[k]) for k in KEYS] + [f"{int(row['trainable_params']):,}"]
+        for m in metrics:
+            std = row.get(f"{m}_std")
+            cells.append(f"{row[m]:.{digits}g}" + (f" ± {std:.2g}" if row["seeds"] > 1 and pd.notna(std) else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parameter_table(cfg: Config) -> pd.DataFrame:
+    """Trainable parameters of every regime on cfg.backbone (no training): the paper's counts
+    on "gpt2-arch" at rank 4 are 124,439,808 (unadapted, total), 204,100 and 6,786,596."""
+    model, _ = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cfg.cache_dir)
+    rows = []
+    for regime in ("unadapted", "lora", "chameleon", "lora_full", "chameleon_full", "lora_matched"):
+        adapted = build(cfg.replace(regime=regime), copy.deepcopy(model))
+        rows.append({"regime": regime, "trainable_params": adapted.trainable()})
+    return pd.DataFrame(rows)
