@@ -91,6 +91,7 @@ def parameter_table(cfg: Config) -> pd.DataFrame:
     model, _ = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cfg.cache_dir)
     rows = []
     for regime in ("unadapted", "lora", "chameleon", "lora_full", "chameleon_full", "lora_matched"):
-        adapted = build(cfg.replace(regime=regime), copy.deepcopy(model))
+        # only the *_full regimes change the backbone itself (LoRA in its blocks)
+        adapted = build(cfg.replace(regime=regime), copy.deepcopy(model) if regime.endswith("_full") else model)
         rows.append({"regime": regime, "trainable_params": adapted.trainable()})
     return pd.DataFrame(rows)

@@ -1,0 +1,118 @@
+"""The method end to end on a 2-layer GPT-2 with GPT-2's real tokenizer (the smoke profile's data)."""
+import math
+
+import pytest
+import torch
+
+from chameleon import Config
+from chameleon import training
+from chameleon.__main__ import main
+from chameleon.backbones import load_backbone
+from chameleon.config import REGIMES
+from chameleon.training import TrainingDiverged, train
+
+
+def tiny(tmp_path, **overrides) -> Config:
+    return Config.from_profile("smoke", backbone="gpt2-tiny", data_dir=tmp_path, results_dir=tmp_path / "results",
+                               **{"epochs": 3, **overrides})
+
+
+def test_params_prints_the_papers_three_numbers(capsys):
+    assert main(["params", "--model", "gpt2-arch", "--rank", "4"]) == 0
+    out = capsys.readouterr().out
+    for regime, count in [("unadapted", "124,439,808"), ("lora", "204,100"), ("chameleon", "6,786,596")]:
+        assert any(line.split() == [regime, count] for line in out.splitlines()), out
+
+
+@pytest.mark.parametrize("protocol", ["paper", "causal"])
+@pytest.mark.parametrize("regime", REGIMES)
+def test_every_regime_trains_and_its_loss_falls(tmp_path, regime, protocol):
+    result = train(tiny(tmp_path, regime=regime, protocol=protocol), progress=False)
+    history = result["history"]
+    assert all(math.isfinite(h["val_loss"]) for h in history)
+    if regime == "unadapted":
+        total = sum(p.numel() for p in load_backbone("gpt2-tiny")[0].parameters())
+        assert len(history) == 1 and result["trainable_params"] == total
+        return
+    assert len(history) == 4  # before training, then once per epoch
+    assert history[-1]["train_loss"] < history[1]["train_loss"]
+    if protocol == "causal":  # under "paper" validation scores only 32 last positions: too few to rank
+        assert history[-1]["val_loss"] < history[0]["val_loss"]
+
+
+@pytest.mark.parametrize("regime", ["lora", "chameleon"])
+def test_cached_body_gives_the_same_losses_as_the_full_path(tmp_path, regime):
+    cached = train(tiny(tmp_path, regime=regime, epochs=2), progress=False)
+    full = train(tiny(tmp_path, regime=regime, epochs=2, cache_body=False), progress=False)
+    for a, b in zip(cached["history"], full["history"], strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+
+
+def test_a_finished_run_is_read_back_not_retrained(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, regime="lora", epochs=1)
+    first = train(cfg, progress=False)
+    monkeypatch.setattr(training, "prepare", lambda *a: pytest.fail("retrained a finished run"))
+    assert train(cfg, progress=False) == first
+
+
+def test_resume_reaches_the_same_final_numbers(tmp_path, monkeypatch):
+    reference = train(tiny(tmp_path / "a", regime="chameleon", epochs=3), progress=False)
+    cfg = tiny(tmp_path / "b", regime="chameleon", epochs=3)
+    calls, evaluate = [], training.evaluate
+
+    def interrupted(*args):  # dies in the evaluation after epoch 2, once epoch 1 is checkpointed
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return evaluate(*args)
+
+    monkeypatch.setattr(training, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    resumed = train(cfg, resume=True, progress=False)
+    assert [h["val_loss"] for h in resumed["history"]] == pytest.approx(
+        [h["val_loss"] for h in reference["history"]], abs=1e-6)
+
+
+def test_nan_loss_stops_with_the_step_named_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, regime="lora", epochs=2)
+    calls, loss_sum = [], training.objectives.loss_sum
+
+    def poisoned(logits, target):
+        calls.append(1)
+        return loss_sum(logits, target) * (math.nan if len(calls) > 20 else 1.0)
+
+    monkeypatch.setattr(training.objectives, "loss_sum", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step \d+"):
+        train(cfg, progress=False)
+    assert (training.run_dir(cfg) / "checkpoint.safetensors").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(batch_size=1000), "batch_size=1000 exceeds"),
+    (dict(n_clusters=1000), "k=1000 exceeds"),
+])
+def test_bad_sizes_are_named(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train(tiny(tmp_path, **overrides), progress=False)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(rank=0), "rank must be a positive integer"),
+    (dict(conditioning="task"), "conditioning='task' is not valid here"),
+    (dict(regime="adapter"), "regime='adapter' is not valid here"),
+])
+def test_bad_settings_are_refused_before_any_work(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(tmp_path, **overrides)
+
+
+def test_cli_train_writes_its_results_folder(tmp_path, capsys):
+    args = ["train", "--profile", "smoke", "--backbone", "gpt2-tiny", "--regime", "chameleon", "--protocol", "causal",
+            "--epochs", "1"]
+    cfg = Config.from_profile("smoke", backbone="gpt2-tiny", regime="chameleon", protocol="causal", epochs=1)
+    out = training.run_dir(cfg)
+    assert main(args) == 0
+    assert (out / "metrics.json").exists() and (out / "metrics.csv").exists()
+    assert "val perplexity" in capsys.readouterr().out
