@@ -20,7 +20,7 @@ class Config:
     backbone: str = "smollm2"  # "smollm2" (embedded), "gpt2-arch", "gpt2-tiny", "gpt2" or any hub id / local dir
     task: str = "lm"  # "lm" (WikiText-style language modelling) or "instructions" (Alpaca-style)
     corpus: str = "wiki"  # lm: "wiki" (embedded), "wikitext-2-raw-v1" (hub) or a .txt/.jsonl/.parquet path
-    instructions: str = "chatterbot"  # instructions: "chatterbot" (embedded), "alpaca" (hub) or a .json/.jsonl path
+    instructions: str = "embedded"  # instructions: "embedded" (Alpaca stand-in), "chatterbot", "alpaca" (hub) or a .json/.jsonl path
     data_seed: int = 0  # which subset max_*_examples draws; fixed across --seeds, which vary the method only
     max_train_examples: int | None = None  # subsample the train split (None: all of it)
     max_eval_examples: int | None = None  # subsample the validation split (None: all of it)
@@ -99,9 +99,10 @@ PROFILES: dict[str, dict] = {
     # seconds per step on 2 CPU cores: CI, the tests and the committed notebook outputs
     "smoke": dict(backbone="smollm2", max_train_examples=64, max_eval_examples=32, max_length=32,
                   batch_size=8, epochs=2, lr=2e-3, max_new_tokens=16, n_generate=4, prefix_tokens=8),
-    # the default of `make reproduce`: meaningful numbers on a 2-core machine in about half an hour
-    "cpu": dict(backbone="smollm2", max_train_examples=768, max_eval_examples=128, max_length=64,
-                batch_size=16, epochs=3, lr=1e-3, max_new_tokens=48, n_generate=24),
+    # the default of `make reproduce`: every regime on a 2-core machine in about half an hour
+    # (the *_full regimes run the 30-layer body forward and backward: they set the budget)
+    "cpu": dict(backbone="smollm2", max_train_examples=384, max_eval_examples=96, max_length=32,
+                batch_size=8, epochs=2, lr=1e-3, max_new_tokens=32, n_generate=16),
     # the paper's setting: GPT-2 and WikiText-2 from the hub, for a CUDA machine
     "paper": dict(backbone="gpt2", corpus="wikitext-2-raw-v1", instructions="alpaca", max_length=256,
                   batch_size=32, epochs=10, lr=5e-4, rank=4, alpha=1.0),
@@ -111,5 +112,5 @@ PROFILES: dict[str, dict] = {
 TASK_OVERRIDES: dict[tuple[str, str], dict] = {
     ("paper", "instructions"): dict(batch_size=16, max_length=512, lr=2e-4),
     ("smoke", "instructions"): dict(max_length=48),
-    ("cpu", "instructions"): dict(max_length=96),
+    ("cpu", "instructions"): dict(max_length=64),
 }

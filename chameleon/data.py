@@ -16,8 +16,10 @@ import yaml
 from datasets import Dataset, DatasetDict
 
 from chameleon.assets import ASSETS
+from chameleon.instructions import wiki_tasks
 
 SPLITS = ("train", "validation", "test")
+FORMAT = 2  # bump when the way examples are built from a source changes: it keys finished runs
 INSTRUCTION_FIELDS = ("instruction", "input", "output")
 HUB_HINT = "the Hugging Face hub is unreachable from here; offline, use the embedded default {default!r}"
 
@@ -30,9 +32,11 @@ def load_lm_corpus(name: str = "wiki") -> DatasetDict:
             (a "text" field per line) or .parquet (a "text" column) file.
     """
     if name == "wiki":
-        articles = json.loads(ASSETS["wiki"].require().read_text())
-        texts = [a["extract"].strip() for _, a in sorted(articles.items())]
-        return _hash_split([{"text": t} for t in texts if t], key=lambda r: r["text"], name=name)
+        # Laid out as WikiText is: a " = Title = " heading line, then the article's paragraph, one
+        # example per line. The short heading lines are what the paper protocol pads, as in WikiText-2.
+        rows = [{"text": line, "article": title} for title, a in sorted(_wiki_articles().items())
+                if a["extract"].strip() for line in (f" = {title} = ", a["extract"].strip())]
+        return _hash_split(rows, key=lambda r: r["article"], name=name).remove_columns("article")
     if name in ("wikitext-2-raw-v1", "wikitext-103-raw-v1"):
         ds = _from_hub(name, "wiki", "wikitext", name)
         # WikiText keeps blank lines as separators; they hold no example.
@@ -46,24 +50,34 @@ def load_lm_corpus(name: str = "wiki") -> DatasetDict:
     return _hash_split([{"text": t} for t in texts], key=lambda r: r["text"], name=name)
 
 
-def load_instructions(name: str = "chatterbot") -> DatasetDict:
-    """Instruction data: "chatterbot" (embedded stand-in), "alpaca" (yahma/alpaca-cleaned) or a local
-    JSON / JSONL file in Alpaca's format (instruction, input, output per record)."""
-    if name == "chatterbot":
+def _wiki_articles() -> dict:
+    return json.loads(ASSETS["wiki"].require().read_text())
+
+
+def load_instructions(name: str = "embedded") -> DatasetDict:
+    """Instruction data: "embedded" (the stand-in for Alpaca: chatterbot pairs + instructions derived
+    from the Wikipedia extracts, see `chameleon.instructions`), "chatterbot" (its question -> answer
+    pairs alone), "alpaca" (yahma/alpaca-cleaned) or a local JSON / JSONL file in Alpaca's format
+    (instruction, input, output per record)."""
+    if name in ("embedded", "chatterbot"):
         rows = _chatterbot_pairs()
+        if name == "embedded":
+            rows += wiki_tasks(_wiki_articles())
     elif name == "alpaca":
-        rows = list(_from_hub(name, "chatterbot", "yahma/alpaca-cleaned")["train"])
+        rows = list(_from_hub(name, "embedded", "yahma/alpaca-cleaned")["train"])
     else:
-        rows = _read_local(name, "an instruction set name ('chatterbot', 'alpaca')")
+        rows = _read_local(name, "an instruction set name ('embedded', 'chatterbot', 'alpaca')")
         if rows is None:
             raise ValueError(f"{name}: instruction data must be .json or .jsonl in Alpaca's format")
     rows = _require_fields(rows, ("instruction", "output"), name)
     kept = [{f: str(r.get(f) or "").strip() for f in INSTRUCTION_FIELDS} for r in rows]
+    # embedded Wikipedia tasks carry the article's title: all records of one article share a split
+    groups = {id(k): r.get("group") for k, r in zip(kept, rows) if name == "embedded"}
     kept = [r for r in kept if r["instruction"] and r["output"]]
     if len(kept) < len(rows):
         print(f"{name}: dropped {len(rows) - len(kept)} of {len(rows)} records with an empty instruction or output")
     # Identical prompts must not straddle splits: the split follows a hash of instruction + input.
-    return _hash_split(kept, key=lambda r: r["instruction"] + "\n" + r["input"], name=name)
+    return _hash_split(kept, key=lambda r: groups.get(id(r)) or r["instruction"] + "\n" + r["input"], name=name)
 
 
 def _chatterbot_pairs() -> list[dict]:
@@ -126,6 +140,15 @@ def _require_fields(rows: list, fields: tuple[str, ...], name: str) -> list[dict
             have = sorted(row) if isinstance(row, dict) else type(row).__name__
             raise ValueError(f"{name}: record {i} lacks {missing} (it has {have}); every record needs {list(fields)}")
     return rows
+
+
+def fingerprint(name: str) -> str:
+    """What identifies a corpus's content without reading it: the source file's size and
+    modification time (embedded asset or local file) or the hub name, and FORMAT."""
+    asset = {"wiki": "wiki", "embedded": "wiki", "chatterbot": "chatterbot"}.get(name)
+    path = ASSETS[asset].path() if asset else Path(name) if Path(name).is_file() else None
+    stat = f"{path.stat().st_size}:{path.stat().st_mtime_ns}" if path else "hub"
+    return f"{name}:{stat}:v{FORMAT}"
 
 
 def subsample(ds: Dataset, n: int | None, seed: int) -> Dataset:

@@ -8,6 +8,7 @@ authors cluster validation separately).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,8 @@ def prepare(cfg: Config, model, tokenizer) -> tuple[Split, Split, np.ndarray]:
 
 
 def _encode(cfg: Config, model, tokenizer, split: str, texts: dict) -> dict:
+    if "prompt" in texts:  # instructions: the response ends in EOS, so a tuned model learns to stop
+        texts = {**texts, "full": [t + tokenizer.eos_token for t in texts["full"]]}
     enc = tokenize(texts["full"], tokenizer, cfg.max_length)
     ids, real = enc["input_ids"], enc["attention_mask"]
     # instructions: the loss is taken on the response tokens alone
@@ -67,7 +70,8 @@ def _encode(cfg: Config, model, tokenizer, split: str, texts: dict) -> dict:
     if cfg.conditioning == "prefix":  # the hypernetwork sees the first P tokens; the loss starts after them
         loss_from = torch.full((len(ids),), cfg.prefix_tokens) if loss_from is None else loss_from.clamp(min=cfg.prefix_tokens)
     key = dict(backbone=cfg.backbone, task=cfg.task, data=cfg.corpus if cfg.task == "lm" else cfg.instructions,
-               split=split, n=len(ids), data_seed=cfg.data_seed, max_length=cfg.max_length, protocol=cfg.protocol)
+               split=split, n=len(ids), data_seed=cfg.data_seed, max_length=cfg.max_length, protocol=cfg.protocol,
+               texts=hashlib.sha256("\0".join(texts["full"]).encode()).hexdigest()[:16])
 
     def embed(kind: str, text_key: str, prefix: int | None = None) -> torch.Tensor:
         def compute():

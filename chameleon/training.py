@@ -31,6 +31,8 @@ from chameleon.backbones import device as resolve_device, load_backbone
 from chameleon.clustering import ClusterBatchSampler
 from chameleon.config import Config
 from chameleon.embeddings import _write_atomic
+from chameleon.generation import generation_metrics
+from chameleon.data import fingerprint
 from chameleon.prepare import Split, prepare
 from chameleon.regimes import Adapted, build
 
@@ -69,12 +71,23 @@ def scored_rows(adapted: Adapted, split: Split, cache: bool, cache_dir: Path, ch
     dev, parts = next(adapted.parameters()).device, []
     with torch.inference_mode():
         for s in tqdm(range(0, len(split), chunk), desc=f"body hidden states ({split.name})", leave=False):
-            out = adapted.hidden(split.input_ids[s:s + chunk].to(dev), split.attention[s:s + chunk].to(dev))
-            parts.append(out[scored[s:s + chunk].to(dev)].float().cpu())
+            ids, attention, target = trimmed(split, list(range(s, min(s + chunk, len(split)))))
+            out = adapted.hidden(ids.to(dev), attention.to(dev))
+            parts.append(out[(target != objectives.IGNORE).to(dev)].float().cpu())
     rows.hidden = torch.cat(parts)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, lambda tmp: save_file({"hidden": rows.hidden}, tmp))
     return rows
+
+
+def trimmed(split: Split, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens, attention and targets of a batch, cut after its last scored position: with causal
+    attention later positions never influence it, so the trailing padding of the corrected
+    protocol is skipped exactly (the paper protocol scores the last position and keeps all)."""
+    target = split.targets[batch]
+    scored = (target != objectives.IGNORE).any(0).nonzero()
+    end = int(scored.max()) + 1 if len(scored) else 1
+    return split.input_ids[batch, :end], split.attention[batch, :end], target[:, :end]
 
 
 def batch_loss(adapted: Adapted, split: Split, rows: Rows, batch: list[int], cond_batch: list[int],
@@ -84,8 +97,8 @@ def batch_loss(adapted: Adapted, split: Split, rows: Rows, batch: list[int], con
     if rows.hidden is not None:
         hidden = rows.hidden[idx].to(dev)
     else:
-        h = adapted.hidden(split.input_ids[batch].to(dev), split.attention[batch].to(dev))
-        hidden = h[(split.targets[batch] != objectives.IGNORE).to(dev)]
+        ids, attention, target = trimmed(split, batch)
+        hidden = adapted.hidden(ids.to(dev), attention.to(dev))[(target != objectives.IGNORE).to(dev)]
     cond = split.cond_emb[cond_batch].mean(0).to(dev) if adapted.conditioned else None
     return objectives.loss_sum(adapted.logits(hidden, cond), rows.target[idx].to(dev)), len(idx)
 
@@ -112,7 +125,10 @@ def evaluate(adapted: Adapted, split: Split, rows: Rows, cfg: Config, dev: torch
 
 
 def run_name(cfg: Config) -> str:
-    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    """regime-protocol-conditioning-seed, and a hash of everything that changes the result."""
+    source = fingerprint(cfg.corpus if cfg.task == "lm" else cfg.instructions)
+    key = {**cfg.to_dict(), "data": source, "results_dir": None, "device": None}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg.regime}-{cfg.protocol}-{cfg.conditioning}-seed{cfg.seed}-{digest}"
 
 
@@ -190,6 +206,8 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
     result = {"config": cfg.to_dict(), "trainable_params": adapted.trainable(), "history": history,
               "val_loss": history[-1]["val_loss"], "val_ppl": history[-1]["val_ppl"],
               "seconds": round(seconds, 2), "finished": True}
+    if cfg.task == "instructions":  # BLEU / ROUGE-L / METEOR of greedy outputs on the first n_generate examples
+        result.update(generation_metrics(adapted, val_split, cfg, tokenizer))
     _write_metrics(out, result)
     return result
 
