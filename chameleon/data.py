@@ -70,14 +70,14 @@ def load_instructions(name: str = "embedded") -> DatasetDict:
         if rows is None:
             raise ValueError(f"{name}: instruction data must be .json or .jsonl in Alpaca's format")
     rows = _require_fields(rows, ("instruction", "output"), name)
-    kept = [{f: str(r.get(f) or "").strip() for f in INSTRUCTION_FIELDS} for r in rows]
-    # embedded Wikipedia tasks carry the article's title: all records of one article share a split
-    groups = {id(k): r.get("group") for k, r in zip(kept, rows) if name == "embedded"}
+    kept = [{**{f: str(r.get(f) or "").strip() for f in INSTRUCTION_FIELDS}, "group": r.get("group")} for r in rows]
     kept = [r for r in kept if r["instruction"] and r["output"]]
     if len(kept) < len(rows):
         print(f"{name}: dropped {len(rows) - len(kept)} of {len(rows)} records with an empty instruction or output")
-    # Identical prompts must not straddle splits: the split follows a hash of instruction + input.
-    return _hash_split(kept, key=lambda r: groups.get(id(r)) or r["instruction"] + "\n" + r["input"], name=name)
+    # Identical prompts must not straddle splits: the split follows a hash of instruction + input, or of
+    # the article's title for the records derived from one Wikipedia article.
+    return _hash_split(kept, key=lambda r: r["group"] or r["instruction"] + "\n" + r["input"],
+                       name=name).remove_columns("group")
 
 
 def _chatterbot_pairs() -> list[dict]:
