@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from chameleon.lora import FLAVOURS, dims, scaling
+from chameleon.lora import FLAVOURS, dims, low_rank_update, scaling
 
 
 class HyperNetwork(nn.Module):
@@ -98,7 +98,7 @@ class ChameleonHead(nn.Module):
         """
         A, B = self.hyper(cond)
         if cond.dim() == 1:
-            delta = (hidden @ A.T) @ B.T
-        else:  # example i of hidden goes through its own A[i], B[i]
-            delta = torch.einsum("n...r,nor->n...o", torch.einsum("n...i,nri->n...r", hidden, A), B)
+            return low_rank_update(self.base(hidden), hidden @ A.T * self.scaling, B)
+        # example i of hidden goes through its own A[i], B[i]
+        delta = torch.einsum("n...r,nor->n...o", torch.einsum("n...i,nri->n...r", hidden, A), B)
         return self.base(hidden) + self.scaling * delta

@@ -1,0 +1,148 @@
+"""Training cost on SmolLM2-135M, causal protocol, batch 8 x 64 tokens (writes benchmarks/results/training.md).
+
+1. A step (forward + backward + AdamW) of `chameleon` vs `lora` on the same batch, on cached body
+   hidden states (head-only) and through the body (full). 2. An epoch of `lora` (64 examples) cached
+   vs full, same per-batch losses. 3. The Makefile's MALLOC_MMAP_THRESHOLD_ on a `lora` step.
+Variants alternate (ABAB...), medians reported. Exits non-zero when the head-only step ratio
+exceeds 1.10, the cached epoch is < 5x faster, or the losses differ by more than 1e-4.
+
+    python benchmarks/bench_training.py
+"""
+import datetime, json, os, platform, shutil, statistics, subprocess, sys, tempfile, time  # noqa: E401
+from pathlib import Path
+
+import torch
+
+from chameleon.backbones import load_backbone
+from chameleon.clustering import ClusterBatchSampler
+from chameleon.config import Config
+from chameleon.prepare import prepare
+from chameleon.regimes import build
+from chameleon.training import batch_loss, scored_rows
+
+MAX_STEP_RATIO, MIN_CACHE_SPEEDUP, MAX_LOSS_DIFF = 1.10, 5.0, 1e-4
+STEP_REPEATS, EPOCH_REPEATS, CHILD_REPEATS = 9, 3, 6
+MALLOC = ("MALLOC_MMAP_THRESHOLD_", "17179869184")
+CPU = torch.device("cpu")
+OUT = Path(__file__).resolve().parent / "results" / "training.md"
+
+
+def setup(data_dir: str):
+    cfg = Config.from_profile("cpu", max_train_examples=64, max_eval_examples=16, max_length=64, batch_size=8,
+                              protocol="causal", data_dir=Path(data_dir))
+    model, tok = load_backbone(cfg.backbone, seed=cfg.seed)  # the converted copy in the checkout's data/cache
+    split, _, _ = prepare(cfg, model, tok)
+    return cfg, model, split
+
+
+def trainer(cfg, model, regime):
+    adapted = build(cfg.replace(regime=regime), model)
+    adapted.train().model.eval()  # as training.train: a frozen body runs without dropout
+    params = [p for p in adapted.parameters() if p.requires_grad]
+    return adapted, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def step(adapted, opt, split, rows, batch) -> float:
+    loss_sum, n = batch_loss(adapted, split, rows, batch, batch, CPU)
+    loss = loss_sum / max(n, 1)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds of each callable, run A B C A B C ... after one warm-up call each."""
+    times = {name: [] for name in fns}
+    for r in range(repeats + 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def step_fns(cfg, model, split, rows, regimes, paths):
+    batch, trainers = list(range(cfg.batch_size)), {regime: trainer(cfg, model, regime) for regime in regimes}
+    return {f"{regime} {path}": (lambda a=a, o=o, r=rows[path]: step(a, o, split, r, batch))
+            for regime, (a, o) in trainers.items() for path in paths}
+
+
+def epoch(cfg, model, split, rows):
+    adapted, opt = trainer(cfg, model, "lora")
+    torch.manual_seed(cfg.seed)
+    sampler = ClusterBatchSampler(split.labels, cfg.batch_size, seed=cfg.seed)
+    t0 = time.perf_counter()
+    losses = [step(adapted, opt, split, rows, b) for b in sampler]
+    return time.perf_counter() - t0, losses
+
+
+def child(data_dir: str) -> None:  # one process's lora step medians, for the MALLOC_MMAP_THRESHOLD_ comparison
+    cfg, model, split = setup(data_dir)
+    adapted = build(cfg.replace(regime="lora"), model)
+    rows = {"head-only": scored_rows(adapted, split, True, cfg.cache_dir), "full": scored_rows(adapted, split, False, "")}
+    print(json.dumps(interleaved(step_fns(cfg, model, split, rows, ["lora"], rows), CHILD_REPEATS)))
+
+
+def main() -> int:
+    data_dir = tempfile.mkdtemp(prefix="bench_training_")  # fresh: the hidden-state cache is built here
+    cfg, model, split = setup(data_dir)
+    t0 = time.perf_counter()
+    rows = {"head-only": scored_rows(build(cfg.replace(regime="lora"), model), split, True, cfg.cache_dir)}
+    cache_build = time.perf_counter() - t0
+    rows["full"] = scored_rows(build(cfg.replace(regime="lora"), model), split, False, "")
+    n_rows, load = len(rows["full"].target), os.getloadavg()[0]
+    steps = interleaved(step_fns(cfg, model, split, rows, ["lora", "chameleon"], ["head-only", "full"]), STEP_REPEATS)
+    ratio = {p: steps[f"chameleon {p}"] / steps[f"lora {p}"] for p in ("head-only", "full")}
+    epochs, losses = {"head-only": [], "full": []}, {}
+    for _ in range(EPOCH_REPEATS):
+        for path in epochs:
+            seconds, losses[path] = epoch(cfg, model, split, rows[path])
+            epochs[path].append(seconds)
+    ep = {p: statistics.median(t) for p, t in epochs.items()}
+    speedup = ep["full"] / ep["head-only"]
+    diff = max(abs(a - b) for a, b in zip(losses["head-only"], losses["full"]))
+
+    malloc = {"unset": [], "set": []}
+    for _ in range(2):
+        for setting in malloc:
+            env = {k: v for k, v in os.environ.items() if k != MALLOC[0]}
+            env.update({MALLOC[0]: MALLOC[1]} if setting == "set" else {})
+            out = subprocess.run([sys.executable, __file__, "--child", data_dir], env=env, check=True,
+                                 capture_output=True, text=True).stdout
+            malloc[setting].append(json.loads(out.strip().splitlines()[-1]))
+    med = {s: {p: statistics.median(r[p] for r in runs) for p in runs[0]} for s, runs in malloc.items()}
+
+    ok = ratio["head-only"] <= MAX_STEP_RATIO and speedup >= MIN_CACHE_SPEEDUP and diff <= MAX_LOSS_DIFF
+    md = [f"Command: `python benchmarks/bench_training.py` ({datetime.date.today()})",
+          f"Machine: {torch.get_num_threads()} torch threads, {platform.machine()}, torch {torch.__version__}; "
+          f"load average at the start {load:.2f}; {MALLOC[0]} in this process: {os.environ.get(MALLOC[0], 'unset')}",
+          f"Batch: {cfg.batch_size} examples x {cfg.max_length} tokens = {len(rows['full'].index(list(range(8))))} "
+          f"scored rows; split: {len(split)} examples, {n_rows} rows. Medians of {STEP_REPEATS} interleaved steps.", "",
+          "| path | lora step s | chameleon step s | chameleon / lora |", "|---|---|---|---|"]
+    md += [f"| {p} | {steps[f'lora {p}']:.3f} | {steps[f'chameleon {p}']:.3f} | {ratio[p]:.3f}x |" for p in ratio]
+    md += ["", f"Epoch of `lora` ({len(losses['full'])} batches), median of {EPOCH_REPEATS} interleaved epochs:", "",
+           "| path | epoch s | speed-up |", "|---|---|---|",
+           f"| full (body forward every step) | {ep['full']:.2f} | 1.0x |",
+           f"| head-only on cached hidden states | {ep['head-only']:.2f} | {speedup:.1f}x |",
+           f"| one-time cache build ({len(split)} examples) | {cache_build:.2f} | |", "",
+           f"Max abs difference of the per-batch losses, cached vs full: {diff:.2e} (limit {MAX_LOSS_DIFF:g}).", "",
+           f"`lora` step with and without {MALLOC[0]}={MALLOC[1]} (own processes, unset/set/unset/set, "
+           f"{CHILD_REPEATS} steps each):", "", "| path | unset s | set s | unset / set |", "|---|---|---|---|"]
+    md += [f"| {p} | {med['unset'][p]:.3f} | {med['set'][p]:.3f} | {med['unset'][p] / med['set'][p]:.2f}x |"
+           for p in med["set"]]
+    md += ["", f"Result: {'PASS' if ok else 'FAIL'} (step ratio <= {MAX_STEP_RATIO}, cached speed-up >= "
+               f"{MIN_CACHE_SPEEDUP}x, loss difference <= {MAX_LOSS_DIFF:g})."]
+    OUT.parent.mkdir(exist_ok=True)
+    OUT.write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    shutil.rmtree(data_dir, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        child(sys.argv[2])
+    else:
+        sys.exit(main())
