@@ -7,7 +7,7 @@ PY := .venv/bin/python
 export MALLOC_MMAP_THRESHOLD_ ?= 17179869184
 export PYTHONHASHSEED := 0
 
-.PHONY: reproduce test notebooks compare bench doctor clean-runs
+.PHONY: reproduce test compare bench doctor
 
 .venv/.installed: requirements.txt requirements-assets.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -20,6 +20,7 @@ export PYTHONHASHSEED := 0
 
 test: .venv/.installed
 	$(PY) -m pytest -q tests
+	CHAMELEON_PROFILE=smoke $(PY) -m pytest -q --nbval notebooks/ --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 reproduce: .venv/.installed
 	$(PY) -m chameleon notebooks --profile $(PROFILE)
@@ -28,7 +29,8 @@ compare: .venv/.installed
 	$(PY) -m chameleon compare --profile $(PROFILE) --seeds 3
 
 bench: .venv/.installed
-	$(PY) benchmarks/run_all.py
+	$(PY) -m benchmarks.bench_embeddings
+	$(PY) benchmarks/bench_training.py
 
 doctor: .venv/.installed
 	$(PY) -m chameleon doctor

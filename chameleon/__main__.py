@@ -81,10 +81,22 @@ def compare(args) -> int:
     return 0
 
 
+def notebooks(args) -> int:
+    """Run every notebook in order on the profile into runs/<profile>/, then print the results table."""
+    from chameleon.compare import to_markdown
+    from chameleon.notebooks import finished_runs, run_notebooks, summary
+
+    profile = _config(args).profile
+    run_notebooks(profile)
+    print(to_markdown(summary(finished_runs(profile))))
+    return 0
+
+
 COMMANDS = {"doctor": (doctor, "check torch, the device and every embedded asset"),
             "params": (params, "print the trainable parameters of every regime"),
             "train": (train, "train one regime under one protocol"),
-            "compare": (compare, "train every regime under both protocols and write one table")}
+            "compare": (compare, "train every regime under both protocols and write one table"),
+            "notebooks": (notebooks, "run notebooks/[0-9]*.ipynb in order into runs/<profile>/, print the results")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,194 @@
+"""Figures of the notebooks: one colour per regime everywhere, projector-sized fonts.
+
+Every figure is saved by `save` as figures/<profile>/<name>.png with the data behind it
+as figures/<profile>/<name>.csv, so a smoke run never touches another profile's figures.
+
+    fig = loss_curves(runs, profile="smoke")   # runs: DataFrame from notebooks.histories
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from chameleon.config import ROOT
+
+# One colour per regime, in every figure (Okabe-Ito, colour-blind safe).
+REGIME_COLOURS = {
+    "unadapted": "#7f7f7f",
+    "lora": "#0072B2",
+    "chameleon": "#E69F00",
+    "lora_full": "#56B4E9",
+    "chameleon_full": "#D55E00",
+    "lora_matched": "#009E73",
+    "paper": "#000000",  # the paper's reported numbers
+}
+PROTOCOL_STYLES = {"causal": "-", "paper": "--"}  # line style per protocol
+CONDITIONING_HATCHES = {"batch_mean": "", "prefix": "//", "shuffled": "xx"}
+STYLE = {"font.size": 14, "axes.titlesize": 16, "axes.labelsize": 14, "legend.fontsize": 12,
+         "xtick.labelsize": 12, "ytick.labelsize": 12, "figure.dpi": 100, "savefig.dpi": 110,
+         "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3}
+plt.rcParams.update(STYLE)
+
+
+def figures_dir(profile: str) -> Path:
+    return ROOT / "figures" / profile
+
+
+def save(fig: plt.Figure, data: pd.DataFrame, name: str, profile: str) -> Path:
+    """Write figures/<profile>/<name>.png and the data behind it as <name>.csv; returns the PNG path."""
+    folder = figures_dir(profile)
+    folder.mkdir(parents=True, exist_ok=True)
+    fig.savefig(folder / f"{name}.png", bbox_inches="tight", metadata={"Software": None})
+    data.to_csv(folder / f"{name}.csv", index=False, float_format="%.6g")
+    plt.close(fig)  # shown once, as the cell's value: no second copy from the inline backend
+    return folder / f"{name}.png"
+
+
+def regime_colour(regime: str) -> str:
+    return REGIME_COLOURS.get(regime, "#CC79A7")
+
+
+def padding_similarity(df: pd.DataFrame, profile: str) -> plt.Figure:
+    """Bars: cosine(paper-protocol, causal-protocol embedding) of each text against its real length.
+
+    df columns: text (short label), real_tokens, cosine.
+    """
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    order = df.sort_values("real_tokens")
+    bars = ax.bar(range(len(order)), order["cosine"], color=regime_colour("lora"))
+    ax.bar_label(bars, fmt="%.2f")
+    ax.set_xticks(range(len(order)), [f"{n} tokens" for n in order["real_tokens"]])
+    ax.set_ylim(min(0.0, order["cosine"].min() - 0.05), 1.05)
+    ax.axhline(1.0, color="black", lw=1, ls=":")
+    ax.set(title="Padding changes the embedding of short texts",
+           xlabel="real tokens in the text (rest is padding)", ylabel="cosine(paper, causal embedding)")
+    save(fig, df, "01_padding_similarity", profile)
+    return fig
+
+
+def cluster_sizes(labels, profile: str, batch_size: int | None = None, name: str = "02_cluster_sizes") -> plt.Figure:
+    """Bar chart: examples per k-means cluster (a dashed line at batch_size, if given)."""
+    counts = np.bincount(np.asarray(labels))
+    data = pd.DataFrame({"cluster": np.arange(len(counts)), "examples": counts})
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.bar(data["cluster"], data["examples"], color=regime_colour("chameleon"))
+    ax.set_xticks(data["cluster"]) if len(counts) <= 30 else None
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    if batch_size:
+        ax.axhline(batch_size, color="black", ls="--", lw=1.5, label=f"batch_size = {batch_size}")
+        ax.legend()
+    ax.set(title=f"Examples per cluster (k = {len(counts)}, N = {counts.sum()})",
+           xlabel="cluster", ylabel="examples (count)")
+    save(fig, data, name, profile)
+    return fig
+
+
+def umap_2d(emb, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
+    """A deterministic 2-D UMAP (cosine metric) of the embeddings."""
+    import umap  # slow import (numba): only when a UMAP is drawn
+
+    emb = np.asarray(emb, dtype=np.float32)
+    reducer = umap.UMAP(n_neighbors=min(n_neighbors, len(emb) - 1), metric="cosine", random_state=seed)
+    return reducer.fit_transform(emb)
+
+
+def umap_clusters(emb, labels, profile: str, seed: int = 0, name: str = "02_umap_clusters") -> plt.Figure:
+    """Scatter of a 2-D UMAP of the example embeddings, coloured by cluster."""
+    xy, labels = umap_2d(emb, seed), np.asarray(labels)
+    data = pd.DataFrame({"umap_1": xy[:, 0], "umap_2": xy[:, 1], "cluster": labels})
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    cmap = plt.get_cmap("tab20" if labels.max() >= 10 else "tab10")
+    for c in np.unique(labels):
+        pts = data[data["cluster"] == c]
+        ax.scatter(pts["umap_1"], pts["umap_2"], s=40, color=cmap(c % cmap.N), label=str(c), alpha=0.85)
+    if len(np.unique(labels)) <= 20:
+        ax.legend(title="cluster", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=10)
+    ax.set(title="Examples in 2-D (UMAP of mean embeddings)", xlabel="UMAP 1 (arbitrary units)",
+           ylabel="UMAP 2 (arbitrary units)")
+    save(fig, data, name, profile)
+    return fig
+
+
+def loss_curves(history: pd.DataFrame, profile: str, name: str, metric: str = "val_loss") -> plt.Figure:
+    """Validation loss (or any history column) per epoch: one colour per regime, one style per protocol.
+
+    history columns: regime, protocol, epoch, and `metric` (see notebooks.histories). One panel per
+    protocol, since the two protocols score different tokens and their losses are not comparable.
+    """
+    protocols = [p for p in PROTOCOL_STYLES if p in set(history["protocol"])]
+    fig, axes = plt.subplots(1, len(protocols), figsize=(6.5 * len(protocols), 4.8), squeeze=False)
+    label = {"val_loss": "validation loss (nats / token)", "val_ppl": "validation perplexity",
+             "train_loss": "training loss (nats / token)"}.get(metric, metric)
+    for ax, protocol in zip(axes[0], protocols):
+        for (regime, cond), run in history[history["protocol"] == protocol].groupby(["regime", "conditioning"], sort=False):
+            run = run.dropna(subset=[metric])
+            tag = regime if cond == "batch_mean" else f"{regime} ({cond})"
+            if run["epoch"].nunique() == 1:  # nothing trained (unadapted): a level line
+                ax.axhline(run[metric].iloc[0], color=regime_colour(regime), ls="--", lw=2, label=tag)
+                continue
+            ax.plot(run["epoch"], run[metric], marker="o", lw=2.5, color=regime_colour(regime),
+                    ls={"batch_mean": "-", "prefix": "--", "shuffled": ":"}.get(cond, "-"), label=tag)
+        ax.set(title=f"{protocol} protocol", xlabel="epoch", ylabel=label)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend()
+    fig.suptitle(f"{label.split(' (')[0].capitalize()} during training ({profile} profile)", y=1.02)
+    fig.tight_layout()
+    save(fig, history, name, profile)
+    return fig
+
+
+def adapter_norms(norms: pd.DataFrame, similarity: pd.DataFrame, profile: str,
+                  name: str = "05_adapter_norms") -> plt.Figure:
+    """Left: Frobenius norms of the generated A, B and update per cluster; right: cosine similarity
+    of the updates scaling * B @ A generated for each pair of clusters.
+
+    norms columns: cluster, norm_A, norm_B, norm_update; similarity: square, clusters on both axes.
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.2), gridspec_kw={"width_ratios": [1.3, 1]})
+    width, x = 0.27, np.arange(len(norms))
+    for i, (col, colour) in enumerate([("norm_A", "#0072B2"), ("norm_B", "#E69F00"), ("norm_update", "#009E73")]):
+        left.bar(x + (i - 1) * width, norms[col], width, color=colour, label=col.replace("norm_", "‖") + "‖")
+    left.set_xticks(x, norms["cluster"])
+    left.set_yscale("log")
+    left.set(title="Generated adapter size per cluster", xlabel="cluster", ylabel="Frobenius norm (log scale)")
+    left.legend(ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.08), frameon=False)
+    im = right.imshow(similarity.to_numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
+    right.set_xticks(range(len(similarity)), similarity.columns)
+    right.set_yticks(range(len(similarity)), similarity.index)
+    right.grid(False)
+    right.set(title=f"Cosine similarity of updates (min {similarity.to_numpy().min():.2f})",
+              xlabel="cluster", ylabel="cluster")
+    fig.colorbar(im, ax=right, label="cosine similarity")
+    fig.tight_layout()
+    save(fig, norms.merge(similarity.rename(columns=lambda c: f"cos_{c}"), left_on="cluster",
+                          right_index=True), name, profile)
+    return fig
+
+
+def results_bars(table: pd.DataFrame, profile: str, name: str = "06_results") -> plt.Figure:
+    """Final validation loss and perplexity per regime (and conditioning), one panel row per protocol.
+
+    table columns: regime, protocol, conditioning, val_loss, val_ppl (one row each, seeds averaged).
+    """
+    protocols = [p for p in PROTOCOL_STYLES if p in set(table["protocol"])]
+    fig, axes = plt.subplots(len(protocols), 2, figsize=(14, 4.2 * len(protocols)), squeeze=False)
+    for row, protocol in zip(axes, protocols):
+        part = table[table["protocol"] == protocol].reset_index(drop=True)
+        tags = [r if c in ("batch_mean", "-") else f"{r}\n({c})" for r, c in zip(part["regime"], part["conditioning"])]
+        for ax, metric, label in zip(row, ("val_loss", "val_ppl"), ("loss (nats / token)", "perplexity")):
+            bars = ax.bar(range(len(part)), part[metric], color=[regime_colour(r) for r in part["regime"]],
+                          hatch=None, edgecolor="white")
+            for bar, cond in zip(bars, part["conditioning"]):
+                bar.set_hatch(CONDITIONING_HATCHES.get(cond, ""))
+            ax.set_xticks(range(len(part)), tags, rotation=30, ha="right", fontsize=11)
+            ax.bar_label(bars, fmt="%.3g", fontsize=10)
+            ax.set(title=f"{protocol} protocol: validation {label.split(' (')[0]}", ylabel=f"validation {label}")
+            if metric == "val_ppl" and part[metric].max() / max(part[metric].min(), 1e-9) > 50:
+                ax.set_yscale("log")
+                ax.set_ylabel(f"validation {label} (log scale)")
+    fig.tight_layout()
+    save(fig, table, name, profile)
+    return fig

@@ -1,0 +1,81 @@
+"""The notebooks run end to end on the smoke profile, the way `make reproduce` runs them.
+
+The committed outputs are checked separately by nbval (`make test`):
+    CHAMELEON_PROFILE=smoke pytest --nbval notebooks/ --nbval-sanitize-with tests/nbval_sanitize.cfg
+"""
+import json
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+
+matplotlib.use("Agg")
+
+from chameleon import plots  # noqa: E402
+from chameleon.notebooks import adapter_stats, cluster_examples, notebook_paths, run_notebooks  # noqa: E402
+
+
+def test_notebooks_are_numbered_and_have_one_parameters_cell():
+    paths = notebook_paths()
+    assert [p.name[:2] for p in paths] == [f"{i:02d}" for i in range(1, len(paths) + 1)]
+    for path in paths:
+        cells = json.loads(path.read_text())["cells"]
+        tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1, path.name
+        assert "CHAMELEON_PROFILE" in "".join(tagged[0]["source"]), path.name
+        assert not any("injected-parameters" in c.get("metadata", {}).get("tags", []) for c in cells), path.name
+
+
+def test_every_notebook_runs_on_smoke(tmp_path):
+    done = run_notebooks("smoke", tmp_path, log=lambda _: None)
+    assert [p.name for p in done] == [p.name for p in notebook_paths()]
+    for path in done:
+        nb = json.loads(path.read_text())
+        assert nb["metadata"]["papermill"]["parameters"] == {"profile": "smoke"}
+        errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors, (path.name, errors)
+
+
+def test_save_writes_png_and_csv_under_the_profile(tmp_path, monkeypatch):
+    monkeypatch.setattr(plots, "ROOT", tmp_path)
+    fig = plots.cluster_sizes(np.array([0, 0, 1, 2, 2, 2]), profile="unit")
+    assert fig.axes[0].get_xlabel() and fig.axes[0].get_ylabel() and fig.axes[0].get_title()
+    data = pd.read_csv(tmp_path / "figures" / "unit" / "02_cluster_sizes.csv")
+    assert data["examples"].tolist() == [2, 1, 3]
+    assert (tmp_path / "figures" / "unit" / "02_cluster_sizes.png").stat().st_size > 0
+
+
+def test_loss_curves_use_the_regime_colours(tmp_path, monkeypatch):
+    monkeypatch.setattr(plots, "ROOT", tmp_path)
+    history = pd.DataFrame({"regime": ["lora"] * 2 + ["chameleon"] * 2, "protocol": "causal",
+                            "conditioning": "batch_mean", "epoch": [0, 1] * 2, "val_loss": [3.0, 2.5, 3.0, 2.4]})
+    fig = plots.loss_curves(history, "unit", "curves")
+    colours = {line.get_label(): matplotlib.colors.to_hex(line.get_color()) for line in fig.axes[0].get_lines()}
+    assert colours == {"lora": plots.REGIME_COLOURS["lora"].lower(), "chameleon": plots.REGIME_COLOURS["chameleon"].lower()}
+
+
+def test_adapter_stats_match_the_explicit_update():
+    """Norms and cosines computed without forming B @ A equal those of the explicit d_out x d_in matrices."""
+    import torch
+    from torch import nn
+
+    from chameleon.hypernetwork import ChameleonHead
+
+    torch.manual_seed(0)
+    head = ChameleonHead(nn.Linear(6, 10, bias=False), d_cond=5, rank=2, alpha=1.0, flavour="paper", hidden=(4,))
+    cond, labels = torch.randn(8, 5), np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    norms, cos = adapter_stats(head, cond, labels)
+    updates = []
+    for c in range(3):
+        A, B = head.generate_adapter(cond[labels == c].mean(0))
+        updates.append((head.scaling * B @ A).flatten().detach())
+    U = torch.stack(updates)
+    assert np.allclose(norms["norm_update"], U.norm(dim=1).numpy(), rtol=1e-5)
+    expected = torch.nn.functional.cosine_similarity(U[:, None], U[None], dim=-1).numpy()
+    assert np.allclose(cos.to_numpy(), expected, atol=1e-5)
+
+
+def test_cluster_examples_takes_the_first_of_each_cluster():
+    df = cluster_examples(["a", "b", "c", "d"], np.array([1, 0, 1, 0]), per_cluster=1)
+    assert df.to_dict("list") == {"cluster": [0, 1], "text": ["b", "a"]}
