@@ -86,7 +86,7 @@ def _canonical(key: dict) -> str:
     return json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
+def write_atomic(path: Path, write: Callable[[str], None]) -> None:
     # a crash mid-write must never leave a truncated file under the final name
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
@@ -121,8 +121,8 @@ def cached_embeddings(key: dict, compute: Callable[[], torch.Tensor], cache_dir:
         return load_file(path)["embeddings"]
     emb = compute().detach().cpu().contiguous()
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / f"{stem}.json",
+    write_atomic(folder / f"{stem}.json",
                   lambda tmp: Path(tmp).write_text(json.dumps(key, sort_keys=True, indent=2, default=str) + "\n"))
     # the tensor file is written last: its presence means the pair is complete
-    _write_atomic(path, lambda tmp: save_file({"embeddings": emb}, tmp, metadata={"key": canonical}))
+    write_atomic(path, lambda tmp: save_file({"embeddings": emb}, tmp, metadata={"key": canonical}))
     return emb

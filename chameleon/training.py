@@ -30,7 +30,7 @@ from chameleon import objectives
 from chameleon.backbones import device as resolve_device, load_backbone
 from chameleon.clustering import ClusterBatchSampler
 from chameleon.config import Config
-from chameleon.embeddings import _write_atomic
+from chameleon.embeddings import write_atomic
 from chameleon.generation import generation_metrics
 from chameleon.data import fingerprint
 from chameleon.prepare import Split, prepare
@@ -76,7 +76,7 @@ def scored_rows(adapted: Adapted, split: Split, cache: bool, cache_dir: Path, ch
             parts.append(out[(target != objectives.IGNORE).to(dev)].float().cpu())
     rows.hidden = torch.cat(parts)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, lambda tmp: save_file({"hidden": rows.hidden}, tmp))
+    write_atomic(path, lambda tmp: save_file({"hidden": rows.hidden}, tmp))
     return rows
 
 
@@ -217,7 +217,7 @@ def _write_metrics(out: Path, result: dict) -> None:
         writer = csv.DictWriter(f, fieldnames=["epoch", "step", "train_loss", "val_loss", "val_ppl"])
         writer.writeheader()
         writer.writerows(result["history"])
-    _write_atomic(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    write_atomic(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
 
 
 def _save_checkpoint(out: Path, adapted: Adapted, opt, history, epoch: int, step: int, seconds: float) -> None:
@@ -227,8 +227,8 @@ def _save_checkpoint(out: Path, adapted: Adapted, opt, history, epoch: int, step
     for i, s in state["state"].items():
         tensors.update({f"opt.{i}.{k}": v.detach().cpu().reshape(v.shape).contiguous() for k, v in s.items()})
     meta = {"epoch": epoch, "step": step, "seconds": seconds, "history": history, "param_groups": state["param_groups"]}
-    _write_atomic(out / "checkpoint.safetensors", lambda tmp: save_file(tensors, tmp))
-    _write_atomic(out / "checkpoint.json", lambda tmp: Path(tmp).write_text(json.dumps(meta) + "\n"))
+    write_atomic(out / "checkpoint.safetensors", lambda tmp: save_file(tensors, tmp))
+    write_atomic(out / "checkpoint.json", lambda tmp: Path(tmp).write_text(json.dumps(meta) + "\n"))
 
 
 def _load_checkpoint(out: Path, adapted: Adapted, opt):
