@@ -215,3 +215,78 @@ def adapter_stats(head, cond_emb: torch.Tensor, labels) -> tuple[pd.DataFrame, p
     norms = pd.DataFrame({"cluster": clusters, "norm_A": A.flatten(1).norm(dim=1).float().numpy(),
                           "norm_B": B.flatten(1).norm(dim=1).float().numpy(), "norm_update": norm.float().numpy()})
     return norms, pd.DataFrame(cos.float().numpy(), index=clusters, columns=clusters)
+
+
+# --- 07: instruction tuning --------------------------------------------------------------
+
+def scored_tokens(prompt: str, response: str, tokenizer, max_length: int) -> pd.DataFrame:
+    """Which positions of one instruction example each protocol scores, and against which token.
+
+    The example is encoded as training encodes it (prompt + response + EOS, right-padded to
+    max_length, loss from the first response token on). One row per position that either
+    protocol scores: its token, and the target of the hidden state there ("" if not scored).
+    """
+    from chameleon import objectives
+    from chameleon.instructions import response_start
+
+    enc = tokenize([prompt + response + tokenizer.eos_token], tokenizer, max_length)
+    start = response_start([prompt], tokenizer)
+    show = lambda ids: [repr(tokenizer.decode([i])) for i in ids]  # noqa: E731
+    tokens = show(enc["input_ids"][0].tolist())
+    cols = {}
+    for protocol in ("causal", "paper"):
+        t = objectives.targets(enc["input_ids"], enc["attention_mask"], protocol, start)[0]
+        cols[protocol] = ["" if v == objectives.IGNORE else s for v, s in zip(t.tolist(), show(t.clamp(min=0).tolist()))]
+    rows = [{"position": i, "token": tokens[i], "causal target": cols["causal"][i], "paper target": cols["paper"][i]}
+            for i in range(len(tokens)) if cols["causal"][i] or cols["paper"][i]]
+    return pd.DataFrame(rows)
+
+
+def run_scores(runs: list[dict]) -> pd.DataFrame:
+    """One row per finished instruction run: validation loss and perplexity, and BLEU, ROUGE-L and
+    METEOR of its greedy generations (as train() stored them; conditioning "-" outside chameleon)."""
+    rows = [{**{k: r["config"][k] for k in ("regime", "protocol", "conditioning", "seed")},
+             "trainable_params": r["trainable_params"],
+             **{k: r.get(k) for k in ("val_loss", "val_ppl", "bleu", "rouge_l", "meteor")}} for r in runs]
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df.loc[~df["regime"].str.startswith("chameleon"), "conditioning"] = "-"
+    return df
+
+
+def generations(runs: list[dict], n: int = 3) -> pd.DataFrame:
+    """The first n greedy generations stored in each finished run's metrics.json, long format:
+    example, instruction, input, reference, regime, protocol, conditioning, output. Every run of a
+    profile generates for the same validation examples, so rows with one `example` line up."""
+    rows = []
+    for r in runs:
+        cond = r["config"]["conditioning"] if r["config"]["regime"].startswith("chameleon") else "-"
+        for i, g in enumerate(r.get("generations", [])[:n]):
+            rows.append({"example": i, **{k: g[k] for k in ("instruction", "input", "reference")},
+                         "regime": r["config"]["regime"], "protocol": r["config"]["protocol"],
+                         "conditioning": cond, "output": g["output"]})
+    return pd.DataFrame(rows)
+
+
+def side_by_side(gens: pd.DataFrame, width: int = 100) -> str:
+    """A plain-text block per example: its instruction, input and reference, then the output of
+    every run (regime / conditioning / protocol), wrapped to `width` characters."""
+    import textwrap
+
+    def wrap(label: str, text: str, indent: int) -> str:
+        return textwrap.fill(text or "(empty)", width, initial_indent=f"{label:<{indent}}",
+                             subsequent_indent=" " * indent, replace_whitespace=True)
+
+    blocks = []
+    for example, part in gens.groupby("example", sort=True):
+        first = part.iloc[0]
+        lines = [f"=== example {example}", wrap("instruction:", first["instruction"], 13)]
+        if first["input"]:
+            lines.append(wrap("input:", first["input"], 13))
+        lines.append(wrap("reference:", first["reference"], 13))
+        tags = [f"{r.regime}{'' if r.conditioning == '-' else f' ({r.conditioning})'} / {r.protocol}"
+                for r in part.itertuples()]
+        pad = max(len(t) for t in tags) + 4  # "  " + tag + ":" + " "
+        lines += [wrap(f"  {t}:", out, pad) for t, out in zip(tags, part["output"])]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

@@ -27,6 +27,8 @@ REGIME_COLOURS = {
 }
 PROTOCOL_STYLES = {"causal": "-", "paper": "--"}  # line style per protocol
 CONDITIONING_HATCHES = {"batch_mean": "", "prefix": "//", "shuffled": "xx"}
+# line style per conditioning in loss curves ("-": a regime without a hypernetwork)
+CONDITIONING_STYLES = {"batch_mean": "-", "-": "-", "prefix": "--", "shuffled": ":", "task": "-", "task_input": "-."}
 STYLE = {"font.size": 14, "axes.titlesize": 16, "axes.labelsize": 14, "legend.fontsize": 12,
          "xtick.labelsize": 12, "ytick.labelsize": 12, "figure.dpi": 100, "savefig.dpi": 110,
          "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3}
@@ -125,12 +127,12 @@ def loss_curves(history: pd.DataFrame, profile: str, name: str, metric: str = "v
     for ax, protocol in zip(axes[0], protocols):
         for (regime, cond), run in history[history["protocol"] == protocol].groupby(["regime", "conditioning"], sort=False):
             run = run.dropna(subset=[metric])
-            tag = regime if cond == "batch_mean" else f"{regime} ({cond})"
+            tag = regime if cond in ("batch_mean", "-") else f"{regime} ({cond})"
             if run["epoch"].nunique() == 1:  # nothing trained (unadapted): a level line
                 ax.axhline(run[metric].iloc[0], color=regime_colour(regime), ls="--", lw=2, label=tag)
                 continue
             ax.plot(run["epoch"], run[metric], marker="o", lw=2.5, color=regime_colour(regime),
-                    ls={"batch_mean": "-", "prefix": "--", "shuffled": ":"}.get(cond, "-"), label=tag)
+                    ls=CONDITIONING_STYLES.get(cond, "-"), label=tag)
         ax.set(title=f"{protocol} protocol", xlabel="epoch", ylabel=label)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend()

@@ -79,3 +79,29 @@ def test_adapter_stats_match_the_explicit_update():
 def test_cluster_examples_takes_the_first_of_each_cluster():
     df = cluster_examples(["a", "b", "c", "d"], np.array([1, 0, 1, 0]), per_cluster=1)
     assert df.to_dict("list") == {"cluster": [0, 1], "text": ["b", "a"]}
+
+
+def test_generations_line_up_the_runs_of_each_example():
+    from chameleon.notebooks import generations, side_by_side
+
+    g = [{"instruction": "Name it.", "input": "", "reference": "X", "output": o} for o in ("a", "b")]
+    runs = [{"config": {"regime": "lora", "protocol": "causal", "conditioning": "task"}, "generations": g},
+            {"config": {"regime": "chameleon", "protocol": "paper", "conditioning": "task"}, "generations": [g[1], {**g[0], "output": ""}]}]
+    df = generations(runs, n=2)
+    assert df[df.example == 0]["output"].tolist() == ["a", "b"]
+    assert df["conditioning"].tolist() == ["-", "-", "task", "task"]
+    text = side_by_side(df)
+    assert "lora / causal:" in text and "chameleon (task) / paper:" in text and "(empty)" in text
+
+
+def test_scored_tokens_causal_scores_the_response_paper_the_last_position():
+    from chameleon.backbones import load_backbone
+    from chameleon.config import Config
+    from chameleon.notebooks import scored_tokens
+
+    cfg = Config.from_profile("smoke")
+    _, tok = load_backbone(cfg.backbone, seed=0, cache_dir=cfg.cache_dir)
+    df = scored_tokens("### Instruction:\nHi\n### Response:\n", "Hello there.", tok, 32)
+    assert (df["paper target"] != "").sum() == 1 and df["position"].iloc[-1] == 31
+    causal = df[df["causal target"] != ""]["causal target"].tolist()
+    assert causal[-1] == repr(tok.eos_token) and "".join(eval(t) for t in causal[:-1]) == "Hello there."
