@@ -31,6 +31,7 @@ RUNS = {
 }
 # Conditioning only matters to the hypernetwork; other regimes are labelled "-" in tables.
 KEYS = ["regime", "protocol", "conditioning"]
+METRICS = ("val_loss", "val_ppl", "bleu", "rouge_l", "meteor", "seconds")  # those a run reports
 
 
 def compare(cfg: Config, seeds: int = 1, runs: list[tuple[str, str]] | None = None,
@@ -50,21 +51,23 @@ def compare(cfg: Config, seeds: int = 1, runs: list[tuple[str, str]] | None = No
                 rows.append({"regime": regime, "protocol": protocol,
                              "conditioning": conditioning if regime.startswith("chameleon") else "-",
                              "seed": seed, "trainable_params": result["trainable_params"],
-                             **{k: result[k] for k in ("val_loss", "val_ppl", "seconds", "bleu", "rouge_l")
-                                if k in result}})
+                             **{k: result[k] for k in METRICS if k in result}})
     per_run = pd.DataFrame(rows)
     table = summarise(per_run)
     out = Path(cfg.results_dir) / cfg.profile / cfg.task
     out.mkdir(parents=True, exist_ok=True)
     per_run.to_csv(out / f"compare-seeds{seeds}-runs.csv", index=False)
     table.to_csv(out / f"compare-seeds{seeds}.csv", index=False)
-    (out / f"compare-seeds{seeds}.md").write_text(to_markdown(table) + "\n")
+    command = f"python -m chameleon compare --profile {cfg.profile} --task {cfg.task} --seeds {seeds}"
+    (out / f"compare-seeds{seeds}.md").write_text(
+        f"Produced by `{command}`: mean ± standard deviation over seeds {cfg.seed}..{cfg.seed + seeds - 1}; "
+        f"seconds = training wall time on the machine that ran it.\n\n{to_markdown(table)}\n")
     return table
 
 
 def summarise(per_run: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over seeds, in the order the runs were made."""
-    metrics = [c for c in ("val_loss", "val_ppl", "bleu", "rouge_l", "seconds") if c in per_run]
+    metrics = [c for c in METRICS if c in per_run]
     grouped = per_run.groupby(KEYS, sort=False)
     table = grouped.agg(trainable_params=("trainable_params", "first"), seeds=("seed", "count"),
                         **{m: (m, "mean") for m in metrics}, **{f"{m}_std": (m, "std") for m in metrics})
@@ -73,7 +76,7 @@ def summarise(per_run: pd.DataFrame) -> pd.DataFrame:
 
 def to_markdown(table: pd.DataFrame, digits: int = 4) -> str:
     """A Markdown table; "mean ± std" where there is more than one seed."""
-    metrics = [c for c in ("val_loss", "val_ppl", "bleu", "rouge_l", "seconds") if c in table]
+    metrics = [c for c in METRICS if c in table]
     header = KEYS + ["trainable params"] + [m.replace("_", " ") for m in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():

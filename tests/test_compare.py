@@ -16,7 +16,8 @@ def test_compare_writes_one_table_with_mean_and_spread_over_seeds(tmp_path):
     assert pd.read_csv(folder / "compare-seeds2.csv").shape[0] == 4
     assert pd.read_csv(folder / "compare-seeds2-runs.csv").shape[0] == 8
     markdown = (folder / "compare-seeds2.md").read_text()
-    assert markdown.startswith("| regime | protocol | conditioning | trainable params |") and " ± " in markdown
+    assert markdown.startswith("Produced by `python -m chameleon compare --profile smoke --task lm --seeds 2`")
+    assert "| regime | protocol | conditioning | trainable params |" in markdown and " ± " in markdown
 
 
 def test_the_papers_table_is_the_papers():
