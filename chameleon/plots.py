@@ -106,9 +106,10 @@ def umap_clusters(emb, labels, profile: str, seed: int = 0, name: str = "02_umap
     for c in np.unique(labels):
         pts = data[data["cluster"] == c]
         ax.scatter(pts["umap_1"], pts["umap_2"], s=40, color=cmap(c % cmap.N), label=str(c), alpha=0.85)
-    if len(np.unique(labels)) <= 20:
+    k = len(np.unique(labels))
+    if k <= 20:
         ax.legend(title="cluster", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=10)
-    ax.set(title="Examples in 2-D (UMAP of mean embeddings)", xlabel="UMAP 1 (arbitrary units)",
+    ax.set(title=f"UMAP of the mean embeddings: {k} clusters", xlabel="UMAP 1 (arbitrary units)",
            ylabel="UMAP 2 (arbitrary units)")
     save(fig, data, name, profile)
     return fig
@@ -135,7 +136,8 @@ def loss_curves(history: pd.DataFrame, profile: str, name: str, metric: str = "v
                     ls=CONDITIONING_STYLES.get(cond, "-"), label=tag)
         ax.set(title=f"{protocol} protocol", xlabel="epoch", ylabel=label)
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend()
+    # one legend, outside the panels, so that no curve hides behind it
+    axes[0][-1].legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=11)
     fig.suptitle(f"{label.split(' (')[0].capitalize()} during training ({profile} profile)", y=1.02)
     fig.tight_layout()
     save(fig, history, name, profile)

@@ -77,13 +77,15 @@ def test_resume_reaches_the_same_final_numbers(tmp_path, monkeypatch):
 
 def test_nan_loss_stops_with_the_step_named_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     cfg = tiny(tmp_path, regime="lora", epochs=2)
-    calls, loss_sum = [], training.objectives.loss_sum
+    saved, save, loss_sum = [], training._save_checkpoint, training.objectives.loss_sum
 
-    def poisoned(logits, target):
-        calls.append(1)
-        return loss_sum(logits, target) * (math.nan if len(calls) > 20 else 1.0)
+    def saving(*args):  # the loss turns NaN once epoch 1 is checkpointed
+        save(*args)
+        saved.append(1)
 
-    monkeypatch.setattr(training.objectives, "loss_sum", poisoned)
+    monkeypatch.setattr(training, "_save_checkpoint", saving)
+    monkeypatch.setattr(training.objectives, "loss_sum",
+                        lambda logits, target: loss_sum(logits, target) * (math.nan if saved else 1.0))
     with pytest.raises(TrainingDiverged, match=r"epoch 2, step \d+"):
         train(cfg, progress=False)
     assert (training.run_dir(cfg) / "checkpoint.safetensors").exists()
