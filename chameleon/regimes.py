@@ -34,6 +34,12 @@ class Adapted(nn.Module):
         self.model, self.head, self.blocks_adapted = model, head, blocks_adapted
         self.conditioned = isinstance(head, ChameleonHead)
 
+    def train(self, mode: bool = True) -> "Adapted":
+        super().train(mode)
+        if not self.blocks_adapted:
+            self.model.eval()  # a frozen, unadapted body: no dropout noise, as in the cached path
+        return self
+
     def hidden(self, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """(B, L, d) final hidden states (after the last layer norm)."""
         return self.model.base_model(input_ids=input_ids, attention_mask=attention).last_hidden_state

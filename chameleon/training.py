@@ -175,8 +175,6 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         sampler.set_epoch(epoch)
         batches = list(sampler)
         adapted.train()
-        if cache or not adapted.blocks_adapted:
-            adapted.model.eval()  # a frozen, unadapted body: no dropout noise, as in the cached path
         total, count, t0 = 0.0, 0, time.perf_counter()
         bar = tqdm(zip(batches, condition_batches(batches, cfg.conditioning)), total=len(batches),
                    desc=f"{cfg.regime}/{cfg.protocol} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
@@ -197,8 +195,6 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
                 history.append({"epoch": epoch + i / len(batches), "step": step, "train_loss": loss.item(),
                                 **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
                 adapted.train()
-                if cache or not adapted.blocks_adapted:
-                    adapted.model.eval()
         seconds += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "step": step, "train_loss": total / max(count, 1),
                         **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
