@@ -1,9 +1,11 @@
-"""The notebooks run end to end on the smoke profile, the way `make reproduce` runs them.
+"""Notebook helpers and the notebooks' structure.
 
-The committed outputs are checked separately by nbval (`make test`):
-    CHAMELEON_PROFILE=smoke pytest --nbval notebooks/ --nbval-sanitize-with tests/nbval_sanitize.cfg
+`make test` executes every notebook once, on the smoke profile, with nbval in lax mode: each cell
+must run without error, and the outputs of the cells marked NBVAL_CHECK_OUTPUT must match the
+committed ones.
 """
 import json
+import re
 
 import matplotlib
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 matplotlib.use("Agg")
 
 from chameleon import plots  # noqa: E402
-from chameleon.notebooks import adapter_stats, cluster_examples, notebook_paths, run_notebooks  # noqa: E402
+from chameleon.notebooks import adapter_stats, cluster_examples, notebook_paths  # noqa: E402
 
 
 def test_notebooks_are_numbered_and_have_one_parameters_cell():
@@ -27,14 +29,17 @@ def test_notebooks_are_numbered_and_have_one_parameters_cell():
         assert not any("injected-parameters" in c.get("metadata", {}).get("tags", []) for c in cells), path.name
 
 
-def test_every_notebook_runs_on_smoke(tmp_path):
-    done = run_notebooks("smoke", tmp_path, log=lambda _: None)
-    assert [p.name for p in done] == [p.name for p in notebook_paths()]
-    for path in done:
-        nb = json.loads(path.read_text())
-        assert nb["metadata"]["papermill"]["parameters"] == {"profile": "smoke"}
-        errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
-        assert not errors, (path.name, errors)
+def test_compared_outputs_hold_no_model_float_to_three_decimals():
+    """nbval runs in lax mode: only cells marked NBVAL_CHECK_OUTPUT are compared, and their committed
+    outputs must be the same on every CPU, so no float with three or more decimals may appear in them
+    (model-computed numbers are checked by assertion cells with a stated tolerance instead)."""
+    for path in notebook_paths():
+        for i, cell in enumerate(json.loads(path.read_text())["cells"]):
+            if cell["cell_type"] != "code" or "NBVAL_CHECK_OUTPUT" not in "".join(cell["source"]):
+                continue
+            text = "".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                           for o in cell.get("outputs", []))
+            assert not re.search(r"\d\.\d{3,}", text), (path.name, i, text[:200])
 
 
 def test_save_writes_png_and_csv_under_the_profile(tmp_path, monkeypatch):
