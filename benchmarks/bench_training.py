@@ -17,7 +17,7 @@ from chameleon.backbones import load_backbone
 from chameleon.clustering import ClusterBatchSampler
 from chameleon.config import Config
 from chameleon.prepare import prepare
-from chameleon.regimes import build
+from chameleon.model import build
 from chameleon.training import batch_loss, scored_rows
 
 MAX_STEP_RATIO, MIN_CACHE_SPEEDUP, MAX_LOSS_DIFF = 1.10, 5.0, 1e-4

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from chameleon.config import PROFILES, Config
 
@@ -39,9 +40,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=None, choices=sorted(PROFILES),
                         help="named profile (default: $CHAMELEON_PROFILE or cpu)")
     for f in dataclasses.fields(Config):
-        if f.name in ("profile", "data_dir", "results_dir", "hyper_hidden"):
+        if f.name in ("profile", "hyper_hidden"):
             continue
-        kind = {"int": int, "float": float, "bool": _bool, "int | None": int}.get(str(f.type), str)
+        kind = {"int": int, "float": float, "bool": _bool, "int | None": int, "Path": Path}.get(str(f.type), str)
         flags = ["--" + f.name.replace("_", "-")] + (["--model"] if f.name == "backbone" else [])
         parser.add_argument(*flags, dest=f.name, type=kind, default=None)
 
@@ -63,7 +64,8 @@ def params(args) -> int:
 
 
 def train(args) -> int:
-    from chameleon.training import train as train_run, run_dir
+    from chameleon.runs import run_dir
+    from chameleon.training import train as train_run
 
     cfg = _config(args)
     result = train_run(cfg, resume=args.resume)
@@ -83,12 +85,13 @@ def compare(args) -> int:
 
 def notebooks(args) -> int:
     """Run every notebook in order on the profile into runs/<profile>/, then print the results table."""
-    from chameleon.compare import to_markdown
-    from chameleon.notebooks import finished_runs, run_notebooks, summary
+    from chameleon.compare import summary, to_markdown
+    from chameleon.notebooks import run_notebooks
+    from chameleon.runs import finished_runs
 
-    profile = _config(args).profile
-    run_notebooks(profile)
-    print(to_markdown(summary(finished_runs(profile))))
+    cfg = _config(args)
+    run_notebooks(cfg.profile)
+    print(to_markdown(summary(finished_runs(cfg))))
     return 0
 
 

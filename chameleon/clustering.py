@@ -118,3 +118,21 @@ class ClusterBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __len__(self) -> int:
         return sum(-(-len(m) // self.batch_size) for m in self.clusters)
+
+
+def condition_batches(batches: list[list[int]], conditioning: str) -> list[list[int]]:
+    """Which examples each batch's conditioning vector averages over: its own, or for the
+    `shuffled` control another batch's (half the epoch away, so mostly another cluster)."""
+    if conditioning != "shuffled":
+        return batches
+    return [batches[(b + len(batches) // 2) % len(batches)] for b in range(len(batches))]
+
+
+def eval_batches(labels: np.ndarray | torch.Tensor, batch_size: int,
+                 conditioning: str) -> list[tuple[list[int], list[int]]]:
+    """The fixed cluster batches of a validation split (seed 0, the same for every run) with the
+    examples each one is conditioned on. Evaluation and generation both use it, so a generated
+    answer is conditioned exactly as its loss was scored."""
+    batches = list(ClusterBatchSampler(labels, batch_size, seed=0))
+    return list(zip(batches, condition_batches(batches, conditioning)))
+

@@ -11,7 +11,9 @@ import pandas as pd
 
 from chameleon.backbones import load_backbone
 from chameleon.config import PROTOCOLS, Config
-from chameleon.regimes import build
+from chameleon.model import build
+from chameleon.regimes import REGIMES
+from chameleon.runs import METRICS, result_row
 from chameleon.training import train
 
 # The paper's WikiText-2 table (GPT-2 124M, rank 4): parameters, validation loss and perplexity.
@@ -29,9 +31,8 @@ RUNS = {
     "instructions": [("unadapted", "task"), ("lora", "task"), ("lora_matched", "task"), ("chameleon", "task"),
                      ("chameleon", "task_input"), ("chameleon", "batch_mean"), ("chameleon", "shuffled")],
 }
-# Conditioning only matters to the hypernetwork; other regimes are labelled "-" in tables.
+# Conditioning only matters to the hypernetwork; other regimes are labelled "-" in tables (regimes.conditioning_label).
 KEYS = ["regime", "protocol", "conditioning"]
-METRICS = ("val_loss", "val_ppl", "bleu", "rouge_l", "meteor", "seconds")  # those a run reports
 
 
 def compare(cfg: Config, seeds: int = 1, runs: list[tuple[str, str]] | None = None,
@@ -47,11 +48,7 @@ def compare(cfg: Config, seeds: int = 1, runs: list[tuple[str, str]] | None = No
         for regime, conditioning in runs or RUNS[cfg.task]:
             for seed in range(cfg.seed, cfg.seed + seeds):
                 run = cfg.replace(regime=regime, protocol=protocol, conditioning=conditioning, seed=seed)
-                result = train(run, progress=progress)
-                rows.append({"regime": regime, "protocol": protocol,
-                             "conditioning": conditioning if regime.startswith("chameleon") else "-",
-                             "seed": seed, "trainable_params": result["trainable_params"],
-                             **{k: result[k] for k in METRICS if k in result}})
+                rows.append(result_row(train(run, progress=progress)))
     per_run = pd.DataFrame(rows)
     table = summarise(per_run)
     out = Path(cfg.results_dir) / cfg.profile / cfg.task
@@ -63,6 +60,12 @@ def compare(cfg: Config, seeds: int = 1, runs: list[tuple[str, str]] | None = No
         f"Produced by `{command}`: mean ± standard deviation over seeds {cfg.seed}..{cfg.seed + seeds - 1}; "
         f"seconds = training wall time on the machine that ran it.\n\n{to_markdown(table)}\n")
     return table
+
+
+def summary(runs: list[dict]) -> pd.DataFrame:
+    """`summarise` of finished runs (runs.finished_runs): mean and std per regime x protocol x conditioning."""
+    per_run = pd.DataFrame([result_row(r) for r in runs])
+    return per_run if per_run.empty else summarise(per_run)
 
 
 def summarise(per_run: pd.DataFrame) -> pd.DataFrame:
@@ -93,8 +96,8 @@ def parameter_table(cfg: Config) -> pd.DataFrame:
     on "gpt2-arch" at rank 4 are 124,439,808 (unadapted, total), 204,100 and 6,786,596."""
     model, _ = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cfg.cache_dir)
     rows = []
-    for regime in ("unadapted", "lora", "chameleon", "lora_full", "chameleon_full", "lora_matched"):
-        # only the *_full regimes change the backbone itself (LoRA in its blocks)
-        adapted = build(cfg.replace(regime=regime), copy.deepcopy(model) if regime.endswith("_full") else model)
-        rows.append({"regime": regime, "trainable_params": adapted.trainable()})
+    for name, regime in REGIMES.items():
+        # only regimes that adapt the blocks change the backbone itself: they get a copy
+        adapted = build(cfg.replace(regime=name), model if regime.frozen_body else copy.deepcopy(model))
+        rows.append({"regime": name, "trainable_params": adapted.trainable()})
     return pd.DataFrame(rows)

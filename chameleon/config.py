@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chameleon.regimes import REGIMES
+
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: data/, results/, figures/ live here
 
 
@@ -27,7 +29,7 @@ class Config:
     max_length: int = 256  # tokens per example; the paper right-pads every example to this length
     # --- protocol and regime ---
     protocol: str = "causal"  # "paper" (the authors' code, exactly) or "causal" (corrected next-token loss)
-    regime: str = "chameleon"  # unadapted | lora | chameleon | lora_full | chameleon_full | lora_matched
+    regime: str = "chameleon"  # a row of chameleon.regimes.REGIMES: unadapted, lora, chameleon, lora_matched, ...
     conditioning: str = "batch_mean"  # batch_mean | prefix | shuffled (lm); task | task_input too (instructions)
     prefix_tokens: int = 16  # "prefix" conditioning: tokens the hypernetwork may see; loss starts after them
     # --- adapters ---
@@ -75,7 +77,7 @@ class Config:
                 for k, v in dataclasses.asdict(self).items()}
 
     def validated(self) -> "Config":
-        choices = {"task": TASKS, "protocol": PROTOCOLS, "regime": REGIMES,
+        choices = {"task": TASKS, "protocol": PROTOCOLS, "regime": tuple(REGIMES),
                    "conditioning": CONDITIONINGS[self.task] if self.task in TASKS else ()}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -90,7 +92,6 @@ class Config:
 
 TASKS = ("lm", "instructions")
 PROTOCOLS = ("paper", "causal")
-REGIMES = ("unadapted", "lora", "chameleon", "lora_full", "chameleon_full", "lora_matched")
 CONDITIONINGS = {"lm": ("batch_mean", "prefix", "shuffled"),
                  "instructions": ("task", "task_input", "batch_mean", "shuffled")}
 

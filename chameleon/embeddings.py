@@ -17,9 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from chameleon.data import tokenize
 
 
 def embedding_mask(attention_mask: torch.Tensor, protocol: str) -> torch.Tensor:
@@ -126,3 +129,27 @@ def cached_embeddings(key: dict, compute: Callable[[], torch.Tensor], cache_dir:
     # the tensor file is written last: its presence means the pair is complete
     write_atomic(path, lambda tmp: save_file({"embeddings": emb}, tmp, metadata={"key": canonical}))
     return emb
+
+
+# --- what padding does to the embedding (notebook 01) ---
+
+def padding_effect(model, tokenizer, texts: list[str], max_length: int) -> pd.DataFrame:
+    """Cosine similarity between the paper-protocol (padding counted) and causal-protocol
+    (real tokens only) mean embedding of each text."""
+    enc = tokenize(texts, tokenizer, max_length)
+    emb = {p: mean_embeddings(model, enc["input_ids"], embedding_mask(enc["attention_mask"], p))
+           for p in ("paper", "causal")}
+    real = enc["attention_mask"].sum(1)
+    return pd.DataFrame({"text": [t[:50] for t in texts], "real_tokens": real.tolist(),
+                         "padding_tokens": (max_length - real).tolist(),
+                         "cosine": (emb["paper"] * emb["causal"]).sum(1).numpy().round(3)})
+
+
+def pair_similarity(model, tokenizer, a: str, b: str, max_length: int) -> dict[str, float]:
+    """Cosine similarity of the mean embeddings of texts a and b under each protocol."""
+    enc = tokenize([a, b], tokenizer, max_length)
+    out = {}
+    for protocol in ("paper", "causal"):
+        e = mean_embeddings(model, enc["input_ids"], embedding_mask(enc["attention_mask"], protocol))
+        out[protocol] = round(float(e[0] @ e[1]), 3)
+    return out

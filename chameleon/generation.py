@@ -39,7 +39,9 @@ from pathlib import Path
 
 import torch
 
+from chameleon.clustering import eval_batches
 from chameleon.config import Config
+from chameleon.prepare import load_split_texts
 
 
 @torch.no_grad()
@@ -71,12 +73,8 @@ def greedy(adapted, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int |
 
 def generation_conditions(split, cfg: Config, n: int) -> list[torch.Tensor | None]:
     """The conditioning vector of each of the first n examples of `split`, as `evaluate` uses it."""
-    from chameleon.clustering import ClusterBatchSampler
-    from chameleon.training import condition_batches  # training imports this module
-
     conds: list[torch.Tensor | None] = [None] * n
-    batches = list(ClusterBatchSampler(split.labels, cfg.batch_size, seed=0))
-    for batch, cond_batch in zip(batches, condition_batches(batches, cfg.conditioning)):
+    for batch, cond_batch in eval_batches(split.labels, cfg.batch_size, cfg.conditioning):
         mean = split.cond_emb[cond_batch].mean(0)
         for i in batch:
             if i < n:
@@ -157,8 +155,6 @@ def generation_metrics(adapted, split, cfg: Config, tokenizer, texts: dict | Non
         {instruction, input, reference, output}), plus meteor_unavailable when METEOR is None.
     """
     if texts is None:
-        from chameleon.prepare import load_split_texts
-
         texts = load_split_texts(cfg, split.name)
     n = min(cfg.n_generate, len(split))
     conds = generation_conditions(split, cfg, n) if adapted.conditioned else None

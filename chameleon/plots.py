@@ -14,17 +14,10 @@ import numpy as np
 import pandas as pd
 
 from chameleon.config import ROOT
+from chameleon.regimes import REGIMES
 
-# One colour per regime, in every figure (Okabe-Ito, colour-blind safe).
-REGIME_COLOURS = {
-    "unadapted": "#7f7f7f",
-    "lora": "#0072B2",
-    "chameleon": "#E69F00",
-    "lora_full": "#56B4E9",
-    "chameleon_full": "#D55E00",
-    "lora_matched": "#009E73",
-    "paper": "#000000",  # the paper's reported numbers
-}
+# One colour per regime, in every figure (chameleon.regimes), and black for the paper's reported numbers.
+REGIME_COLOURS = {**{name: r.colour for name, r in REGIMES.items()}, "paper": "#000000"}
 PROTOCOL_STYLES = {"causal": "-", "paper": "--"}  # line style per protocol
 CONDITIONING_HATCHES = {"batch_mean": "", "prefix": "//", "shuffled": "xx"}
 # line style per conditioning in loss curves ("-": a regime without a hypernetwork)

@@ -1,88 +1,49 @@
-"""Regimes, named by where the adapters go, built around one frozen backbone.
+"""Regimes: where the adapters go, described once, as data.
 
-| regime           | trainable                                                          |
-|------------------|--------------------------------------------------------------------|
-| unadapted        | nothing (the paper reports the backbone's total parameters)         |
-| lora             | LoRA on the LM head: the paper's effective "LoRA" (its block LoRA   |
-|                  | wrapped nn.Linear only, and GPT-2's blocks are Conv1D)               |
-| chameleon        | the hypernetwork generating the head's LoRA: the paper's effective  |
-|                  | ChamaleonLLM                                                        |
-| lora_full        | what the paper describes: LoRA on every block linear layer + head   |
-| chameleon_full   | LoRA on every block linear layer + the hypernetwork head            |
-| lora_matched     | head LoRA whose rank gives as many parameters as `chameleon`: the   |
-|                  | fair baseline the paper lacks                                       |
+Everything that depends on the regime reads this table: config validation, `model.build`, the
+parameter table, the colours of the figures and the conventions of the results tables. Adding a
+regime is one row here and, if it needs a new kind of adapter, its case in `model.build`.
+
+This module imports nothing heavy, so a bad `--regime` is refused before torch is loaded.
 """
 from __future__ import annotations
 
-import torch
-from torch import nn
-
-from chameleon.config import Config
-from chameleon.hypernetwork import ChameleonHead
-from chameleon.lora import FLAVOUR, LoRA, add_lora, dims, freeze, trainable_parameters
+from dataclasses import dataclass
 
 
-class Adapted(nn.Module):
-    """A frozen causal LM whose head is replaced by `head`, optionally with LoRA in its blocks.
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    head: str  # "base" (the frozen LM head), "lora" (one learned LoRA) or "hyper" (LoRA written by the hypernetwork)
+    blocks: str  # "frozen", or "lora": LoRA on every linear / Conv1D layer of the transformer blocks as well
+    colour: str  # its colour in every figure (Okabe-Ito, colour-blind safe)
+    about: str  # one line for tables and the README
+    matched_rank: bool = False  # head LoRA rank chosen so that its parameters match the hypernetwork's
 
-    The body gives the final hidden states; the head turns the scored ones into logits, so a
-    head-only regime can run on hidden states computed once (see training.scored_rows).
-    """
+    @property
+    def conditioned(self) -> bool:
+        """Whether the hypernetwork reads a conditioning vector (cfg.conditioning applies)."""
+        return self.head == "hyper"
 
-    def __init__(self, model: nn.Module, head: nn.Module, blocks_adapted: bool):
-        super().__init__()
-        self.model, self.head, self.blocks_adapted = model, head, blocks_adapted
-        self.conditioned = isinstance(head, ChameleonHead)
-
-    def train(self, mode: bool = True) -> "Adapted":
-        super().train(mode)
-        if not self.blocks_adapted:
-            self.model.eval()  # a frozen, unadapted body: no dropout noise, as in the cached path
-        return self
-
-    def hidden(self, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """(B, L, d) final hidden states (after the last layer norm)."""
-        return self.model.base_model(input_ids=input_ids, attention_mask=attention).last_hidden_state
-
-    def logits(self, hidden: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(hidden, cond) if self.conditioned else self.head(hidden)
-
-    def trainable(self) -> int:
-        """Trainable parameters; for `unadapted` the backbone's total, as the paper's table reports."""
-        n = trainable_parameters(self)
-        return n or sum(p.numel() for p in self.model.parameters())
+    @property
+    def frozen_body(self) -> bool:
+        """Nothing in the transformer blocks trains: the body's hidden states can be computed once."""
+        return self.blocks == "frozen"
 
 
-def hypernetwork_parameters(d_cond: int, d_in: int, d_out: int, rank: int, hidden: tuple[int, ...]) -> int:
-    widths = (d_cond, *hidden)
-    return sum(a * b + b for a, b in zip(widths, widths[1:])) + (hidden[-1] + 1) * rank * (d_in + d_out)
+REGIMES: dict[str, Regime] = {r.name: r for r in [
+    Regime("unadapted", "base", "frozen", "#7f7f7f", "the frozen backbone (the paper reports its total parameters)"),
+    Regime("lora", "lora", "frozen", "#0072B2",
+           "LoRA on the LM head: the paper's effective 'LoRA' (its block LoRA wrapped nn.Linear, GPT-2's blocks are Conv1D)"),
+    Regime("chameleon", "hyper", "frozen", "#E69F00",
+           "the hypernetwork writes the head's LoRA from the batch: the paper's effective ChamaleonLLM"),
+    Regime("lora_full", "lora", "lora", "#56B4E9", "what the paper describes: LoRA on every block layer and the head"),
+    Regime("chameleon_full", "hyper", "lora", "#D55E00", "LoRA on every block layer + the hypernetwork head"),
+    Regime("lora_matched", "lora", "frozen", "#009E73",
+           "head LoRA with as many parameters as `chameleon`: the fair baseline the paper lacks", matched_rank=True),
+]}
 
 
-def matched_rank(cfg: Config, model: nn.Module) -> int:
-    """Head-LoRA rank whose parameter count is nearest the `chameleon` hypernetwork's."""
-    d_in, d_out = dims(model.get_output_embeddings())
-    d_cond = model.get_input_embeddings().embedding_dim
-    return max(1, round(hypernetwork_parameters(d_cond, d_in, d_out, cfg.rank, cfg.hyper_hidden) / (d_in + d_out)))
-
-
-def build(cfg: Config, model: nn.Module) -> Adapted:
-    """Freeze `model` and attach the adapters of cfg.regime, initialised from cfg.seed.
-
-    The paper protocol uses the authors' LoRA flavour (A, B ~ N(0, 0.01^2), scale alpha);
-    the causal protocol uses ordinary LoRA (B = 0, scale alpha / r).
-    """
-    flavour, regime = FLAVOUR[cfg.protocol], cfg.regime
-    freeze(model)
-    torch.manual_seed(cfg.seed)  # the hypernetwork draws from the global RNG
-    if regime.endswith("_full"):
-        add_lora(model, "blocks", cfg.rank, cfg.alpha, flavour, generator=cfg.seed + 1)
-    base = model.get_output_embeddings()
-    if regime == "unadapted":
-        head = base
-    elif regime in ("lora", "lora_full", "lora_matched"):
-        rank = matched_rank(cfg, model) if regime == "lora_matched" else cfg.rank
-        head = LoRA(base, rank, cfg.alpha, flavour, generator=cfg.seed)
-    else:
-        head = ChameleonHead(base, model.get_input_embeddings().embedding_dim, cfg.rank, cfg.alpha, flavour,
-                             cfg.hyper_hidden, cfg.hyper_dropout)
-    return Adapted(model, head, blocks_adapted=regime.endswith("_full"))
+def conditioning_label(regime: str, conditioning: str) -> str:
+    """The conditioning as results tables show it: "-" for regimes without a hypernetwork."""
+    return conditioning if REGIMES[regime].conditioned else "-"

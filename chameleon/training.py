@@ -14,11 +14,11 @@ there, which for a frozen body only removes noise (GPT-2's body dropout is 0.1).
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,13 +28,13 @@ from tqdm.auto import tqdm
 
 from chameleon import objectives
 from chameleon.backbones import device as resolve_device, load_backbone
-from chameleon.clustering import ClusterBatchSampler
+from chameleon.clustering import ClusterBatchSampler, condition_batches, eval_batches
 from chameleon.config import Config
 from chameleon.embeddings import write_atomic
 from chameleon.generation import generation_metrics
-from chameleon.data import fingerprint
 from chameleon.prepare import Split, prepare
-from chameleon.regimes import Adapted, build
+from chameleon.model import Adapted, build
+from chameleon.runs import finished, load_checkpoint, run_dir, save_checkpoint, write_metrics
 
 
 class TrainingDiverged(RuntimeError):
@@ -103,37 +103,16 @@ def batch_loss(adapted: Adapted, split: Split, rows: Rows, batch: list[int], con
     return objectives.loss_sum(adapted.logits(hidden, cond), rows.target[idx].to(dev)), len(idx)
 
 
-def condition_batches(batches: list[list[int]], mode: str) -> list[list[int]]:
-    """Which examples each batch's conditioning vector averages over: its own, or for the
-    `shuffled` control another batch's (half the epoch away, so mostly another cluster)."""
-    if mode != "shuffled":
-        return batches
-    return [batches[(b + len(batches) // 2) % len(batches)] for b in range(len(batches))]
-
-
 @torch.no_grad()
 def evaluate(adapted: Adapted, split: Split, rows: Rows, cfg: Config, dev: torch.device) -> dict:
     """Validation loss (token-weighted mean cross-entropy) and perplexity (exp of it)."""
     adapted.eval()
-    batches = list(ClusterBatchSampler(split.labels, cfg.batch_size, seed=0))
     total, count = 0.0, 0
-    for batch, cond in zip(batches, condition_batches(batches, cfg.conditioning)):
+    for batch, cond in eval_batches(split.labels, cfg.batch_size, cfg.conditioning):
         loss, n = batch_loss(adapted, split, rows, batch, cond, dev)
         total, count = total + loss.item(), count + n
     loss = total / max(count, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700))}
-
-
-def run_name(cfg: Config) -> str:
-    """regime-protocol-conditioning-seed, and a hash of everything that changes the result."""
-    source = fingerprint(cfg.corpus if cfg.task == "lm" else cfg.instructions)
-    key = {**cfg.to_dict(), "data": source, "results_dir": None, "device": None}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{cfg.regime}-{cfg.protocol}-{cfg.conditioning}-seed{cfg.seed}-{digest}"
-
-
-def run_dir(cfg: Config) -> Path:
-    return Path(cfg.results_dir) / cfg.profile / cfg.task / "runs" / run_name(cfg)
 
 
 def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progress: bool = True) -> dict:
@@ -147,11 +126,11 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         progress: show tqdm progress bars.
     """
     out = run_dir(cfg)
-    done = out / "metrics.json"
-    if done.exists() and json.loads(done.read_text()).get("finished"):
-        return json.loads(done.read_text())
+    done = finished(cfg)
+    if done is not None:
+        return done
     if out.exists() and not resume:
-        print(f"{out.name}: an unfinished run is there; starting it over (pass resume=True / --resume to continue it)")
+        warnings.warn(f"{out.name}: an unfinished run is there; starting it over (pass resume=True / --resume to continue it)")
     if model is None:
         model, tokenizer = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cfg.cache_dir)
     dev = resolve_device(cfg.device)
@@ -166,7 +145,7 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
 
     history, start_epoch, step, seconds = [], 0, 0, 0.0
     if resume and (out / "checkpoint.json").exists():
-        history, start_epoch, step, seconds = _load_checkpoint(out, adapted, opt)
+        history, start_epoch, step, seconds = load_checkpoint(out, adapted, opt)
     if not history:
         history.append({"epoch": 0, "step": 0, "train_loss": None, **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
     sampler = ClusterBatchSampler(train_split.labels, cfg.batch_size, seed=cfg.seed)
@@ -198,47 +177,11 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         seconds += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "step": step, "train_loss": total / max(count, 1),
                         **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
-        _save_checkpoint(out, adapted, opt, history, epoch + 1, step, seconds)
+        save_checkpoint(out, adapted, opt, history, epoch + 1, step, seconds)
     result = {"config": cfg.to_dict(), "trainable_params": adapted.trainable(), "history": history,
               "val_loss": history[-1]["val_loss"], "val_ppl": history[-1]["val_ppl"],
               "seconds": round(seconds, 2), "finished": True}
     if cfg.task == "instructions":  # BLEU / ROUGE-L / METEOR of greedy outputs on the first n_generate examples
         result.update(generation_metrics(adapted, val_split, cfg, tokenizer))
-    _write_metrics(out, result)
+    write_metrics(out, result)
     return result
-
-
-def _write_metrics(out: Path, result: dict) -> None:
-    with open(out / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["epoch", "step", "train_loss", "val_loss", "val_ppl"])
-        writer.writeheader()
-        writer.writerows(result["history"])
-    write_atomic(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
-
-
-def _save_checkpoint(out: Path, adapted: Adapted, opt, history, epoch: int, step: int, seconds: float) -> None:
-    """Trainable weights and AdamW state as safetensors, the rest as JSON (no pickle)."""
-    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in adapted.named_parameters() if p.requires_grad}
-    state = opt.state_dict()
-    for i, s in state["state"].items():
-        tensors.update({f"opt.{i}.{k}": v.detach().cpu().reshape(v.shape).contiguous() for k, v in s.items()})
-    meta = {"epoch": epoch, "step": step, "seconds": seconds, "history": history, "param_groups": state["param_groups"]}
-    write_atomic(out / "checkpoint.safetensors", lambda tmp: save_file(tensors, tmp))
-    write_atomic(out / "checkpoint.json", lambda tmp: Path(tmp).write_text(json.dumps(meta) + "\n"))
-
-
-def _load_checkpoint(out: Path, adapted: Adapted, opt):
-    tensors, meta = load_file(out / "checkpoint.safetensors"), json.loads((out / "checkpoint.json").read_text())
-    params = dict(adapted.named_parameters())
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if name.startswith("param."):
-                params[name[len("param."):]].copy_(value)
-    state = {}
-    for name, value in tensors.items():
-        if name.startswith("opt."):
-            _, i, key = name.split(".", 2)
-            state.setdefault(int(i), {})[key] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return meta["history"], meta["epoch"], meta["step"], meta["seconds"]
-

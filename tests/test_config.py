@@ -3,7 +3,8 @@ import re
 
 import pytest
 
-from chameleon.config import CONDITIONINGS, PROFILES, PROTOCOLS, REGIMES, Config
+from chameleon.config import CONDITIONINGS, PROFILES, PROTOCOLS, Config
+from chameleon.regimes import REGIMES
 
 
 @pytest.mark.parametrize("name", ["smoke", "cpu", "paper"])

@@ -8,7 +8,7 @@ from chameleon import generation
 from chameleon.config import Config
 from chameleon.generation import bleu, greedy, meteor, meteor_jar, rouge_l
 from chameleon.hypernetwork import ChameleonHead
-from chameleon.regimes import Adapted, build
+from chameleon.model import Adapted, build
 
 PROMPT = torch.tensor([464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13])  # "The quick brown fox ..."
 

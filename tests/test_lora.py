@@ -6,7 +6,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from chameleon.lora import FLAVOUR, LoRA, add_lora, freeze, scaling, trainable_parameters
+from chameleon.lora import LoRA, add_lora, freeze, scaling, trainable_parameters
 
 
 def base_parameters(model):
@@ -24,10 +24,20 @@ def test_head_lora_counts_match_the_paper_and_keep_the_tie():
     assert base_parameters(model) == 124_439_808
 
 
-def test_scaling_and_protocol_map():
-    assert scaling("paper", 2.0, 4) == 2.0
-    assert scaling("standard", 2.0, 4) == 0.5
-    assert FLAVOUR == {"paper": "paper", "causal": "standard"}
+def test_the_paper_flavour_scales_by_alpha_and_standard_by_alpha_over_rank():
+    torch.manual_seed(0)
+    layer, x = nn.Linear(6, 5), torch.randn(3, 6)
+    updates = {}
+    for flavour in ("paper", "standard"):
+        lora = LoRA(layer, rank=4, alpha=2.0, flavour=flavour, generator=0)
+        with torch.no_grad():
+            lora.A.copy_(torch.ones(4, 6))
+            lora.B.copy_(torch.ones(5, 4))
+            updates[flavour] = lora(x) - layer(x)
+    assert torch.allclose(updates["paper"], 2.0 * x.sum(1, keepdim=True) * 4 * torch.ones(3, 5), rtol=1e-5)
+    assert torch.allclose(updates["paper"], 4 * updates["standard"], rtol=1e-5)  # alpha vs alpha / r, r = 4
+    with pytest.raises(ValueError, match="unknown LoRA flavour"):
+        scaling("qlora", 1.0, 4)
 
 
 def test_bad_arguments_raise(tiny_gpt2):

@@ -10,12 +10,12 @@ import re
 import matplotlib
 import numpy as np
 import pandas as pd
-import pytest
 
 matplotlib.use("Agg")
 
 from chameleon import plots  # noqa: E402
-from chameleon.notebooks import adapter_stats, cluster_examples, notebook_paths  # noqa: E402
+from chameleon.hypernetwork import adapter_stats  # noqa: E402
+from chameleon.notebooks import cluster_examples, notebook_paths  # noqa: E402
 
 
 def test_notebooks_are_numbered_and_have_one_parameters_cell():
@@ -102,7 +102,7 @@ def test_generations_line_up_the_runs_of_each_example():
 def test_scored_tokens_causal_scores_the_response_paper_the_last_position():
     from chameleon.backbones import load_backbone
     from chameleon.config import Config
-    from chameleon.notebooks import scored_tokens
+    from chameleon.objectives import scored_tokens
 
     cfg = Config.from_profile("smoke")
     _, tok = load_backbone(cfg.backbone, seed=0, cache_dir=cfg.cache_dir)

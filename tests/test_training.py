@@ -2,13 +2,13 @@
 import math
 
 import pytest
-import torch
 
 from chameleon import Config
 from chameleon import training
 from chameleon.__main__ import main
 from chameleon.backbones import load_backbone
-from chameleon.config import REGIMES
+from chameleon.regimes import REGIMES
+from chameleon.runs import run_dir
 from chameleon.training import TrainingDiverged, train
 
 
@@ -77,18 +77,18 @@ def test_resume_reaches_the_same_final_numbers(tmp_path, monkeypatch):
 
 def test_nan_loss_stops_with_the_step_named_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     cfg = tiny(tmp_path, regime="lora", epochs=2)
-    saved, save, loss_sum = [], training._save_checkpoint, training.objectives.loss_sum
+    saved, save, loss_sum = [], training.save_checkpoint, training.objectives.loss_sum
 
     def saving(*args):  # the loss turns NaN once epoch 1 is checkpointed
         save(*args)
         saved.append(1)
 
-    monkeypatch.setattr(training, "_save_checkpoint", saving)
+    monkeypatch.setattr(training, "save_checkpoint", saving)
     monkeypatch.setattr(training.objectives, "loss_sum",
                         lambda logits, target: loss_sum(logits, target) * (math.nan if saved else 1.0))
     with pytest.raises(TrainingDiverged, match=r"epoch 2, step \d+"):
         train(cfg, progress=False)
-    assert (training.run_dir(cfg) / "checkpoint.safetensors").exists()
+    assert (run_dir(cfg) / "checkpoint.safetensors").exists()
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -112,9 +112,9 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, overrides, message):
 
 def test_cli_train_writes_its_results_folder(tmp_path, capsys):
     args = ["train", "--profile", "smoke", "--backbone", "gpt2-tiny", "--regime", "chameleon", "--protocol", "causal",
-            "--epochs", "1"]
-    cfg = Config.from_profile("smoke", backbone="gpt2-tiny", regime="chameleon", protocol="causal", epochs=1)
-    out = training.run_dir(cfg)
+            "--epochs", "1", "--data-dir", str(tmp_path), "--results-dir", str(tmp_path / "results")]
+    cfg = tiny(tmp_path, regime="chameleon", protocol="causal", epochs=1)
+    out = run_dir(cfg)
     assert main(args) == 0
     assert (out / "metrics.json").exists() and (out / "metrics.csv").exists()
     assert "val perplexity" in capsys.readouterr().out

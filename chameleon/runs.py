@@ -1,0 +1,130 @@
+"""A run's life on disk: its name and folder, its checkpoint, and its row in a results table.
+
+    results/<profile>/<task>/runs/<regime>-<protocol>-<conditioning>-seed<S>-<hash>/
+        config.json                the Config of the run
+        metrics.json, metrics.csv  train / validation loss and perplexity per epoch; "finished" once done
+        checkpoint.safetensors     trainable weights and AdamW state after the last epoch
+
+The hash covers everything that changes the result (the whole Config and a fingerprint of the
+data source), so a finished run is read back instead of retrained, and a changed setting never
+reads a stale one.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from chameleon.config import Config
+from chameleon.data import fingerprint
+from chameleon.embeddings import write_atomic
+from chameleon.model import build
+from chameleon.regimes import conditioning_label
+
+RUN_KEYS = ("regime", "protocol", "conditioning", "seed")  # what varies between the runs of one profile
+METRICS = ("val_loss", "val_ppl", "bleu", "rouge_l", "meteor", "seconds")  # those a run may report
+
+
+def run_name(cfg: Config) -> str:
+    """regime-protocol-conditioning-seed, and a hash of everything that changes the result."""
+    source = fingerprint(cfg.corpus if cfg.task == "lm" else cfg.instructions)
+    key = {**cfg.to_dict(), "data": source, "results_dir": None, "device": None}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cfg.regime}-{cfg.protocol}-{cfg.conditioning}-seed{cfg.seed}-{digest}"
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.results_dir) / cfg.profile / cfg.task / "runs" / run_name(cfg)
+
+
+def finished(cfg: Config) -> dict | None:
+    """The metrics of cfg's finished run, or None."""
+    path = run_dir(cfg) / "metrics.json"
+    if path.exists():
+        result = json.loads(path.read_text())
+        if result.get("finished"):
+            return result
+    return None
+
+
+def write_metrics(out: Path, result: dict) -> None:
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["epoch", "step", "train_loss", "val_loss", "val_ppl"])
+        writer.writeheader()
+        writer.writerows(result["history"])
+    write_atomic(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+
+
+def save_checkpoint(out: Path, adapted, opt, history, epoch: int, step: int, seconds: float) -> None:
+    """Trainable weights and AdamW state as safetensors, the rest as JSON (no pickle)."""
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in adapted.named_parameters() if p.requires_grad}
+    state = opt.state_dict()
+    for i, s in state["state"].items():
+        tensors.update({f"opt.{i}.{k}": v.detach().cpu().reshape(v.shape).contiguous() for k, v in s.items()})
+    meta = {"epoch": epoch, "step": step, "seconds": seconds, "history": history, "param_groups": state["param_groups"]}
+    write_atomic(out / "checkpoint.safetensors", lambda tmp: save_file(tensors, tmp))
+    write_atomic(out / "checkpoint.json", lambda tmp: Path(tmp).write_text(json.dumps(meta) + "\n"))
+
+
+def load_weights(adapted, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the checkpoint's trainable weights into `adapted` (the one loader for resume and for use)."""
+    params = dict(adapted.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if name.startswith("param."):
+                params[name[len("param."):]].copy_(value)
+
+
+def load_checkpoint(out: Path, adapted, opt):
+    """Restore weights and optimizer state; returns (history, epoch, step, seconds)."""
+    tensors, meta = load_file(out / "checkpoint.safetensors"), json.loads((out / "checkpoint.json").read_text())
+    load_weights(adapted, tensors)
+    state = {}
+    for name, value in tensors.items():
+        if name.startswith("opt."):
+            _, i, key = name.split(".", 2)
+            state.setdefault(int(i), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta["history"], meta["epoch"], meta["step"], meta["seconds"]
+
+
+def load_trained(cfg: Config, model):
+    """Build cfg's regime around `model` and load the trained weights of its finished run (eval mode)."""
+    if finished(cfg) is None:
+        raise ValueError(f"no finished run for {run_name(cfg)} in {run_dir(cfg).parent}; train it first "
+                         f"(python -m chameleon train --profile {cfg.profile} --regime {cfg.regime} ...)")
+    adapted = build(cfg, model)
+    load_weights(adapted, load_file(run_dir(cfg) / "checkpoint.safetensors"))
+    return adapted.eval()
+
+
+def finished_runs(cfg: Config) -> list[dict]:
+    """Every finished run under cfg's results folder that cfg's settings would produce with only
+    regime, protocol, conditioning and seed changed; runs of older settings are skipped."""
+    runs = []
+    for path in sorted((Path(cfg.results_dir) / cfg.profile / cfg.task / "runs").glob("*/metrics.json")):
+        result = json.loads(path.read_text())
+        keys = {k: result["config"][k] for k in RUN_KEYS}
+        if result.get("finished") and run_dir(cfg.replace(**keys)) == path.parent:
+            runs.append(result)
+    return runs
+
+
+def result_row(result: dict) -> dict:
+    """One run as a row of a results table: regime, protocol, conditioning ("-" where the regime
+    has no hypernetwork), seed, trainable_params and every metric the run reports."""
+    c = result["config"]
+    return {"regime": c["regime"], "protocol": c["protocol"], "conditioning": conditioning_label(c["regime"], c["conditioning"]),
+            "seed": c["seed"], "trainable_params": result["trainable_params"],
+            **{k: result[k] for k in METRICS if result.get(k) is not None}}
+
+
+def histories(runs: list[dict]) -> pd.DataFrame:
+    """Per-epoch history of each run, long format: regime, protocol, conditioning, seed, epoch, ..."""
+    return pd.DataFrame([{**{k: v for k, v in result_row(r).items() if k in RUN_KEYS}, **h}
+                         for r in runs for h in r["history"]])
