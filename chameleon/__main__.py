@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 import sys
 
-from chameleon.config import PROFILES, Config
+from chameleon.config import PROFILES, Config, RunFailed
 
 
 def doctor(args) -> int:
@@ -53,9 +53,9 @@ def _bool(text: str) -> bool:
 
 
 def params(args) -> int:
+    cfg = _config(args)
     from chameleon.compare import parameter_table
 
-    cfg = _config(args)
     print(f"trainable parameters on {cfg.backbone}, rank {cfg.rank} (unadapted: the backbone's total)")
     for _, row in parameter_table(cfg).iterrows():
         print(f"  {row['regime']:<15} {row['trainable_params']:>13,}")
@@ -63,9 +63,9 @@ def params(args) -> int:
 
 
 def train(args) -> int:
+    cfg = _config(args)  # before the heavy imports: a bad option is refused at once
     from chameleon.training import train as train_run, run_dir
 
-    cfg = _config(args)
     result = train_run(cfg, resume=args.resume)
     print(f"{cfg.regime} / {cfg.protocol} / {cfg.conditioning}: {result['trainable_params']:,} trainable parameters, "
           f"val loss {result['val_loss']:.4f}, val perplexity {result['val_ppl']:.4f}\nresults: {run_dir(cfg)}")
@@ -73,9 +73,9 @@ def train(args) -> int:
 
 
 def compare(args) -> int:
+    cfg = _config(args)
     from chameleon.compare import compare as compare_runs, to_markdown
 
-    cfg = _config(args)
     print(to_markdown(compare_runs(cfg, seeds=args.seeds)))
     print(f"written to {cfg.results_dir / cfg.profile / cfg.task}/compare-seeds{args.seeds}.md")
     return 0
@@ -83,10 +83,10 @@ def compare(args) -> int:
 
 def notebooks(args) -> int:
     """Run every notebook in order on the profile into runs/<profile>/, then print the results table."""
+    profile = _config(args).profile
     from chameleon.compare import to_markdown
     from chameleon.notebooks import finished_runs, run_notebooks, summary
 
-    profile = _config(args).profile
     run_notebooks(profile)
     print(to_markdown(summary(finished_runs(profile))))
     return 0
@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # bad input: one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:  # e.g. a diverged run: no result to file; other errors are bugs and keep their traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
