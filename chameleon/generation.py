@@ -159,7 +159,7 @@ def generation_metrics(adapted, split, cfg: Config, tokenizer, texts: dict | Non
     if texts is None:
         from chameleon.prepare import load_split_texts
 
-        texts = load_split_texts(cfg, split.name)
+        texts = load_split_texts(cfg, split.name, tokenizer)
     n = min(cfg.n_generate, len(split))
     conds = generation_conditions(split, cfg, n) if adapted.conditioned else None
     outputs = generate(adapted, tokenizer, texts["prompt"][:n], cfg, conds)

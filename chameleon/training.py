@@ -4,7 +4,8 @@
 
 A run lives in results/<profile>/<task>/runs/<name>/: config.json, metrics.json / .csv
 (train and validation loss and perplexity per epoch, and every eval_every steps) and
-checkpoint.safetensors (trainable weights and optimizer state after the last epoch).
+checkpoint.safetensors (trainable weights and optimizer state after the last epoch, with the
+epoch, step and history in its metadata).
 A finished run with the same configuration is read back instead of retrained; an
 interrupted one continues with resume=True and reaches the same final numbers.
 
@@ -23,22 +24,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from chameleon import objectives
 from chameleon.backbones import device as resolve_device, load_backbone
+from chameleon.cache import cached, write_atomic
 from chameleon.clustering import ClusterBatchSampler
-from chameleon.config import Config
-from chameleon.embeddings import write_atomic
+from chameleon.config import Config, RunFailed
 from chameleon.generation import generation_metrics
 from chameleon.data import fingerprint
-from chameleon.prepare import Split, prepare
+from chameleon.prepare import Split, load_split_texts, prepare
 from chameleon.regimes import Adapted, build
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class TrainingDiverged(RunFailed):
+    """The training loss became NaN or infinite, or the validation loss blew up (see
+    `_check_val_loss`); the last good checkpoint is kept and no result is written."""
 
 
 @dataclass
@@ -64,19 +70,18 @@ def scored_rows(adapted: Adapted, split: Split, cache: bool, cache_dir: Path, ch
     h = hashlib.sha256()
     for t in (adapted.model.get_input_embeddings().weight[:64], split.input_ids, split.attention, split.targets):
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    path = Path(cache_dir) / "hidden" / f"{h.hexdigest()[:20]}.safetensors"
-    if path.exists():
-        rows.hidden = load_file(path)["hidden"]
-        return rows
-    dev, parts = next(adapted.parameters()).device, []
-    with torch.inference_mode():
-        for s in tqdm(range(0, len(split), chunk), desc=f"body hidden states ({split.name})", leave=False):
-            ids, attention, target = trimmed(split, list(range(s, min(s + chunk, len(split)))))
-            out = adapted.hidden(ids.to(dev), attention.to(dev))
-            parts.append(out[(target != objectives.IGNORE).to(dev)].float().cpu())
-    rows.hidden = torch.cat(parts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: save_file({"hidden": rows.hidden}, tmp))
+
+    def compute() -> torch.Tensor:
+        dev, parts = next(adapted.parameters()).device, []
+        with torch.inference_mode():
+            for s in tqdm(range(0, len(split), chunk), desc=f"body hidden states ({split.name})", leave=False):
+                ids, attention, target = trimmed(split, list(range(s, min(s + chunk, len(split)))))
+                out = adapted.hidden(ids.to(dev), attention.to(dev))
+                parts.append(out[(target != objectives.IGNORE).to(dev)].float().cpu())
+        return torch.cat(parts)
+
+    shape = (len(rows.target), adapted.model.config.hidden_size)
+    rows.hidden = cached({"content": h.hexdigest()}, Path(cache_dir) / "hidden", compute, expect_shape=shape)
     return rows
 
 
@@ -152,10 +157,12 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         return json.loads(done.read_text())
     if out.exists() and not resume:
         print(f"{out.name}: an unfinished run is there; starting it over (pass resume=True / --resume to continue it)")
+    # what can be wrong with the corpus or the device is found before the model loads
+    dev = resolve_device(cfg.device)
+    raw = {s: load_split_texts(cfg, s) for s in ("train", "validation")}
     if model is None:
         model, tokenizer = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cfg.cache_dir)
-    dev = resolve_device(cfg.device)
-    train_split, val_split, _ = prepare(cfg, model, tokenizer)
+    train_split, val_split, _ = prepare(cfg, model, tokenizer, raw)
     adapted = build(cfg, model).to(dev)
     cache = cfg.cache_body and not adapted.blocks_adapted
     rows = {s.name: scored_rows(adapted, s, cache, cfg.cache_dir) for s in (train_split, val_split)}
@@ -165,7 +172,7 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     history, start_epoch, step, seconds = [], 0, 0, 0.0
-    if resume and (out / "checkpoint.json").exists():
+    if resume and (out / CHECKPOINT).exists():
         history, start_epoch, step, seconds = _load_checkpoint(out, adapted, opt)
     if not history:
         history.append({"epoch": 0, "step": 0, "train_loss": None, **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
@@ -183,8 +190,7 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
             loss = loss_sum / max(n, 1)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} (batch {i} of the "
-                                       f"epoch, examples {batch[:8]}...); lower lr (now {cfg.lr}). The last good "
-                                       f"checkpoint is kept in {out}")
+                                       f"epoch, examples {batch[:8]}...); " + _advice(cfg, out))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -194,10 +200,12 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
             if cfg.eval_every and step % cfg.eval_every == 0:
                 history.append({"epoch": epoch + i / len(batches), "step": step, "train_loss": loss.item(),
                                 **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
+                _check_val_loss(history, cfg, out)
                 adapted.train()
         seconds += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "step": step, "train_loss": total / max(count, 1),
                         **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
+        _check_val_loss(history, cfg, out)
         _save_checkpoint(out, adapted, opt, history, epoch + 1, step, seconds)
     result = {"config": cfg.to_dict(), "trainable_params": adapted.trainable(), "history": history,
               "val_loss": history[-1]["val_loss"], "val_ppl": history[-1]["val_ppl"],
@@ -206,6 +214,28 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         result.update(generation_metrics(adapted, val_split, cfg, tokenizer))
     _write_metrics(out, result)
     return result
+
+
+def _check_val_loss(history: list[dict], cfg: Config, out: Path) -> None:
+    """Stop a run whose validation loss has blown up, so that it is never filed as a result.
+
+    The rule: the last val loss is not finite, or exceeds max(2 * L0, L0 + 5 nats), L0 being
+    the val loss before training (epoch 0); the 5 nats keep a small L0 (0.3 under the paper
+    protocol on instructions) from tripping it. Every committed cpu run ends below L0, while a
+    too-high lr (--lr 100 on smoke) lands thousands of nats above.
+    """
+    first, last = history[0]["val_loss"], history[-1]
+    limit = max(2 * first, first + 5)
+    if not (math.isfinite(last["val_loss"]) and last["val_loss"] <= limit):
+        raise TrainingDiverged(f"val loss {last['val_loss']:.6g} at epoch {last['epoch']:.3g} (step {last['step']}) "
+                               f"exceeds {limit:.4g}, the limit set by the val loss before training ({first:.4g}): "
+                               f"the run diverged; " + _advice(cfg, out))
+
+
+def _advice(cfg: Config, out: Path) -> str:
+    where = (f"the last good checkpoint is in {out}" if (out / CHECKPOINT).exists()
+             else "no checkpoint was written")
+    return f"lower lr (now {cfg.lr}); {where}"
 
 
 def _write_metrics(out: Path, result: dict) -> None:
@@ -217,23 +247,39 @@ def _write_metrics(out: Path, result: dict) -> None:
 
 
 def _save_checkpoint(out: Path, adapted: Adapted, opt, history, epoch: int, step: int, seconds: float) -> None:
-    """Trainable weights and AdamW state as safetensors, the rest as JSON (no pickle)."""
+    """Trainable weights and AdamW state as safetensors, the rest as JSON in the same file's
+    metadata (no pickle): one file replaced atomically, so a kill can never pair the weights
+    of one epoch with the history of another."""
     tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in adapted.named_parameters() if p.requires_grad}
     state = opt.state_dict()
     for i, s in state["state"].items():
         tensors.update({f"opt.{i}.{k}": v.detach().cpu().reshape(v.shape).contiguous() for k, v in s.items()})
     meta = {"epoch": epoch, "step": step, "seconds": seconds, "history": history, "param_groups": state["param_groups"]}
-    write_atomic(out / "checkpoint.safetensors", lambda tmp: save_file(tensors, tmp))
-    write_atomic(out / "checkpoint.json", lambda tmp: Path(tmp).write_text(json.dumps(meta) + "\n"))
+    write_atomic(out / CHECKPOINT, lambda tmp: save_file(tensors, tmp, metadata={"checkpoint": json.dumps(meta)}))
 
 
 def _load_checkpoint(out: Path, adapted: Adapted, opt):
-    tensors, meta = load_file(out / "checkpoint.safetensors"), json.loads((out / "checkpoint.json").read_text())
-    params = dict(adapted.named_parameters())
+    """Restore what _save_checkpoint wrote; returns (history, epoch, step, seconds)."""
+    path, fix = out / CHECKPOINT, f"delete {out} to start over, or run without --resume (resume=False)"
+    try:
+        with safe_open(path, "pt") as f:
+            meta = (f.metadata() or {}).get("checkpoint")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if meta is None:
+            raise ValueError("it holds no run metadata (an older version of the kit wrote it)")
+        meta = json.loads(meta)
+    except (SafetensorError, OSError, ValueError) as err:  # ValueError: also bad JSON
+        raise ValueError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); {fix}") from None
+    params = {n: p for n, p in adapted.named_parameters() if p.requires_grad}
+    want = {n: tuple(p.shape) for n, p in params.items()}
+    got = {n[len("param."):]: tuple(v.shape) for n, v in tensors.items() if n.startswith("param.")}
+    if got != want:
+        bad = [f"{n}: {got.get(n, 'absent')} in the file, {want.get(n, 'absent')} in the model"
+               for n in sorted(want.keys() | got.keys()) if got.get(n) != want.get(n)]
+        raise ValueError(f"checkpoint {path} does not fit this model ({len(bad)} tensors differ, e.g. {bad[0]}); {fix}")
     with torch.no_grad():
-        for name, value in tensors.items():
-            if name.startswith("param."):
-                params[name[len("param."):]].copy_(value)
+        for name, p in params.items():
+            p.copy_(tensors[f"param.{name}"])
     state = {}
     for name, value in tensors.items():
         if name.startswith("opt."):
@@ -241,4 +287,3 @@ def _load_checkpoint(out: Path, adapted: Adapted, opt):
             state.setdefault(int(i), {})[key] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return meta["history"], meta["epoch"], meta["step"], meta["seconds"]
-
