@@ -9,7 +9,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from chameleon.config import PROFILES, Config
+from chameleon.config import PROFILES, Config, RunFailed
 
 
 def doctor(args) -> int:
@@ -54,9 +54,9 @@ def _bool(text: str) -> bool:
 
 
 def params(args) -> int:
+    cfg = _config(args)
     from chameleon.compare import parameter_table
 
-    cfg = _config(args)
     print(f"trainable parameters on {cfg.backbone}, rank {cfg.rank} (unadapted: the backbone's total)")
     for _, row in parameter_table(cfg).iterrows():
         print(f"  {row['regime']:<15} {row['trainable_params']:>13,}")
@@ -64,10 +64,10 @@ def params(args) -> int:
 
 
 def train(args) -> int:
+    cfg = _config(args)  # before the heavy imports: a bad option is refused at once
     from chameleon.runs import run_dir
     from chameleon.training import train as train_run
 
-    cfg = _config(args)
     result = train_run(cfg, resume=args.resume)
     print(f"{cfg.regime} / {cfg.protocol} / {cfg.conditioning}: {result['trainable_params']:,} trainable parameters, "
           f"val loss {result['val_loss']:.4f}, val perplexity {result['val_ppl']:.4f}\nresults: {run_dir(cfg)}")
@@ -75,9 +75,9 @@ def train(args) -> int:
 
 
 def compare(args) -> int:
+    cfg = _config(args)
     from chameleon.compare import compare as compare_runs, to_markdown
 
-    cfg = _config(args)
     print(to_markdown(compare_runs(cfg, seeds=args.seeds)))
     print(f"written to {cfg.results_dir / cfg.profile / cfg.task}/compare-seeds{args.seeds}.md")
     return 0
@@ -85,11 +85,11 @@ def compare(args) -> int:
 
 def notebooks(args) -> int:
     """Run every notebook in order on the profile into runs/<profile>/, then print the results table."""
+    cfg = _config(args)  # before the heavy imports: a bad option is refused at once
     from chameleon.compare import summary, to_markdown
     from chameleon.notebooks import run_notebooks
     from chameleon.runs import finished_runs
 
-    cfg = _config(args)
     run_notebooks(cfg.profile)
     print(to_markdown(summary(finished_runs(cfg))))
     return 0
@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # bad input: one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:  # e.g. a diverged run: no result to file; other errors are bugs and keep their traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

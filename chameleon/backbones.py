@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,8 +84,14 @@ def _load_pretrained(name: str):
 def _load_smollm2(cache_dir: Path):
     gguf = ASSETS["smollm2"].require()
     copy = cache_dir / "models" / f"smollm2-{_sha256(gguf)[:16]}"
-    if not (copy / "model.safetensors").is_file():
-        _convert_gguf(gguf, copy)
+    if (copy / "model.safetensors").is_file():
+        try:
+            return AutoModelForCausalLM.from_pretrained(copy), AutoTokenizer.from_pretrained(copy)
+        except Exception as err:  # a truncated or damaged copy: it is only a cache, so convert again
+            warnings.warn(f"the converted SmolLM2 copy in {copy} is unreadable ({type(err).__name__}: {err}); "
+                          f"converting the GGUF file again", stacklevel=2)
+            shutil.rmtree(copy, ignore_errors=True)
+    _convert_gguf(gguf, copy)
     return AutoModelForCausalLM.from_pretrained(copy), AutoTokenizer.from_pretrained(copy)
 
 
@@ -119,6 +126,8 @@ def device(name: str = "auto") -> torch.device:
     """"auto" picks CUDA when present, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no CUDA GPU; use device='auto' or 'cpu'")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but torch sees no CUDA GPU; use device='auto' or 'cpu'")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device='mps' but torch sees no Apple GPU; use device='auto' or 'cpu'")
     return torch.device(name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class Config:
     max_new_tokens: int = 100  # greedy generation length for BLEU / ROUGE-L
     n_generate: int = 32  # validation examples generated for the metrics
     # --- where things go ---
-    device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:N" or "mps"
     profile: str = "default"  # name of the profile this config came from; results are filed under it
     data_dir: Path = field(default=ROOT / "data")  # data/cache holds converted models, embeddings, hidden states
     results_dir: Path = field(default=ROOT / "results")  # results/<profile>/<task>/<run>/ for every run
@@ -82,12 +83,24 @@ class Config:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid here; choose one of {list(allowed)}")
-        for name in ("rank", "batch_size", "epochs", "max_length"):
+        for name in ("rank", "batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.max_length < 2:  # one token has no next token to predict
+            raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}")
+        if self.n_clusters is not None and self.n_clusters < 1:
+            raise ValueError(f"n_clusters must be a positive integer (or None: N // batch_size), got {self.n_clusters}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ValueError(f"device={self.device!r} is not valid here; "
+                             "choose 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         if self.conditioning == "prefix" and not 1 <= self.prefix_tokens < self.max_length - 1:
             raise ValueError(f"prefix_tokens={self.prefix_tokens} must lie in [1, max_length - 1)")
         return self
+
+
+class RunFailed(RuntimeError):
+    """A run stopped for a reason the user can act on (e.g. training.TrainingDiverged). Defined
+    here, free of torch, so that the command line can print it as one line."""
 
 
 TASKS = ("lm", "instructions")

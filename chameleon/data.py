@@ -43,7 +43,7 @@ def load_lm_corpus(name: str = "wiki") -> DatasetDict:
         return ds.filter(lambda r: bool(r["text"].strip()))
     rows = _read_local(name, "a corpus name ('wiki', 'wikitext-2-raw-v1')")
     if rows is None:  # plain text: one example per non-empty line
-        rows = [{"text": line.strip()} for line in Path(name).read_text().splitlines()]
+        rows = [{"text": line.strip()} for line in _read_text(Path(name)).splitlines()]
     texts = [str(r["text"]).strip() for r in _require_fields(rows, ("text",), name) if str(r["text"]).strip()]
     if not texts:
         raise ValueError(f"{name} holds no usable text: every example is empty; give it non-empty lines")
@@ -99,6 +99,11 @@ def _hash_split(rows: list[dict], key, name: str, fractions=(0.8, 0.1)) -> Datas
         parts["train" if u < fractions[0] else "validation" if u < sum(fractions) else "test"].append(row)
     for split, part in parts.items():
         if not part:
+            distinct = len({key(r) for r in rows})
+            if distinct < len(rows):  # duplicates share a key, so they land in one split together
+                raise ValueError(f"{name}: the {split} split is empty: its {len(rows)} examples hold only {distinct} "
+                                 f"distinct texts, and identical texts always land in the same split; give it "
+                                 f"more distinct examples (at least a few dozen)")
             raise ValueError(f"{name}: the {split} split is empty ({len(rows)} examples in all); "
                              f"give it more examples (at least a few dozen)")
     return DatasetDict({s: Dataset.from_list(p) for s, p in parts.items()})
@@ -120,17 +125,25 @@ def _read_local(name: str, what: str) -> list[dict] | None:
         raise ValueError(f"{name!r} is neither {what} nor an existing file; check the path")
     if path.suffix == ".jsonl":
         try:
-            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return [json.loads(line) for line in _read_text(path).splitlines() if line.strip()]
         except json.JSONDecodeError as err:
             raise ValueError(f"{name}: line {err.doc!r:.60} is not valid JSON; write one JSON object per line")
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        data = json.loads(_read_text(path))
         if not isinstance(data, list):
             raise ValueError(f"{name}: expected a JSON list of records, got {type(data).__name__}")
         return data
     if path.suffix == ".parquet":
         return Dataset.from_parquet(str(path)).to_list()
     return None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: byte {err.start} is not UTF-8 text ({err.reason}); the corpus must be a UTF-8 "
+                         "text file: convert it (e.g. `iconv -f latin1 -t utf-8`) or point at another file") from None
 
 
 def _require_fields(rows: list, fields: tuple[str, ...], name: str) -> list[dict]:

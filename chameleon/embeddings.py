@@ -10,17 +10,9 @@ just the mask the caller passes:
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
-from pathlib import Path
-from typing import Callable
-
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from chameleon.data import tokenize
 
@@ -83,52 +75,6 @@ def mean_embeddings(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch
         mean = total / m.sum(1, keepdim=True).clamp(min=1)
         out.append(F.normalize(mean, dim=1).cpu())
     return torch.cat(out) if out else torch.empty(0, wte.shape[1])
-
-
-def _canonical(key: dict) -> str:
-    return json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    # a crash mid-write must never leave a truncated file under the final name
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def cached_embeddings(key: dict, compute: Callable[[], torch.Tensor], cache_dir: Path) -> torch.Tensor:
-    """`compute()`, or its result stored under `key` by an earlier call.
-
-    The file name is a hash of the whole key, so a change of backbone, corpus, split,
-    max_length, protocol, kind, n or seed can never return stale embeddings.
-
-    Args:
-        key: JSON-serialisable description of what `compute` returns, e.g. dict(backbone=...,
-            corpus=..., split=..., max_length=..., protocol=..., kind="token", n=..., seed=...).
-        compute: builds the (N, d) tensor on a cache miss.
-        cache_dir: the kit's cache folder (`cfg.cache_dir`); files go in its "embeddings/".
-
-    Returns:
-        The embeddings as a CPU tensor. Stored as <hash>.safetensors with <hash>.json (the key) beside it.
-    """
-    canonical = _canonical(key)
-    folder = Path(cache_dir) / "embeddings"
-    stem = hashlib.sha256(canonical.encode()).hexdigest()[:16]
-    path = folder / f"{stem}.safetensors"
-    if path.exists():
-        return load_file(path)["embeddings"]
-    emb = compute().detach().cpu().contiguous()
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / f"{stem}.json",
-                  lambda tmp: Path(tmp).write_text(json.dumps(key, sort_keys=True, indent=2, default=str) + "\n"))
-    # the tensor file is written last: its presence means the pair is complete
-    write_atomic(path, lambda tmp: save_file({"embeddings": emb}, tmp, metadata={"key": canonical}))
-    return emb
 
 
 # --- what padding does to the embedding (notebook 01) ---

@@ -155,7 +155,7 @@ def generation_metrics(adapted, split, cfg: Config, tokenizer, texts: dict | Non
         {instruction, input, reference, output}), plus meteor_unavailable when METEOR is None.
     """
     if texts is None:
-        texts = load_split_texts(cfg, split.name)
+        texts = load_split_texts(cfg, split.name, tokenizer)
     n = min(cfg.n_generate, len(split))
     conds = generation_conditions(split, cfg, n) if adapted.conditioned else None
     outputs = generate(adapted, tokenizer, texts["prompt"][:n], cfg, conds)

@@ -9,16 +9,18 @@ authors cluster validation separately).
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from chameleon import instructions, objectives
+from chameleon.cache import cached
 from chameleon.clustering import assign, default_k, kmeans
 from chameleon.config import Config
 from chameleon.data import load_instructions, load_lm_corpus, subsample, tokenize
-from chameleon.embeddings import cached_embeddings, embedding_mask, mean_embeddings
+from chameleon.embeddings import embedding_mask, mean_embeddings
 
 
 @dataclass
@@ -36,22 +38,55 @@ class Split:
         return len(self.input_ids)
 
 
-def load_split_texts(cfg: Config, split: str) -> dict:
-    """The texts of one split, subsampled by cfg.data_seed (fixed across --seeds)."""
+def load_split_texts(cfg: Config, split: str, tokenizer=None) -> dict:
+    """The texts of one split, subsampled by cfg.data_seed (fixed across --seeds); with a
+    tokenizer, without the examples that have nothing to predict (see `drop_short`)."""
     n = cfg.max_train_examples if split == "train" else cfg.max_eval_examples
     if cfg.task == "lm":
         ds = subsample(load_lm_corpus(cfg.corpus)[split], n, cfg.data_seed)
-        return {"full": list(ds["text"])}
-    ds = subsample(load_instructions(cfg.instructions)[split], n, cfg.data_seed)
-    return instructions.texts(list(ds))
+        texts = {"full": list(ds["text"])}
+    else:
+        ds = subsample(load_instructions(cfg.instructions)[split], n, cfg.data_seed)
+        texts = instructions.texts(list(ds))
+    return texts if tokenizer is None else drop_short(texts, tokenizer, cfg, split)
 
 
-def prepare(cfg: Config, model, tokenizer) -> tuple[Split, Split, np.ndarray]:
-    """Train and validation splits and the k-means centroids (k, d) of the train split."""
-    raw = {s: load_split_texts(cfg, s) for s in ("train", "validation")}
+def drop_short(texts: dict, tokenizer, cfg: Config, split: str) -> dict:
+    """`texts` without the examples of fewer than 2 tokens (a one-word line, a lone "="): no
+    next token to predict. They are dropped with a notice, as the instruction loader drops
+    empty records, rather than refusing the corpus; every list of `texts` stays aligned."""
+    lengths = [len(ids) for ids in tokenizer(texts["full"], truncation=True, max_length=2)["input_ids"]]
+    keep = [i for i, n in enumerate(lengths) if n >= 2]
+    if len(keep) == len(lengths):
+        return texts
+    short = next(t for t, n in zip(texts["full"], lengths) if n < 2)
+    source = cfg.corpus if cfg.task == "lm" else cfg.instructions
+    warnings.warn(f"{source} ({split} split): dropped {len(lengths) - len(keep)} of {len(lengths)} examples with "
+                  f"fewer than 2 tokens (e.g. {short!r}): nothing to predict there", stacklevel=2)
+    return {name: [values[i] for i in keep] for name, values in texts.items()}
+
+
+def prepare(cfg: Config, model, tokenizer, raw: dict | None = None) -> tuple[Split, Split, np.ndarray]:
+    """Train and validation splits and the k-means centroids (k, d) of the train split.
+
+    Args:
+        raw: {"train": ..., "validation": ...} from `load_split_texts`, when the caller has
+            loaded them already (train() does, so corpus errors come before the model loads).
+    """
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and cfg.max_length > positions:
+        raise ValueError(f"max_length={cfg.max_length} exceeds the {positions} positions of backbone "
+                         f"{cfg.backbone!r}; lower max_length to {positions} or less")
+    raw = raw or {s: load_split_texts(cfg, s) for s in ("train", "validation")}
+    raw = {s: drop_short(texts, tokenizer, cfg, s) for s, texts in raw.items()}
     if cfg.batch_size > len(raw["train"]["full"]):
         raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(raw['train']['full'])} training examples; "
                          f"lower batch_size or raise max_train_examples")
+    for s, texts in raw.items():
+        if len(texts["full"]) < 2 * cfg.batch_size:  # one or two batches: a loss too noisy to compare runs by
+            warnings.warn(f"the {s} split has only {len(texts['full'])} examples, fewer than 2 batches of "
+                          f"{cfg.batch_size}; its numbers will be noisy (give more data or lower batch_size)",
+                          stacklevel=2)
     parts = {s: _encode(cfg, model, tokenizer, s, texts) for s, texts in raw.items()}
     k = cfg.n_clusters or default_k(len(parts["train"]["input_ids"]), cfg.batch_size)
     train_labels, centroids = kmeans(parts["train"]["cluster_emb"], k, cfg.seed)
@@ -80,7 +115,8 @@ def _encode(cfg: Config, model, tokenizer, split: str, texts: dict) -> dict:
             if prefix is not None:
                 mask = mask * (torch.arange(mask.shape[1]) < prefix)
             return mean_embeddings(model, e["input_ids"], mask)
-        return cached_embeddings({**key, "kind": kind}, compute, cfg.cache_dir)
+        width = model.get_input_embeddings().weight.shape[1]
+        return cached({**key, "kind": kind}, cfg.cache_dir / "embeddings", compute, expect_shape=(len(ids), width))
 
     cluster_key = "prompt" if "prompt" in texts else "full"
     cond = {"batch_mean": ("full", "full"), "shuffled": (cluster_key, cluster_key),

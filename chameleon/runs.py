@@ -3,7 +3,7 @@
     results/<profile>/<task>/runs/<regime>-<protocol>-<conditioning>-seed<S>-<hash>/
         config.json                the Config of the run
         metrics.json, metrics.csv  train / validation loss and perplexity per epoch; "finished" once done
-        checkpoint.safetensors     trainable weights and AdamW state after the last epoch
+        checkpoint.safetensors     trainable weights, AdamW state and history after the last epoch
 
 The hash covers everything that changes the result (the whole Config and a fingerprint of the
 data source), so a finished run is read back instead of retrained, and a changed setting never
@@ -18,15 +18,17 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from chameleon.cache import write_atomic
 from chameleon.config import Config
 from chameleon.data import fingerprint
-from chameleon.embeddings import write_atomic
 from chameleon.model import build
 from chameleon.regimes import conditioning_label
 
 RUN_KEYS = ("regime", "protocol", "conditioning", "seed")  # what varies between the runs of one profile
+CHECKPOINT = "checkpoint.safetensors"  # weights, optimizer state and run metadata in one file
 METRICS = ("val_loss", "val_ppl", "bleu", "rouge_l", "meteor", "seconds")  # those a run may report
 
 
@@ -61,29 +63,54 @@ def write_metrics(out: Path, result: dict) -> None:
 
 
 def save_checkpoint(out: Path, adapted, opt, history, epoch: int, step: int, seconds: float) -> None:
-    """Trainable weights and AdamW state as safetensors, the rest as JSON (no pickle)."""
+    """Trainable weights and AdamW state as safetensors, the rest as JSON in the same file's
+    metadata (no pickle): one file replaced atomically, so a kill can never pair the weights
+    of one epoch with the history of another."""
     tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in adapted.named_parameters() if p.requires_grad}
     state = opt.state_dict()
     for i, s in state["state"].items():
         tensors.update({f"opt.{i}.{k}": v.detach().cpu().reshape(v.shape).contiguous() for k, v in s.items()})
     meta = {"epoch": epoch, "step": step, "seconds": seconds, "history": history, "param_groups": state["param_groups"]}
-    write_atomic(out / "checkpoint.safetensors", lambda tmp: save_file(tensors, tmp))
-    write_atomic(out / "checkpoint.json", lambda tmp: Path(tmp).write_text(json.dumps(meta) + "\n"))
+    write_atomic(out / CHECKPOINT, lambda tmp: save_file(tensors, tmp, metadata={"checkpoint": json.dumps(meta)}))
 
 
-def load_weights(adapted, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy the checkpoint's trainable weights into `adapted` (the one loader for resume and for use)."""
-    params = dict(adapted.named_parameters())
+def read_checkpoint(out: Path, fix: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The tensors of out/checkpoint.safetensors and its run metadata (None in files of older
+    versions of the kit); an unreadable file is a ValueError that ends with `fix`."""
+    path = out / CHECKPOINT
+    try:
+        with safe_open(path, "pt") as f:
+            meta = (f.metadata() or {}).get("checkpoint")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        return tensors, None if meta is None else json.loads(meta)
+    except (SafetensorError, OSError, ValueError) as err:  # ValueError: also bad JSON
+        raise ValueError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); {fix}") from None
+
+
+def load_weights(adapted, tensors: dict[str, torch.Tensor], where: Path, fix: str) -> None:
+    """Copy a checkpoint's trainable weights into `adapted`, after checking that every name and
+    shape fits (the one loader, for resume and for using a trained run)."""
+    params = {n: p for n, p in adapted.named_parameters() if p.requires_grad}
+    want = {n: tuple(p.shape) for n, p in params.items()}
+    got = {n[len("param."):]: tuple(v.shape) for n, v in tensors.items() if n.startswith("param.")}
+    if got != want:
+        bad = [f"{n}: {got.get(n, 'absent')} in the file, {want.get(n, 'absent')} in the model"
+               for n in sorted(want.keys() | got.keys()) if got.get(n) != want.get(n)]
+        raise ValueError(f"checkpoint {where / CHECKPOINT} does not fit this model ({len(bad)} tensors differ, "
+                         f"e.g. {bad[0]}); {fix}")
     with torch.no_grad():
-        for name, value in tensors.items():
-            if name.startswith("param."):
-                params[name[len("param."):]].copy_(value)
+        for name, p in params.items():
+            p.copy_(tensors[f"param.{name}"])
 
 
 def load_checkpoint(out: Path, adapted, opt):
-    """Restore weights and optimizer state; returns (history, epoch, step, seconds)."""
-    tensors, meta = load_file(out / "checkpoint.safetensors"), json.loads((out / "checkpoint.json").read_text())
-    load_weights(adapted, tensors)
+    """Restore what save_checkpoint wrote into `adapted` and `opt`; returns (history, epoch, step, seconds)."""
+    fix = f"delete {out} to start over, or run without --resume (resume=False)"
+    tensors, meta = read_checkpoint(out, fix)
+    if meta is None:
+        raise ValueError(f"checkpoint {out / CHECKPOINT} is unreadable (it holds no run metadata: an older version "
+                         f"of the kit wrote it); {fix}")
+    load_weights(adapted, tensors, out, fix)
     state = {}
     for name, value in tensors.items():
         if name.startswith("opt."):
@@ -98,8 +125,9 @@ def load_trained(cfg: Config, model):
     if finished(cfg) is None:
         raise ValueError(f"no finished run for {run_name(cfg)} in {run_dir(cfg).parent}; train it first "
                          f"(python -m chameleon train --profile {cfg.profile} --regime {cfg.regime} ...)")
-    adapted = build(cfg, model)
-    load_weights(adapted, load_file(run_dir(cfg) / "checkpoint.safetensors"))
+    adapted, out = build(cfg, model), run_dir(cfg)
+    fix = f"delete {out} and train the run again"
+    load_weights(adapted, read_checkpoint(out, fix)[0], out, fix)
     return adapted.eval()
 
 

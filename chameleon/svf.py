@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D
 
 from chameleon.clustering import assign
-from chameleon.embeddings import write_atomic
+from chameleon.cache import write_atomic
 
 # Which submodules are adapted: a layer is a target when one of its parents has one of these names.
 # GPT-2: h.i.mlp.c_fc / c_proj, h.i.attn.c_attn / c_proj; Llama: layers.i.mlp.{gate,up,down}_proj,

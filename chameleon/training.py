@@ -4,7 +4,8 @@
 
 A run lives in results/<profile>/<task>/runs/<name>/: config.json, metrics.json / .csv
 (train and validation loss and perplexity per epoch, and every eval_every steps) and
-checkpoint.safetensors (trainable weights and optimizer state after the last epoch).
+checkpoint.safetensors (trainable weights and optimizer state after the last epoch, with the
+epoch, step and history in its metadata).
 A finished run with the same configuration is read back instead of retrained; an
 interrupted one continues with resume=True and reaches the same final numbers.
 
@@ -23,22 +24,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from chameleon import objectives
 from chameleon.backbones import device as resolve_device, load_backbone
+from chameleon.cache import cached
 from chameleon.clustering import ClusterBatchSampler, condition_batches, eval_batches
-from chameleon.config import Config
-from chameleon.embeddings import write_atomic
+from chameleon.config import Config, RunFailed
 from chameleon.generation import generation_metrics
-from chameleon.prepare import Split, prepare
 from chameleon.model import Adapted, build
-from chameleon.runs import finished, load_checkpoint, run_dir, save_checkpoint, write_metrics
+from chameleon.prepare import Split, load_split_texts, prepare
+from chameleon.runs import CHECKPOINT, finished, load_checkpoint, run_dir, save_checkpoint, write_metrics
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+class TrainingDiverged(RunFailed):
+    """The training loss became NaN or infinite, or the validation loss blew up (see
+    `_check_val_loss`); the last good checkpoint is kept and no result is written."""
 
 
 @dataclass
@@ -64,19 +66,18 @@ def scored_rows(adapted: Adapted, split: Split, cache: bool, cache_dir: Path, ch
     h = hashlib.sha256()
     for t in (adapted.model.get_input_embeddings().weight[:64], split.input_ids, split.attention, split.targets):
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    path = Path(cache_dir) / "hidden" / f"{h.hexdigest()[:20]}.safetensors"
-    if path.exists():
-        rows.hidden = load_file(path)["hidden"]
-        return rows
-    dev, parts = next(adapted.parameters()).device, []
-    with torch.inference_mode():
-        for s in tqdm(range(0, len(split), chunk), desc=f"body hidden states ({split.name})", leave=False):
-            ids, attention, target = trimmed(split, list(range(s, min(s + chunk, len(split)))))
-            out = adapted.hidden(ids.to(dev), attention.to(dev))
-            parts.append(out[(target != objectives.IGNORE).to(dev)].float().cpu())
-    rows.hidden = torch.cat(parts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: save_file({"hidden": rows.hidden}, tmp))
+
+    def compute() -> torch.Tensor:
+        dev, parts = next(adapted.parameters()).device, []
+        with torch.inference_mode():
+            for s in tqdm(range(0, len(split), chunk), desc=f"body hidden states ({split.name})", leave=False):
+                ids, attention, target = trimmed(split, list(range(s, min(s + chunk, len(split)))))
+                out = adapted.hidden(ids.to(dev), attention.to(dev))
+                parts.append(out[(target != objectives.IGNORE).to(dev)].float().cpu())
+        return torch.cat(parts)
+
+    shape = (len(rows.target), adapted.model.config.hidden_size)
+    rows.hidden = cached({"content": h.hexdigest()}, Path(cache_dir) / "hidden", compute, expect_shape=shape)
     return rows
 
 
@@ -131,10 +132,12 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         return done
     if out.exists() and not resume:
         warnings.warn(f"{out.name}: an unfinished run is there; starting it over (pass resume=True / --resume to continue it)")
+    # what can be wrong with the corpus or the device is found before the model loads
+    dev = resolve_device(cfg.device)
+    raw = {s: load_split_texts(cfg, s) for s in ("train", "validation")}
     if model is None:
         model, tokenizer = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cfg.cache_dir)
-    dev = resolve_device(cfg.device)
-    train_split, val_split, _ = prepare(cfg, model, tokenizer)
+    train_split, val_split, _ = prepare(cfg, model, tokenizer, raw)
     adapted = build(cfg, model).to(dev)
     cache = cfg.cache_body and not adapted.blocks_adapted
     rows = {s.name: scored_rows(adapted, s, cache, cfg.cache_dir) for s in (train_split, val_split)}
@@ -144,7 +147,7 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     history, start_epoch, step, seconds = [], 0, 0, 0.0
-    if resume and (out / "checkpoint.json").exists():
+    if resume and (out / CHECKPOINT).exists():
         history, start_epoch, step, seconds = load_checkpoint(out, adapted, opt)
     if not history:
         history.append({"epoch": 0, "step": 0, "train_loss": None, **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
@@ -162,8 +165,7 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
             loss = loss_sum / max(n, 1)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} (batch {i} of the "
-                                       f"epoch, examples {batch[:8]}...); lower lr (now {cfg.lr}). The last good "
-                                       f"checkpoint is kept in {out}")
+                                       f"epoch, examples {batch[:8]}...); " + _advice(cfg, out))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -173,10 +175,12 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
             if cfg.eval_every and step % cfg.eval_every == 0:
                 history.append({"epoch": epoch + i / len(batches), "step": step, "train_loss": loss.item(),
                                 **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
+                _check_val_loss(history, cfg, out)
                 adapted.train()
         seconds += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "step": step, "train_loss": total / max(count, 1),
                         **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
+        _check_val_loss(history, cfg, out)
         save_checkpoint(out, adapted, opt, history, epoch + 1, step, seconds)
     result = {"config": cfg.to_dict(), "trainable_params": adapted.trainable(), "history": history,
               "val_loss": history[-1]["val_loss"], "val_ppl": history[-1]["val_ppl"],
@@ -185,3 +189,25 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         result.update(generation_metrics(adapted, val_split, cfg, tokenizer))
     write_metrics(out, result)
     return result
+
+
+def _check_val_loss(history: list[dict], cfg: Config, out: Path) -> None:
+    """Stop a run whose validation loss has blown up, so that it is never filed as a result.
+
+    The rule: the last val loss is not finite, or exceeds max(2 * L0, L0 + 5 nats), L0 being
+    the val loss before training (epoch 0); the 5 nats keep a small L0 (0.3 under the paper
+    protocol on instructions) from tripping it. Every committed cpu run ends below L0, while a
+    too-high lr (--lr 100 on smoke) lands thousands of nats above.
+    """
+    first, last = history[0]["val_loss"], history[-1]
+    limit = max(2 * first, first + 5)
+    if not (math.isfinite(last["val_loss"]) and last["val_loss"] <= limit):
+        raise TrainingDiverged(f"val loss {last['val_loss']:.6g} at epoch {last['epoch']:.3g} (step {last['step']}) "
+                               f"exceeds {limit:.4g}, the limit set by the val loss before training ({first:.4g}): "
+                               f"the run diverged; " + _advice(cfg, out))
+
+
+def _advice(cfg: Config, out: Path) -> str:
+    where = (f"the last good checkpoint is in {out}" if (out / CHECKPOINT).exists()
+             else "no checkpoint was written")
+    return f"lower lr (now {cfg.lr}); {where}"

@@ -1,5 +1,7 @@
 """Config: profiles, task overrides and validation of every choice."""
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -64,10 +66,34 @@ def test_replace_validates():
         cfg.replace(regime="nope")
 
 
-@pytest.mark.parametrize("field", ["rank", "batch_size", "epochs", "max_length"])
+@pytest.mark.parametrize("field", ["rank", "batch_size", "epochs", "n_clusters"])
 def test_nonpositive_sizes_raise(field):
     with pytest.raises(ValueError, match=f"{field} must be a positive integer"):
         Config.from_profile("smoke", **{field: 0})
+
+
+@pytest.mark.parametrize("max_length", [0, 1])
+def test_max_length_below_two_blames_the_option(max_length):
+    with pytest.raises(ValueError, match="max_length must be at least 2 tokens"):
+        Config.from_profile("smoke", max_length=max_length, conditioning="batch_mean")
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "CPU", ""])
+def test_unknown_device_is_refused(device):
+    with pytest.raises(ValueError, match=f"device={device!r} is not valid here; choose 'auto', 'cpu', 'cuda'"):
+        Config.from_profile("smoke", device=device)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_known_devices_pass(device):
+    assert Config.from_profile("smoke", device=device).device == device
+
+
+def test_config_imports_nothing_heavy():
+    """Config errors must come at once, not after ~10 s of torch imports."""
+    code = "import sys, chameleon.config; print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.mark.parametrize("prefix_tokens", [0, 31, 40])

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from chameleon.embeddings import cached_embeddings, embedding_mask, mean_embeddings
+from chameleon.cache import cached
+from chameleon.embeddings import embedding_mask, mean_embeddings
 
 
 def slow_mean_embeddings(model, input_ids, mask, positions=False):
@@ -74,11 +75,11 @@ def test_cache(tmp_path):
 
     key = dict(backbone="gpt2-tiny", corpus="wiki", split="train", max_length=16, protocol="causal",
                kind="token", n=5, seed=0)
-    first = cached_embeddings(key, compute, tmp_path)
-    second = cached_embeddings(dict(reversed(key.items())), compute, tmp_path)  # key order is irrelevant
+    first = cached(key, tmp_path / "embeddings", compute)
+    second = cached(dict(reversed(key.items())), tmp_path / "embeddings", compute)  # key order is irrelevant
     assert len(calls) == 1 and torch.equal(first, second)
 
-    cached_embeddings({**key, "kind": "token+position"}, compute, tmp_path)
+    cached({**key, "kind": "token+position"}, tmp_path / "embeddings", compute)
     assert len(calls) == 2
     tensors = sorted((tmp_path / "embeddings").glob("*.safetensors"))
     keys = sorted((tmp_path / "embeddings").glob("*.json"))

@@ -86,7 +86,7 @@ def test_nan_loss_stops_with_the_step_named_and_keeps_the_checkpoint(tmp_path, m
     monkeypatch.setattr(training, "save_checkpoint", saving)
     monkeypatch.setattr(training.objectives, "loss_sum",
                         lambda logits, target: loss_sum(logits, target) * (math.nan if saved else 1.0))
-    with pytest.raises(TrainingDiverged, match=r"epoch 2, step \d+"):
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step \d+ .*; the last good checkpoint is in "):
         train(cfg, progress=False)
     assert (run_dir(cfg) / "checkpoint.safetensors").exists()
 
