@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -73,7 +74,7 @@ def load_instructions(name: str = "embedded") -> DatasetDict:
     kept = [{**{f: str(r.get(f) or "").strip() for f in INSTRUCTION_FIELDS}, "group": r.get("group")} for r in rows]
     kept = [r for r in kept if r["instruction"] and r["output"]]
     if len(kept) < len(rows):
-        print(f"{name}: dropped {len(rows) - len(kept)} of {len(rows)} records with an empty instruction or output")
+        warnings.warn(f"{name}: dropped {len(rows) - len(kept)} of {len(rows)} records with an empty instruction or output")
     # Identical prompts must not straddle splits: the split follows a hash of instruction + input, or of
     # the article's title for the records derived from one Wikipedia article.
     return _hash_split(kept, key=lambda r: r["group"] or r["instruction"] + "\n" + r["input"],

@@ -47,9 +47,10 @@ def test_wiki_is_deterministic(wiki):
 
 # --- the embedded chatterbot conversations ---
 
-def test_chatterbot_instructions(capsys):
-    ds = load_instructions("chatterbot")
-    out = capsys.readouterr().out
+def test_chatterbot_instructions():
+    with pytest.warns(UserWarning, match="dropped") as caught:
+        ds = load_instructions("chatterbot")
+    out = str(caught[0].message)
     assert set(ds) == set(SPLITS)
     for split in SPLITS:
         assert ds[split].column_names == ["instruction", "input", "output"]
@@ -122,16 +123,6 @@ def test_instruction_jsonl_without_output_names_the_record(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in records))
     with pytest.raises(ValueError, match=r"record 3 lacks \['output'\]"):
         load_instructions(str(path))
-
-
-def test_instruction_jsonl_drops_empty_records(tmp_path, capsys):
-    path = tmp_path / "inst.jsonl"
-    records = [{"instruction": f"Repeat the number {i}.", "input": "", "output": str(i)} for i in range(80)]
-    records += [{"instruction": "", "input": "", "output": "x"}, {"instruction": "Empty", "output": "  "}]
-    path.write_text("\n".join(json.dumps(r) for r in records))
-    ds = load_instructions(str(path))
-    assert "dropped 2 of 82 records" in capsys.readouterr().out
-    assert sum(len(ds[s]) for s in SPLITS) == 80
 
 
 def test_too_small_file_gives_an_empty_split(tmp_path):

@@ -140,10 +140,10 @@ def test_embedded_is_leak_free_and_has_inputs(embedded):
 
 # --- bad input ---
 
-def test_local_jsonl_bad_records(tmp_path, capsys):
+def test_local_jsonl_bad_records(tmp_path):
     rows = _records() + [{"instruction": "", "input": "", "output": "x"}, {"instruction": "Hi.", "output": " "}]
-    ds = load_instructions(_jsonl(tmp_path / "ok.jsonl", rows))
-    assert "dropped 2 of 82 records with an empty instruction or output" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="dropped 2 of 82 records with an empty instruction or output"):
+        ds = load_instructions(_jsonl(tmp_path / "ok.jsonl", rows))
     assert sum(len(ds[s]) for s in SPLITS) == 80
     bad = _records(5) + [{"instruction": "Hi.", "input": ""}]
     with pytest.raises(ValueError, match=r"record 5 lacks \['output'\]"):
