@@ -6,6 +6,7 @@ import pytest
 from chameleon import Config
 from chameleon import training
 from chameleon.__main__ import main
+from chameleon.compare import PAPER_TABLE
 from chameleon.backbones import load_backbone
 from chameleon.regimes import REGIMES
 from chameleon.runs import run_dir
@@ -13,15 +14,17 @@ from chameleon.training import TrainingDiverged, train
 
 
 def tiny(tmp_path, **overrides) -> Config:
+    """gpt2-tiny (GPT-2's real vocabulary and Conv1D blocks) on half the smoke data: seconds per run."""
     return Config.from_profile("smoke", backbone="gpt2-tiny", data_dir=tmp_path, results_dir=tmp_path / "results",
-                               **{"epochs": 3, **overrides})
+                               **{"epochs": 2, "max_train_examples": 32, "max_eval_examples": 16, **overrides})
 
 
 def test_params_prints_the_papers_three_numbers(capsys):
     assert main(["params", "--model", "gpt2-arch", "--rank", "4"]) == 0
     out = capsys.readouterr().out
-    for regime, count in [("unadapted", "124,439,808"), ("lora", "204,100"), ("chameleon", "6,786,596")]:
-        assert any(line.split() == [regime, count] for line in out.splitlines()), out
+    for regime, count in [("unadapted", 124_439_808), ("lora", 204_100), ("chameleon", 6_786_596)]:
+        assert PAPER_TABLE.set_index("regime").trainable_params[regime] == count  # the table we print beside ours
+        assert any(line.split() == [regime, f"{count:,}"] for line in out.splitlines()), out
 
 
 @pytest.mark.parametrize("protocol", ["paper", "causal"])
@@ -34,7 +37,7 @@ def test_every_regime_trains_and_its_loss_falls(tmp_path, regime, protocol):
         total = sum(p.numel() for p in load_backbone("gpt2-tiny")[0].parameters())
         assert len(history) == 1 and result["trainable_params"] == total
         return
-    assert len(history) == 4  # before training, then once per epoch
+    assert len(history) == 3  # before training, then once per epoch
     assert history[-1]["train_loss"] < history[1]["train_loss"]
     if protocol == "causal":  # under "paper" validation scores only 32 last positions: too few to rank
         assert history[-1]["val_loss"] < history[0]["val_loss"]
@@ -112,7 +115,8 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, overrides, message):
 
 def test_cli_train_writes_its_results_folder(tmp_path, capsys):
     args = ["train", "--profile", "smoke", "--backbone", "gpt2-tiny", "--regime", "chameleon", "--protocol", "causal",
-            "--epochs", "1", "--data-dir", str(tmp_path), "--results-dir", str(tmp_path / "results")]
+            "--epochs", "1", "--max-train-examples", "32", "--max-eval-examples", "16",
+            "--data-dir", str(tmp_path), "--results-dir", str(tmp_path / "results")]
     cfg = tiny(tmp_path, regime="chameleon", protocol="causal", epochs=1)
     out = run_dir(cfg)
     assert main(args) == 0
