@@ -18,7 +18,9 @@ from __future__ import annotations
 import torch
 
 IGNORE = -100
-CHUNK = 128  # rows per chunk: 128 x 49,152 float32 logits = 24 MiB (see benchmarks/bench_head.py)
+# Rows per chunk: 512 x 49,152 float32 logits = 96 MiB. On a loaded 2-core CPU smaller chunks were slower
+# (each chunk streams the whole 113 MB head weight again), see benchmarks/bench_head.py and BENCHMARKS.md.
+CHUNK = 512
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -33,39 +35,45 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         g_hidden = torch.empty_like(hidden) if need_hidden else None
         g_low = torch.empty_like(low) if need_low else None
-        g_B = torch.zeros(B.shape, dtype=torch.float32, device=B.device) if need_B else None
+        # B's gradient is gathered transposed, (r, V): low.T @ d runs ~4x faster on CPU than d.T @ low
+        g_Bt = torch.zeros(B.T.shape, dtype=torch.float32, device=B.device) if need_B else None
         g_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
         for s in range(0, hidden.shape[0], chunk):
             h, t = hidden[s:s + chunk], target[s:s + chunk]
             z = torch.addmm(bias, h, weight.T) if bias is not None else h @ weight.T
             if low is not None:
-                z.addmm_(low[s:s + chunk], B.T)
+                z.addmm_(low[s:s + chunk], B.T)  # in place: no second logits-sized buffer
             z = z.float()  # a no-op for a float32 head; as objectives.loss_sum, the softmax is taken in float32
             keep = t != IGNORE
             t0 = torch.where(keep, t, 0)[:, None]
-            picked = z.gather(1, t0)[:, 0]
-            if not train:  # evaluation: the per-row logsumexp is all that is needed
-                loss += ((torch.logsumexp(z, 1) - picked) * keep).sum()
+            if not train:  # evaluation: log-softmax at the targets is all that is needed
+                loss -= (torch.log_softmax(z, 1).gather(1, t0)[:, 0] * keep).sum()
                 continue
-            # z -> softmax(z) - onehot(t), in place: one chunk of logits is the only large buffer
-            m = z.amax(1, keepdim=True)
-            z.sub_(m).exp_()
-            total = z.sum(1, keepdim=True)
-            loss += ((m + total.log())[:, 0] - picked).mul(keep).sum()
-            z.div_(total)
-            z.scatter_add_(1, t0, torch.full_like(t0, -1, dtype=z.dtype))
-            z.mul_(keep[:, None])  # ignored rows contribute no gradient
-            d = z.to(dtype)  # a no-op for a float32 head
+            # softmax is one vectorised pass, faster than logsumexp + exp; the loss -log p[t] is read off it,
+            # except where p[t] is too small for float32 (a logit gap of ~70 nats), where logsumexp is exact.
+            d = torch.softmax(z, 1)
+            p = d.gather(1, t0)[:, 0]
+            rows = p.log().neg_()
+            tiny = (p < 1e-30).nonzero()[:, 0]
+            if len(tiny):
+                rows[tiny] = torch.logsumexp(z[tiny], 1) - z[tiny, t0[tiny, 0]]
+            loss += (rows * keep).sum()
+            del z
+            # d -> softmax - onehot(t), in place; ignored rows contribute nothing
+            d.scatter_add_(1, t0, torch.full_like(t0, -1, dtype=d.dtype))
+            if not keep.all():
+                d[~keep] = 0
+            dd = d.to(dtype)  # a no-op for a float32 head
             if need_hidden:
-                torch.mm(d, weight, out=g_hidden[s:s + chunk])
+                torch.mm(dd, weight, out=g_hidden[s:s + chunk])
             if need_low:
-                torch.mm(d, B, out=g_low[s:s + chunk])
+                torch.mm(dd, B, out=g_low[s:s + chunk])
             if need_B:
-                g_B.addmm_(z.T, low[s:s + chunk].float())
+                g_Bt.addmm_(low[s:s + chunk].T.float(), d)
             if need_bias:
-                g_bias += z.sum(0)
+                g_bias += d.sum(0)
         ctx.grads = (g_hidden, None if g_bias is None else g_bias.to(bias.dtype), g_low,
-                     None if g_B is None else g_B.to(B.dtype))
+                     None if g_Bt is None else g_Bt.T.contiguous().to(B.dtype))
         return loss
 
     @staticmethod

@@ -111,3 +111,14 @@ def test_a_trainable_head_weight_is_refused():
     head, hidden, target = data()
     with pytest.raises(ValueError, match="no gradient"):
         fused_loss_sum(hidden, head.weight.requires_grad_(), target)
+
+
+def test_a_target_far_below_the_top_logit_keeps_an_exact_loss():
+    head, hidden, target = data()
+    hidden = (hidden.detach() * 40).requires_grad_()  # logit gaps of hundreds of nats
+    target = (hidden @ head.weight.T).argmin(1).detach()  # p[target] underflows float32
+    want = F.cross_entropy(head(hidden), target, reduction="sum")
+    got = fused_loss_sum(hidden, head.weight, target, chunk=16)
+    assert torch.isfinite(got)
+    close(got, want)
+    close(grads(got, [hidden])[0], grads(want, [hidden])[0])
