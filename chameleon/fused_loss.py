@@ -7,11 +7,12 @@ hidden, bias, low and B (W, the frozen embedding tied to the head, gets none). A
 produced A or B get theirs from ordinary autograd through `low` and `B`.
 
 Why: on a 49k vocabulary the head dominates a head-only step, and the plain path writes and re-reads
-several logits-sized tensors (logits, log-softmax, its gradient). Here each chunk of rows is turned into
-softmax - onehot in place right after its matmul, while it is still in cache, and folded into the
-gradients at once (the approach of Liger Kernel's fused linear cross-entropy): the same matmuls as the
-plain path, one chunk of logits alive at a time. The gradients are computed in the forward pass and
-scaled by the incoming gradient in backward, so nothing is recomputed.
+several logits-sized tensors (logits, a fresh copy for the low-rank update, log-softmax, the gradients of
+both). Here each chunk of rows is turned into softmax - onehot right after its matmul (the softmax into one
+new buffer, the onehot subtracted in place) and folded into the gradients at once (the approach of Liger
+Kernel's fused linear cross-entropy): the same matmuls as the plain path, at most two chunk-sized buffers
+alive. The gradients are computed in the forward pass and scaled by the incoming gradient in backward, so
+nothing is recomputed.
 """
 from __future__ import annotations
 
