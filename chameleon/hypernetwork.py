@@ -90,6 +90,11 @@ class ChameleonHead(nn.Module):
         """The (A, B) this head would apply for `cond`; see HyperNetwork.forward for shapes."""
         return self.hyper(cond)
 
+    def factors(self, hidden: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scaling * hidden @ A.T, B) for one adapter shared by the batch (cond 1-D)."""
+        A, B = self.hyper(cond)
+        return hidden @ A.T * self.scaling, B
+
     def forward(self, hidden: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Logits of base(hidden) + scaling * (hidden @ A.T) @ B.T, never forming the d_out x d_in update.
 
@@ -98,10 +103,9 @@ class ChameleonHead(nn.Module):
             cond: (d_cond,) for one adapter shared by the whole batch (the paper), or (n, d_cond)
                 for one adapter per example, where n is hidden's first dimension.
         """
-        A, B = self.hyper(cond)
         if cond.dim() == 1:
-            return low_rank_update(self.base(hidden), hidden @ A.T * self.scaling, B)
-        # example i of hidden goes through its own A[i], B[i]
+            return low_rank_update(self.base(hidden), *self.factors(hidden, cond))
+        A, B = self.hyper(cond)  # example i of hidden goes through its own A[i], B[i]
         delta = torch.einsum("n...r,nor->n...o", torch.einsum("n...i,nri->n...r", hidden, A), B)
         return self.base(hidden) + self.scaling * delta
 

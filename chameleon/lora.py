@@ -90,8 +90,12 @@ class LoRA(nn.Module):
         self.A = nn.Parameter(A.to(device=w.device, dtype=w.dtype))
         self.B = nn.Parameter(B.to(device=w.device, dtype=w.dtype))
 
+    def factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scaling * x @ A.T, B): the update is their product, never formed as a d_out x d_in matrix."""
+        return x @ self.A.T * self.scaling, self.B
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return low_rank_update(self.base(x), x @ self.A.T * self.scaling, self.B)
+        return low_rank_update(self.base(x), *self.factors(x))
 
     def extra_repr(self) -> str:
         return f"rank={self.A.shape[0]}, scaling={self.scaling:g}"

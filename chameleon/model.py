@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from chameleon import objectives
 from chameleon.config import Config
+from chameleon.fused_loss import CHUNK, fused_loss_sum
 from chameleon.hypernetwork import ChameleonHead, HyperNetwork
 from chameleon.lora import FLAVOUR, LoRA, add_lora, dims, freeze, trainable_parameters
 from chameleon.regimes import REGIMES
@@ -38,6 +40,19 @@ class Adapted(nn.Module):
 
     def logits(self, hidden: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(hidden, cond) if self.conditioned else self.head(hidden)
+
+    def loss_sum(self, hidden: torch.Tensor, target: torch.Tensor, cond: torch.Tensor | None = None,
+                 chunk: int = CHUNK) -> torch.Tensor:
+        """Summed cross-entropy of the head's logits over rows whose target is not -100, equal to
+        objectives.loss_sum(self.logits(hidden, cond), target) but chunk by chunk (chameleon.fused_loss):
+        the (rows x vocab) logits are never formed. Per-example adapters (cond 2-D) take the plain path."""
+        base = getattr(self.head, "base", self.head)
+        if (self.conditioned and cond.dim() != 1) or not isinstance(base, nn.Linear) or base.weight.requires_grad:
+            logits = self.logits(hidden, cond)
+            return objectives.loss_sum(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+        low, B = (None, None) if self.head is base else \
+            self.head.factors(hidden, cond) if self.conditioned else self.head.factors(hidden)
+        return fused_loss_sum(hidden, base.weight, target, base.bias, low, B, chunk)
 
     def trainable(self) -> int:
         """Trainable parameters; for `unadapted` the backbone's total, as the paper's table reports."""

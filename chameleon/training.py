@@ -101,7 +101,7 @@ def batch_loss(adapted: Adapted, split: Split, rows: Rows, batch: list[int], con
         ids, attention, target = trimmed(split, batch)
         hidden = adapted.hidden(ids.to(dev), attention.to(dev))[(target != objectives.IGNORE).to(dev)]
     cond = split.cond_emb[cond_batch].mean(0).to(dev) if adapted.conditioned else None
-    return objectives.loss_sum(adapted.logits(hidden, cond), rows.target[idx].to(dev)), len(idx)
+    return adapted.loss_sum(hidden, rows.target[idx].to(dev), cond), len(idx)
 
 
 @torch.no_grad()

@@ -4,10 +4,11 @@ import math
 import pytest
 
 from chameleon import Config
-from chameleon import training
+from chameleon import objectives, training
 from chameleon.__main__ import main
 from chameleon.compare import PAPER_TABLE
 from chameleon.backbones import load_backbone
+from chameleon.model import Adapted
 from chameleon.regimes import REGIMES
 from chameleon.runs import run_dir
 from chameleon.training import TrainingDiverged, train
@@ -49,6 +50,22 @@ def test_cached_body_gives_the_same_losses_as_the_full_path(tmp_path, regime):
     full = train(tiny(tmp_path, regime=regime, epochs=2, cache_body=False), progress=False)
     for a, b in zip(cached["history"], full["history"], strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+
+
+@pytest.mark.parametrize("regime", ["lora", "chameleon"])
+def test_the_chunked_loss_trains_as_the_full_logits_did(tmp_path, regime, monkeypatch):
+    fused = train(tiny(tmp_path, regime=regime, epochs=2), progress=False)
+
+    def plain(self, hidden, target, cond=None):  # the loss before chameleon.fused_loss: full logits
+        return objectives.loss_sum(self.logits(hidden, cond), target)
+
+    monkeypatch.setattr(Adapted, "loss_sum", plain)
+    before = train(tiny(tmp_path, regime=regime, epochs=2).replace(results_dir=tmp_path / "plain"), progress=False)
+    for a, b in zip(fused["history"], before["history"], strict=True):
+        assert a.keys() == b.keys()
+        for key in ("train_loss", "val_loss"):
+            if b.get(key) is not None:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a, b)
 
 
 def test_a_finished_run_is_read_back_not_retrained(tmp_path, monkeypatch):

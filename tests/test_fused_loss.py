@@ -1,0 +1,124 @@
+"""The chunked LM-head loss against the trusted reference: F.cross_entropy on the full logits."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chameleon.fused_loss import fused_loss_sum
+from chameleon.hypernetwork import ChameleonHead
+from chameleon.lora import LoRA, add_lora, freeze
+from chameleon.model import Adapted
+
+V, D, M, R = 1000, 24, 70, 4  # 70 rows in chunks of 16: four full chunks and a partial one
+
+
+def close(got, want, rel=1e-5):
+    """Max abs difference within rel x the reference's largest entry (float32)."""
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= rel * want.abs().max(), (got - want).abs().max()
+
+
+def data(seed=0, bias=False, bias_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    head = nn.Linear(D, V, bias=bias)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, D, generator=g) * 0.5)
+        if bias:
+            head.bias.copy_(torch.randn(V, generator=g))
+    head.weight.requires_grad_(False)
+    if bias:
+        head.bias.requires_grad_(bias_grad)
+    hidden = torch.randn(M, D, generator=g).requires_grad_()
+    target = torch.randint(V, (M,), generator=g)
+    target[[0, 17, 33, 69]] = -100  # ignored rows, in several chunks
+    return head, hidden, target
+
+
+def grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bare_head_matches_cross_entropy(bias):
+    head, hidden, target = data(bias=bias, bias_grad=bias)
+    inputs = [hidden] + ([head.bias] if bias else [])
+    want = F.cross_entropy(head(hidden), target, reduction="sum")
+    got = fused_loss_sum(hidden, head.weight, target, head.bias, chunk=16)
+    close(got, want)
+    for a, b in zip(grads(got, inputs), grads(want, inputs), strict=True):
+        close(a, b)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("flavour", ["paper", "standard"])
+def test_lora_head_matches_cross_entropy(bias, flavour):
+    head, hidden, target = data(bias=bias)
+    lora = LoRA(head, R, alpha=2.0, flavour=flavour, generator=0)
+    with torch.no_grad():
+        lora.B.normal_(std=0.1)  # a trained-looking B, so the update matters for the loss and for grad A
+    inputs = [hidden, lora.A, lora.B]
+    want = F.cross_entropy(lora(hidden), target, reduction="sum")
+    got = fused_loss_sum(hidden, head.weight, target, head.bias, hidden @ lora.A.T * lora.scaling, lora.B, chunk=16)
+    close(got, want)
+    for a, b in zip(grads(got, inputs), grads(want, inputs), strict=True):
+        close(a, b)
+
+
+@pytest.mark.parametrize("chunk", [1, 16, 64, 1000])
+def test_chameleon_head_gives_the_hypernetwork_the_same_gradients(chunk):
+    head, hidden, target = data(bias=True)
+    torch.manual_seed(0)
+    cham = ChameleonHead(head, d_cond=8, rank=R, alpha=1.0, flavour="paper", hidden=(16, 8)).eval()
+    adapted = Adapted(nn.Identity(), cham, blocks_adapted=False)
+    cond = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    inputs = [hidden, *cham.hyper.parameters()]
+    want = F.cross_entropy(cham(hidden, cond), target, reduction="sum")
+    got = adapted.loss_sum(hidden, target, cond, chunk=chunk)
+    close(got, want)
+    for a, b in zip(grads(got, inputs), grads(want, inputs), strict=True):
+        close(a, b)
+
+
+def test_per_example_adapters_take_the_plain_path():
+    head, hidden, target = data()
+    torch.manual_seed(0)
+    cham = ChameleonHead(head, d_cond=8, rank=R, alpha=1.0, hidden=(16,)).eval()
+    adapted = Adapted(nn.Identity(), cham, blocks_adapted=False)
+    h, t, cond = hidden.detach().view(7, 10, D), target.view(7, 10), torch.randn(7, 8)
+    want = F.cross_entropy(cham(h, cond).reshape(-1, V), t.reshape(-1), reduction="sum")
+    assert adapted.loss_sum(h, t, cond) == want
+
+
+def test_gpt2_tiny_head_with_lora_through_adapted(tiny_gpt2):
+    model = freeze(tiny_gpt2)
+    add_lora(model, "head", rank=R, alpha=1.0, flavour="paper", generator=0)
+    adapted = Adapted(model, model.get_output_embeddings(), blocks_adapted=False)
+    ids = torch.randint(50_257, (3, 20), generator=torch.Generator().manual_seed(0))
+    hidden = adapted.hidden(ids, torch.ones_like(ids)).detach().reshape(-1, 32).requires_grad_()
+    target = ids.roll(-1, 1).reshape(-1)
+    target[::7] = -100
+    inputs = [hidden, adapted.head.A, adapted.head.B]
+    want = F.cross_entropy(adapted.logits(hidden), target, reduction="sum")
+    got = adapted.loss_sum(hidden, target, chunk=16)
+    close(got, want)
+    for a, b in zip(grads(got, inputs), grads(want, inputs), strict=True):
+        close(a, b)
+    with torch.no_grad():  # evaluation: the logsumexp-only path
+        close(adapted.loss_sum(hidden, target, chunk=16), want.detach())
+
+
+def test_a_trainable_head_weight_is_refused():
+    head, hidden, target = data()
+    with pytest.raises(ValueError, match="no gradient"):
+        fused_loss_sum(hidden, head.weight.requires_grad_(), target)
+
+
+def test_a_target_far_below_the_top_logit_keeps_an_exact_loss():
+    head, hidden, target = data()
+    hidden = (hidden.detach() * 40).requires_grad_()  # logit gaps of hundreds of nats
+    target = (hidden @ head.weight.T).argmin(1).detach()  # p[target] underflows float32
+    want = F.cross_entropy(head(hidden), target, reduction="sum")
+    got = fused_loss_sum(hidden, head.weight, target, chunk=16)
+    assert torch.isfinite(got)
+    close(got, want)
+    close(grads(got, [hidden])[0], grads(want, [hidden])[0])
