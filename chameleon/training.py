@@ -4,7 +4,8 @@
 
 A run lives in results/<profile>/<task>/runs/<name>/: config.json, metrics.json / .csv
 (train and validation loss and perplexity per epoch, and every eval_every steps) and
-checkpoint.safetensors (trainable weights and optimizer state after the last epoch).
+checkpoint.safetensors (trainable weights and optimizer state after the last epoch) and
+centroids.safetensors (the train split's k-means centroids, for routing at inference).
 A finished run with the same configuration is read back instead of retrained; an
 interrupted one continues with resume=True and reaches the same final numbers.
 
@@ -155,7 +156,7 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
     if model is None:
         model, tokenizer = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cfg.cache_dir)
     dev = resolve_device(cfg.device)
-    train_split, val_split, _ = prepare(cfg, model, tokenizer)
+    train_split, val_split, centroids = prepare(cfg, model, tokenizer)
     adapted = build(cfg, model).to(dev)
     cache = cfg.cache_body and not adapted.blocks_adapted
     rows = {s.name: scored_rows(adapted, s, cache, cfg.cache_dir) for s in (train_split, val_split)}
@@ -163,6 +164,8 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    # the train split's k-means centroids: serving routes new prompts to them (serving.Adapter)
+    save_file({"centroids": torch.from_numpy(centroids).contiguous()}, out / "centroids.safetensors")
 
     history, start_epoch, step, seconds = [], 0, 0, 0.0
     if resume and (out / "checkpoint.json").exists():
