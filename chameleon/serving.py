@@ -253,7 +253,7 @@ class Adapter:
         return {int(g): emb[torch.from_numpy(labels == g)].mean(0) for g in np.unique(labels)}
 
     def generate(self, prompts: list[str], max_new_tokens: int | None = None, group: str = "route",
-                 n_groups: int | None = None) -> list[Result]:
+                 n_groups: int | None = None, ignore_eos: bool = False) -> list[Result]:
         """Greedy answers to `prompts`, decoded as one batch with one adapter per group.
 
         Args:
@@ -262,12 +262,14 @@ class Adapter:
             max_new_tokens: at most this many new tokens each (None: the run's cfg.max_new_tokens).
             group: "route", "kmeans" or "single" (see the module docstring).
             n_groups: k of "kmeans" (None: ceil(len(prompts) / cfg.batch_size)).
+            ignore_eos: decode max_new_tokens for every prompt (benchmarks: equal work per variant).
         """
         if group not in GROUPINGS:
             raise ValueError(f"group={group!r} is not valid; choose one of {list(GROUPINGS)}")
         if not prompts:
             return []
         max_new_tokens = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        eos = None if ignore_eos else self.tokenizer.eos_token_id
         emb = self.embed(prompts)
         labels = self.assign_groups(emb, group, n_groups)
         conds = self.conditions(prompts, labels, emb)
@@ -275,11 +277,11 @@ class Adapter:
         index = {g: i for i, g in enumerate(ids)}
         stacked = torch.stack([conds[g] for g in ids]).to(self.device) if self.adapted.conditioned else None
         tokens = batched_greedy(self.adapted, tokenize_prompts(self.tokenizer, prompts, self.cfg.max_length),
-                                max_new_tokens, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                                max_new_tokens, eos, self.tokenizer.pad_token_id,
                                 stacked, [index[int(g)] for g in labels])
         sizes = np.bincount(labels)
         return [Result(prompt=p, text=self.tokenizer.decode(t, skip_special_tokens=True).strip(), tokens=t,
-                       group=int(g), group_size=int(sizes[g]), stopped=len(t) < max_new_tokens)
+                       group=int(g), group_size=int(sizes[g]), stopped=eos is not None and len(t) < max_new_tokens)
                 for p, t, g in zip(prompts, tokens, labels)]
 
     def adapter_bytes(self) -> dict[str, int]:
