@@ -1,4 +1,4 @@
-"""Command line: `python -m chameleon {doctor,params,train,compare,notebooks} [--profile P] [--field value ...]`.
+"""Command line: `python -m chameleon {doctor,params,train,compare,notebooks,generate} [--profile P] [--field value ...]`.
 
 Every Config field is also an option (`--regime lora --max-length 64`), applied on top of the profile.
 """
@@ -45,6 +45,17 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         kind = {"int": int, "float": float, "bool": _bool, "int | None": int, "Path": Path}.get(str(f.type), str)
         flags = ["--" + f.name.replace("_", "-")] + (["--model"] if f.name == "backbone" else [])
         parser.add_argument(*flags, dest=f.name, type=kind, default=None)
+
+
+def _add_generate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompts", nargs="*", help="prompts to answer")
+    parser.add_argument("--run", required=True, help="a finished run folder (`train` prints it)")
+    parser.add_argument("--prompts-file", help="more prompts, one per line")
+    parser.add_argument("--group", default="route", choices=["route", "kmeans", "single"],
+                        help="route: nearest training centroid; kmeans: cluster the batch; single: one group")
+    parser.add_argument("--n-groups", type=int, default=None, help="k of --group kmeans (default: n / batch_size)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's max_new_tokens")
+    parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
 
 
 def _bool(text: str) -> bool:
@@ -95,11 +106,35 @@ def notebooks(args) -> int:
     return 0
 
 
+def generate(args) -> int:
+    """Answer prompts with a trained run, one batch, one adapter per group."""
+    from pathlib import Path
+
+    from chameleon.serving import Adapter
+
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        if not Path(args.prompts_file).is_file():
+            raise ValueError(f"--prompts-file {args.prompts_file} is not a file")
+        prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompts: give them as arguments or one per line in --prompts-file")
+    adapter = Adapter.from_run(args.run, device=args.device or "auto")
+    results = adapter.generate(prompts, max_new_tokens=args.max_new_tokens, group=args.group, n_groups=args.n_groups)
+    cfg = adapter.cfg
+    print(f"{Path(args.run).name}: {cfg.regime} / {cfg.protocol} on {cfg.backbone}, {adapter.device}; "
+          f"{len(prompts)} prompts, grouping {args.group}: {len({r.group for r in results})} group(s)")
+    for r in results:
+        print(f"[group {r.group}, {r.group_size} prompt(s)] prompt: {r.prompt}\n  answer: {r.text}")
+    return 0
+
+
 COMMANDS = {"doctor": (doctor, "check torch, the device and every embedded asset"),
             "params": (params, "print the trainable parameters of every regime"),
             "train": (train, "train one regime under one protocol"),
             "compare": (compare, "train every regime under both protocols and write one table"),
-            "notebooks": (notebooks, "run notebooks/[0-9]*.ipynb in order into runs/<profile>/, print the results")}
+            "notebooks": (notebooks, "run notebooks/[0-9]*.ipynb in order into runs/<profile>/, print the results"),
+            "generate": (generate, "answer prompts with a trained run (batched, one adapter per group)")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text)
+        if name == "generate":  # the run's config.json sets everything else
+            _add_generate_options(command)
+            continue
         _add_config_options(command)
         if name == "train":
             command.add_argument("--resume", action="store_true", help="continue an interrupted run")

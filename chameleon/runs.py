@@ -4,6 +4,7 @@
         config.json                the Config of the run
         metrics.json, metrics.csv  train / validation loss and perplexity per epoch; "finished" once done
         checkpoint.safetensors     trainable weights, AdamW state and history after the last epoch
+        centroids.safetensors      the train split's k-means centroids (serving routes prompts to them)
 
 The hash covers everything that changes the result (the whole Config and a fingerprint of the
 data source), so a finished run is read back instead of retrained, and a changed setting never
@@ -12,14 +13,16 @@ reads a stale one.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from chameleon.cache import write_atomic
 from chameleon.config import Config
@@ -29,6 +32,7 @@ from chameleon.regimes import conditioning_label
 
 RUN_KEYS = ("regime", "protocol", "conditioning", "seed")  # what varies between the runs of one profile
 CHECKPOINT = "checkpoint.safetensors"  # weights, optimizer state and run metadata in one file
+CENTROIDS = "centroids.safetensors"  # the train split's k-means centroids
 METRICS = ("val_loss", "val_ppl", "bleu", "rouge_l", "meteor", "seconds")  # those a run may report
 
 
@@ -46,12 +50,50 @@ def run_dir(cfg: Config) -> Path:
 
 def finished(cfg: Config) -> dict | None:
     """The metrics of cfg's finished run, or None."""
-    path = run_dir(cfg) / "metrics.json"
+    return read_finished(run_dir(cfg))
+
+
+def read_finished(run: Path) -> dict | None:
+    """The metrics.json of a finished run folder, or None."""
+    path = Path(run) / "metrics.json"
     if path.exists():
         result = json.loads(path.read_text())
         if result.get("finished"):
             return result
     return None
+
+
+def read_config(run: Path) -> Config:
+    """A run folder's Config, from its config.json (paths and tuples restored; unknown keys ignored)."""
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{run} holds no config.json: not a run folder written by `python -m chameleon train`")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the run folder is damaged, train the run again") from None
+    fields = {f.name for f in dataclasses.fields(Config)}
+    values = {k: v for k, v in raw.items() if k in fields}
+    for k in ("data_dir", "results_dir"):
+        if k in values:
+            values[k] = Path(values[k])
+    if "hyper_hidden" in values:
+        values["hyper_hidden"] = tuple(values["hyper_hidden"])
+    try:
+        return Config(**values).validated()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path} does not describe a valid configuration ({err})") from None
+
+
+def save_centroids(out: Path, centroids: np.ndarray) -> None:
+    """The train split's k-means centroids: serving routes new prompts to them."""
+    write_atomic(out / CENTROIDS, lambda tmp: save_file({"centroids": torch.from_numpy(centroids).contiguous()}, tmp))
+
+
+def read_centroids(run: Path) -> np.ndarray | None:
+    """The centroids `train` stored in a run folder, or None (runs of older versions of the kit)."""
+    path = Path(run) / CENTROIDS
+    return load_file(path)["centroids"].numpy() if path.is_file() else None
 
 
 def write_metrics(out: Path, result: dict) -> None:
@@ -78,6 +120,8 @@ def read_checkpoint(out: Path, fix: str) -> tuple[dict[str, torch.Tensor], dict 
     """The tensors of out/checkpoint.safetensors and its run metadata (None in files of older
     versions of the kit); an unreadable file is a ValueError that ends with `fix`."""
     path = out / CHECKPOINT
+    if not path.is_file():
+        raise ValueError(f"{out} has no {CHECKPOINT}: the run never finished an epoch; {fix}")
     try:
         with safe_open(path, "pt") as f:
             meta = (f.metadata() or {}).get("checkpoint")
@@ -120,14 +164,21 @@ def load_checkpoint(out: Path, adapted, opt):
     return meta["history"], meta["epoch"], meta["step"], meta["seconds"]
 
 
-def load_trained(cfg: Config, model):
-    """Build cfg's regime around `model` and load the trained weights of its finished run (eval mode)."""
-    if finished(cfg) is None:
-        raise ValueError(f"no finished run for {run_name(cfg)} in {run_dir(cfg).parent}; train it first "
-                         f"(python -m chameleon train --profile {cfg.profile} --regime {cfg.regime} ...)")
-    adapted, out = build(cfg, model), run_dir(cfg)
-    fix = f"delete {out} and train the run again"
-    load_weights(adapted, read_checkpoint(out, fix)[0], out, fix)
+def load_trained(cfg: Config, model, run: Path | None = None):
+    """Build cfg's regime around `model` and load the trained weights of its finished run (eval mode).
+
+    Args:
+        cfg: the run's configuration (`read_config(run)` for a folder).
+        model: the backbone, loaded; it is modified (frozen, adapters attached).
+        run: the run folder; None: `run_dir(cfg)`.
+    """
+    run = Path(run) if run is not None else run_dir(cfg)
+    if read_finished(run) is None:
+        raise ValueError(f"{run} holds no finished run; train it first (python -m chameleon train --profile "
+                         f"{cfg.profile} --regime {cfg.regime} ...), or finish it with --resume")
+    adapted, fix = build(cfg, model), f"delete {run} and train the run again"
+    if any(p.requires_grad for p in adapted.parameters()):  # `unadapted` trains nothing, writes no checkpoint
+        load_weights(adapted, read_checkpoint(run, fix)[0], run, fix)
     return adapted.eval()
 
 

@@ -5,7 +5,8 @@
 A run lives in results/<profile>/<task>/runs/<name>/: config.json, metrics.json / .csv
 (train and validation loss and perplexity per epoch, and every eval_every steps) and
 checkpoint.safetensors (trainable weights and optimizer state after the last epoch, with the
-epoch, step and history in its metadata).
+epoch, step and history in its metadata) and centroids.safetensors (the train split's k-means
+centroids, for routing at inference).
 A finished run with the same configuration is read back instead of retrained; an
 interrupted one continues with resume=True and reaches the same final numbers.
 
@@ -34,7 +35,8 @@ from chameleon.config import Config, RunFailed
 from chameleon.generation import generation_metrics
 from chameleon.model import Adapted, build
 from chameleon.prepare import Split, load_split_texts, prepare
-from chameleon.runs import CHECKPOINT, finished, load_checkpoint, run_dir, save_checkpoint, write_metrics
+from chameleon.runs import (CHECKPOINT, finished, load_checkpoint, run_dir, save_centroids, save_checkpoint,
+                            write_metrics)
 
 
 
@@ -137,7 +139,7 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
     raw = {s: load_split_texts(cfg, s) for s in ("train", "validation")}
     if model is None:
         model, tokenizer = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cfg.cache_dir)
-    train_split, val_split, _ = prepare(cfg, model, tokenizer, raw)
+    train_split, val_split, centroids = prepare(cfg, model, tokenizer, raw)
     adapted = build(cfg, model).to(dev)
     cache = cfg.cache_body and not adapted.blocks_adapted
     rows = {s.name: scored_rows(adapted, s, cache, cfg.cache_dir) for s in (train_split, val_split)}
@@ -145,6 +147,7 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    save_centroids(out, centroids)
 
     history, start_epoch, step, seconds = [], 0, 0, 0.0
     if resume and (out / CHECKPOINT).exists():

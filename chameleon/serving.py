@@ -1,0 +1,294 @@
+"""Inference-time adaptation as an API: a trained run answers batches of prompts, one adapter per group.
+
+    adapter = Adapter.from_run("results/smoke/lm/runs/chameleon-causal-batch_mean-seed0-1a2b3c4d")
+    for r in adapter.generate(["The history of Rome", "Photosynthesis is"], max_new_tokens=32, group="route"):
+        print(r.group, r.text)
+
+This is the paper's inference-time clustering made usable. Each prompt is embedded as in
+training (`embeddings.mean_embeddings` of its tokens under the run's protocol's mask; the
+prompt alone, never an answer), the batch is split into groups, and a ChameleonLLM head
+applies one generated LoRA update per group:
+
+- `route`: each prompt goes to its nearest training centroid (`clustering.assign`), as
+  `prepare` routes validation examples; prompts of one cluster form a group.
+- `kmeans`: the incoming batch is clustered by itself (k = ceil(n / cfg.batch_size), or
+  `n_groups`): the paper's inference-time clusters.
+- `single`: the whole batch is one group (the paper's "one adapter per batch").
+
+A group's conditioning vector is the mean of its prompts' embeddings, the same rule as
+`training.batch_loss` (the batch mean of the members' embeddings), not the training
+centroid: a centroid averages training texts and, under `batch_mean` conditioning, their
+continuations too. Under `prefix` conditioning only the first cfg.prefix_tokens prompt
+tokens count, as in training; `shuffled` (a training control) is served with the group's
+own vector. Regimes without a hypernetwork (`unadapted`, `lora*`) ignore the groups.
+
+Decoding is batched greedy decoding (`batched_greedy`): left-padded prompts, position ids
+counted over real tokens, the body's KV cache, ONE body forward per step for the whole
+batch, EOS stops a row (finished rows are fed padding and their output is dropped). The
+head computes the hypernetwork once per group per request, not per row or per step; rows
+are sorted by group so that each group is a contiguous segment, and each segment adds its
+own rank-r update in place (the segmented form of Punica's BGMV / S-LoRA kernels: no
+per-row gather of A and B, no (n, vocab, r) temporary). The order of the results is the
+order of the prompts.
+
+Centroids: `training.train` stores the k-means centroids of the train split in the run
+folder (centroids.safetensors). For runs trained before that, `from_run` recomputes them
+with `prepare.prepare` from the run's config: the same data subset and a seeded k-means,
+hence the same centroids (it reads the data and embeds the train split: seconds).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chameleon.backbones import device as resolve_device, load_backbone
+from chameleon.clustering import assign, kmeans
+from chameleon.config import Config
+from chameleon.embeddings import embedding_mask, mean_embeddings
+from chameleon.model import Adapted
+from chameleon.prepare import prepare
+from chameleon.runs import load_trained, read_centroids, read_config
+
+GROUPINGS = ("route", "kmeans", "single")
+
+
+@dataclass
+class Result:
+    prompt: str
+    text: str  # the decoded answer, special tokens skipped, stripped
+    tokens: list[int]  # the new token ids, EOS excluded
+    group: int  # route: the training cluster; kmeans: the cluster within this batch; single: 0
+    group_size: int  # prompts of this batch in the same group (they share one adapter)
+    stopped: bool  # True when the model chose EOS, False when max_new_tokens ran out
+
+
+class GroupedHead:
+    """The head's logits for a batch whose rows are sorted by group: one low-rank update per group.
+
+    For a ChameleonLLM head the hypernetwork runs once, on the (G, d) group vectors, giving
+    A (G, r, d_in) and B (G, d_out, r); each step then adds scaling * (h @ A[g].T) @ B[g].T to
+    the base logits of group g's contiguous rows, in place. Other heads are called as they are.
+    """
+
+    def __init__(self, adapted: Adapted, conds: torch.Tensor | None, sizes: list[int]):
+        self.adapted = adapted
+        if not adapted.conditioned:
+            return
+        if conds is None or len(conds) != len(sizes):
+            raise ValueError("a ChameleonLLM head needs one conditioning vector per group")
+        head = adapted.head
+        w = head.base.weight
+        self.A, self.B = head.generate_adapter(conds.to(w.device, w.dtype))
+        self.scaling = head.scaling
+        bounds = np.cumsum([0, *sizes]).tolist()
+        self.segments = [(g, s, e) for g, (s, e) in enumerate(zip(bounds, bounds[1:])) if e > s]
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, d_in) hidden states -> (n, vocab) logits."""
+        if not self.adapted.conditioned:
+            return self.adapted.logits(hidden)
+        out = self.adapted.head.base(hidden)
+        for g, s, e in self.segments:  # as ChameleonHead.forward with a (d,) cond, on rows s:e
+            out[s:e].addmm_(hidden[s:e] @ self.A[g].T * self.scaling, self.B[g].T)
+        return out
+
+
+@torch.no_grad()
+def batched_greedy(adapted: Adapted, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None,
+                   pad_id: int, conds: torch.Tensor | None = None, groups: list[int] | None = None) -> list[list[int]]:
+    """Greedy continuations of many prompts at once: the new token ids of each, EOS excluded.
+
+    Token for token what `generation.greedy` gives one prompt at a time with cond=conds[groups[i]].
+
+    Args:
+        adapted: a `regimes.Adapted` (any regime), in eval mode.
+        prompts: token ids of each prompt (at least one token each).
+        max_new_tokens: at most this many new tokens per prompt.
+        eos_id: a row stops when it chooses this token (None: never early).
+        pad_id: token fed to padding positions and to finished rows (never attended).
+        conds: (G, d) conditioning vector of each group; needed by a ChameleonLLM head only.
+        groups: group (0..G-1) of each prompt; None puts every prompt in group 0.
+    """
+    n = len(prompts)
+    if n == 0 or max_new_tokens < 1:
+        return [[] for _ in range(n)]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    groups = [0] * n if groups is None else list(groups)
+    dev = next(adapted.parameters()).device
+    order = sorted(range(n), key=lambda i: groups[i])  # stable: each group becomes one contiguous segment
+    G = max(groups) + 1
+    sizes = np.bincount(groups, minlength=G).tolist()
+    head = GroupedHead(adapted, conds, sizes)
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((n, width), pad_id, dtype=torch.long, device=dev)
+    mask = torch.zeros((n, width), dtype=torch.long, device=dev)
+    for row, i in enumerate(order):  # left padding: every row's last prompt token is in the last column
+        ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long, device=dev)
+        mask[row, width - len(prompts[i]):] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # real tokens count 0, 1, 2, ... as without padding
+    body, past = adapted.model.base_model, None
+    new = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    ones = torch.ones((n, 1), dtype=torch.long, device=dev)
+    steps = 0
+    for t in range(max_new_tokens):
+        out = body(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        token = head(out.last_hidden_state[:, -1]).argmax(-1)
+        token = token.masked_fill(done, pad_id)
+        new[:, t] = token
+        steps = t + 1
+        if eos_id is not None:
+            done |= token == eos_id
+            if bool(done.all()):  # one host sync per step, as Hugging Face's generate
+                break
+        ids, positions, mask = token[:, None], positions[:, -1:] + 1, torch.cat([mask, ones], 1)
+    rows = new[:, :steps].tolist()
+    result: list[list[int]] = [[] for _ in range(n)]
+    for row, i in enumerate(order):
+        tokens = rows[row]
+        result[i] = tokens[:tokens.index(eos_id)] if eos_id is not None and eos_id in tokens else tokens
+    return result
+
+
+def prompt_embeddings(model, tokenizer, prompts: list[str], cfg: Config, prefix: int | None = None) -> torch.Tensor:
+    """(N, d) mean input embedding of each prompt, as `prepare` embeds a text: its tokens (here the
+    last cfg.max_length, those decoded from) right-padded to cfg.max_length, averaged under the
+    protocol's mask (`paper`: padding included; `causal`: real tokens), L2-normalised.
+
+    Args:
+        prefix: count only the first `prefix` tokens (`prefix` conditioning).
+    """
+    L = cfg.max_length
+    dev = model.get_input_embeddings().weight.device
+    ids = torch.full((len(prompts), L), tokenizer.pad_token_id, dtype=torch.long, device=dev)
+    real = torch.zeros((len(prompts), L), dtype=torch.long, device=dev)
+    for i, p in enumerate(tokenize_prompts(tokenizer, prompts, L)):
+        ids[i, :len(p)] = torch.tensor(p, dtype=torch.long, device=dev)
+        real[i, :len(p)] = 1
+    mask = embedding_mask(real, cfg.protocol)
+    if prefix is not None:
+        mask = mask * (torch.arange(L, device=dev) < prefix)
+    return mean_embeddings(model, ids, mask)
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of each prompt, its last max_length tokens (as `generation.generate` keeps them)."""
+    ids = [tokenizer(p)["input_ids"][-max_length:] for p in prompts]
+    empty = [i for i, p in enumerate(ids) if not p]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} ({prompts[empty[0]]!r}) has no tokens; give it some text")
+    return ids
+
+
+class Adapter:
+    """A trained run ready to answer prompts: backbone + adapters + the training centroids."""
+
+    def __init__(self, adapted: Adapted, tokenizer, cfg: Config, centroids: np.ndarray | None = None):
+        self.adapted, self.tokenizer, self.cfg = adapted.eval(), tokenizer, cfg
+        self.centroids = centroids
+        self.device = next(adapted.parameters()).device
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "auto", cache_dir: str | Path | None = None) -> "Adapter":
+        """Load a finished training run (a folder written by `training.train`).
+
+        Args:
+            run_dir: the run folder (config.json, metrics.json, checkpoint.safetensors).
+            device: "auto" (CUDA when present), "cpu" or "cuda".
+            cache_dir: where the converted backbone lives; None: the run's cfg.cache_dir if it
+                holds the backbone, else the checkout's data/cache.
+        """
+        run = Path(run_dir)
+        if not run.is_dir():
+            raise ValueError(f"{run} is not a run folder; pass a folder under results/<profile>/<task>/runs/ "
+                             f"(`python -m chameleon train` prints it)")
+        cfg = read_config(run)
+        model, tokenizer = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=_backbone_cache(cfg, cache_dir))
+        adapted = load_trained(cfg, model, run).to(resolve_device(device))
+        centroids = read_centroids(run)
+        if centroids is None:  # a run of an older kit: k-means is seeded, so prepare gives the same centroids
+            centroids = prepare(cfg, adapted.model, tokenizer)[2]
+        return cls(adapted, tokenizer, cfg, centroids)
+
+    def embed(self, prompts: list[str], prefix: int | None = None) -> torch.Tensor:
+        """(N, d) CPU float32: the prompts' mean embeddings under the run's protocol (see `prompt_embeddings`)."""
+        return prompt_embeddings(self.adapted.model, self.tokenizer, prompts, self.cfg, prefix)
+
+    def assign_groups(self, emb: torch.Tensor, group: str = "route", n_groups: int | None = None) -> np.ndarray:
+        """(N,) group of each embedding under `group` ("route", "kmeans" or "single")."""
+        n = len(emb)
+        if group == "single" or n == 0:
+            return np.zeros(n, dtype=np.int64)
+        if group == "route":
+            if self.centroids is None:
+                raise ValueError("group='route' needs the training centroids, and this adapter has none; "
+                                 "use group='kmeans' or 'single'")
+            return assign(emb, self.centroids)
+        if group == "kmeans":
+            k = n_groups or math.ceil(n / self.cfg.batch_size)
+            if not 1 <= k:
+                raise ValueError(f"n_groups must be a positive integer, got {n_groups}")
+            return np.zeros(n, dtype=np.int64) if min(k, n) == 1 else kmeans(emb, min(k, n), self.cfg.seed)[0]
+        raise ValueError(f"group={group!r} is not valid; choose one of {list(GROUPINGS)}")
+
+    def conditions(self, prompts: list[str], labels: np.ndarray, emb: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Each group's conditioning vector: the mean of its prompts' conditioning embeddings."""
+        prefix = self.cfg.prefix_tokens if self.cfg.conditioning == "prefix" else None
+        if emb is None or prefix is not None:
+            emb = self.embed(prompts, prefix)
+        return {int(g): emb[torch.from_numpy(labels == g)].mean(0) for g in np.unique(labels)}
+
+    def generate(self, prompts: list[str], max_new_tokens: int | None = None, group: str = "route",
+                 n_groups: int | None = None, ignore_eos: bool = False) -> list[Result]:
+        """Greedy answers to `prompts`, decoded as one batch with one adapter per group.
+
+        Args:
+            prompts: the texts to continue (for an instruction run: the paper's prompt format,
+                `instructions.prompt(instruction, input)`).
+            max_new_tokens: at most this many new tokens each (None: the run's cfg.max_new_tokens).
+            group: "route", "kmeans" or "single" (see the module docstring).
+            n_groups: k of "kmeans" (None: ceil(len(prompts) / cfg.batch_size)).
+            ignore_eos: decode max_new_tokens for every prompt (benchmarks: equal work per variant).
+        """
+        if group not in GROUPINGS:
+            raise ValueError(f"group={group!r} is not valid; choose one of {list(GROUPINGS)}")
+        if not prompts:
+            return []
+        max_new_tokens = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        eos = None if ignore_eos else self.tokenizer.eos_token_id
+        emb = self.embed(prompts)
+        labels = self.assign_groups(emb, group, n_groups)
+        conds = self.conditions(prompts, labels, emb)
+        ids = list(conds)  # the groups present, relabelled 0..G-1 for the decoder
+        index = {g: i for i, g in enumerate(ids)}
+        stacked = torch.stack([conds[g] for g in ids]).to(self.device) if self.adapted.conditioned else None
+        tokens = batched_greedy(self.adapted, tokenize_prompts(self.tokenizer, prompts, self.cfg.max_length),
+                                max_new_tokens, eos, self.tokenizer.pad_token_id,
+                                stacked, [index[int(g)] for g in labels])
+        sizes = np.bincount(labels)
+        return [Result(prompt=p, text=self.tokenizer.decode(t, skip_special_tokens=True).strip(), tokens=t,
+                       group=int(g), group_size=int(sizes[g]), stopped=eos is not None and len(t) < max_new_tokens)
+                for p, t, g in zip(prompts, tokens, labels)]
+
+    def adapter_bytes(self) -> dict[str, int]:
+        """Memory of the adapters: bytes of the trained tensors (LoRA's A and B; for `chameleon` the
+        hypernetwork), and of the A and B generated for one group (`chameleon` only)."""
+        trained = sum(p.numel() * p.element_size() for p in self.adapted.parameters() if p.requires_grad)
+        per_group = 0
+        if self.adapted.conditioned:
+            h = self.adapted.head.hyper
+            per_group = h.rank * (h.d_in + h.d_out) * self.adapted.head.base.weight.element_size()
+        return {"trained": trained, "per_group": per_group}
+
+
+def _backbone_cache(cfg: Config, cache_dir) -> Path | None:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return cfg.cache_dir if (cfg.cache_dir / "models").is_dir() else None
