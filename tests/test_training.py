@@ -97,15 +97,14 @@ def test_resume_reaches_the_same_final_numbers(tmp_path, monkeypatch):
 
 def test_nan_loss_stops_with_the_step_named_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     cfg = tiny(tmp_path, regime="lora", epochs=2)
-    saved, save, loss_sum = [], training.save_checkpoint, training.objectives.loss_sum
+    saved, save, loss_sum = [], training.save_checkpoint, Adapted.loss_sum
 
     def saving(*args):  # the loss turns NaN once epoch 1 is checkpointed
         save(*args)
         saved.append(1)
 
     monkeypatch.setattr(training, "save_checkpoint", saving)
-    monkeypatch.setattr(training.objectives, "loss_sum",
-                        lambda logits, target: loss_sum(logits, target) * (math.nan if saved else 1.0))
+    monkeypatch.setattr(Adapted, "loss_sum", lambda self, *args: loss_sum(self, *args) * (math.nan if saved else 1.0))
     with pytest.raises(TrainingDiverged, match=r"epoch 2, step \d+ .*; the last good checkpoint is in "):
         train(cfg, progress=False)
     assert (run_dir(cfg) / "checkpoint.safetensors").exists()
