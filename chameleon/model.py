@@ -84,6 +84,11 @@ def matched_rank(cfg: Config, model: nn.Module) -> int:
     return max(1, round(trainable_parameters(hyper) / (d_in + d_out)))
 
 
+def svf_parameters(model: nn.Module) -> int:
+    """Trainable parameters of one SVF expert: min(out, in) per adapted MLP matrix (51,840 on SmolLM2-135M)."""
+    return sum(min(svf_lib.matrix(layer).shape) for layer in svf_lib.target_layers(model, "mlp").values())
+
+
 class SVFExperts(nn.Module):
     """Transformer²'s SVF experts on a frozen body: K vectors z (one per expert) over one cached SVD.
 

@@ -145,3 +145,22 @@ def test_expert_settings_name_only_expert_runs(tmp_path):
         assert run_name(tiny(tmp_path, regime=regime)) == run_name(tiny(tmp_path, regime=regime, dispatch="cem"))
     a, b = tiny(tmp_path, regime="svf_experts"), tiny(tmp_path, regime="svf_experts", dispatch="classifier")
     assert run_name(a) != run_name(b) and "-classifier-" in run_name(b)
+
+
+def test_compare_runs_the_svf_rows_beside_the_others(tmp_path):
+    from chameleon.compare import SVF_RUNS, compare
+
+    cfg = tiny(tmp_path, epochs=1)
+    assert SVF_RUNS["lm"][0] == ("svf", "batch_mean") and ("svf_experts", "classifier") in SVF_RUNS["lm"]
+    table = compare(cfg, runs=[("lora", "batch_mean"), ("svf", "batch_mean"), ("svf_experts", "classifier")],
+                    protocols=("causal",), progress=False, stem="svf-seeds1", command="the command")
+    assert list(table.conditioning) == ["-", "-", "dispatch=classifier"]
+    assert list(table.passes.fillna(1)) == [1, 1, 2]
+    markdown = (tmp_path / "results" / "smoke" / "lm" / "svf-seeds1.md").read_text()
+    assert markdown.startswith("Produced by `the command`") and "passes" in markdown
+
+
+def test_svf_parameters_of_gpt2_and_smollm2_layouts():
+    from chameleon.model import svf_parameters
+
+    assert svf_parameters(load_backbone("gpt2-arch")[0]) == 12 * (768 + 768)  # c_fc (768 -> 3072), c_proj
