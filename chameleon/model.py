@@ -116,6 +116,8 @@ class SVFExperts(nn.Module):
         self.names = self.svf.names
         prefix = model.base_model_prefix + "."
         self.keys = {n: (n[len(prefix):] if n.startswith(prefix) else n) + ".weight" for n in self.names}
+        for key in self.keys.values():  # a name that missed the body would be ignored by functional_call: refuse it
+            model.base_model.get_parameter(key)
         self.conv1d = {n: isinstance(model.get_submodule(n), Conv1D) for n in self.names}
         self.dtype = svf_lib.original_weight(model.get_submodule(self.names[0])).dtype
         self.experts = nn.ModuleList()
