@@ -80,8 +80,14 @@ def train(args) -> int:
     from chameleon.training import train as train_run
 
     result = train_run(cfg, resume=args.resume)
-    print(f"{cfg.regime} / {cfg.protocol} / {cfg.conditioning}: {result['trainable_params']:,} trainable parameters, "
-          f"val loss {result['val_loss']:.4f}, val perplexity {result['val_ppl']:.4f}\nresults: {run_dir(cfg)}")
+    from chameleon.regimes import conditioning_label
+
+    svf = (f" ({result['n_experts']} x {result['params_per_expert']:,} per expert, {result['passes']} pass(es) per request"
+           + (f", dispatch accuracy {result['dispatch_accuracy']:.2f}" if "dispatch_accuracy" in result else "") + ")"
+           if "params_per_expert" in result else "")
+    print(f"{cfg.regime} / {cfg.protocol} / {conditioning_label(cfg.regime, cfg.conditioning, cfg.dispatch)}: "
+          f"{result['trainable_params']:,} trainable parameters{svf}, val loss {result['val_loss']:.4f}, "
+          f"val perplexity {result['val_ppl']:.4f}, {result['seconds']:.0f} s of training\nresults: {run_dir(cfg)}")
     return 0
 
 

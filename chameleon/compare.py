@@ -11,7 +11,7 @@ import pandas as pd
 
 from chameleon.backbones import load_backbone
 from chameleon.config import PROTOCOLS, Config
-from chameleon.model import build
+from chameleon.model import build, svf_parameters
 from chameleon.regimes import REGIMES
 from chameleon.runs import METRICS, result_row
 from chameleon.training import train
@@ -23,22 +23,30 @@ PAPER_TABLE = pd.DataFrame([
     {"regime": "chameleon", "trainable_params": 6_786_596, "val_loss": 0.3753, "val_ppl": 1.4554},
 ])
 
-# (regime, conditioning) pairs of a comparison: every regime, and the conditioning controls.
+# (regime, conditioning) pairs of a comparison: every regime, and the conditioning controls. For the SVF
+# experts (Transformer²) the second element is the dispatch instead (`Config.dispatch`); `svf` reads neither.
 RUNS = {
     "lm": [("unadapted", "batch_mean"), ("lora", "batch_mean"), ("lora_matched", "batch_mean"),
            ("chameleon", "batch_mean"), ("chameleon", "prefix"), ("chameleon", "shuffled"),
-           ("lora_full", "batch_mean"), ("chameleon_full", "batch_mean")],
+           ("lora_full", "batch_mean"), ("chameleon_full", "batch_mean"),
+           ("svf", "batch_mean"), ("svf_experts", "oracle"), ("svf_experts", "classifier"), ("svf_experts", "cem")],
     "instructions": [("unadapted", "task"), ("lora", "task"), ("lora_matched", "task"), ("chameleon", "task"),
-                     ("chameleon", "task_input"), ("chameleon", "batch_mean"), ("chameleon", "shuffled")],
+                     ("chameleon", "task_input"), ("chameleon", "batch_mean"), ("chameleon", "shuffled"),
+                     ("svf", "task"), ("svf_experts", "oracle"), ("svf_experts", "classifier")],
 }
+SVF_RUNS = {task: [r for r in runs if REGIMES[r[0]].blocks == "svf"] for task, runs in RUNS.items()}
 # Conditioning only matters to the hypernetwork; other regimes are labelled "-" in tables (regimes.conditioning_label).
 KEYS = ["regime", "protocol", "conditioning"]
 
 
 def compare(cfg: Config, seeds: int = 1, runs: list[tuple[str, str]] | None = None,
-            protocols: tuple[str, ...] = PROTOCOLS, progress: bool = True) -> pd.DataFrame:
+            protocols: tuple[str, ...] = PROTOCOLS, progress: bool = True, stem: str | None = None,
+            command: str | None = None) -> pd.DataFrame:
     """Train every (regime, conditioning) of `runs` under each protocol for seeds cfg.seed ...
     cfg.seed + seeds - 1, and write the per-run rows and the summary table.
+
+    stem names the files (default compare-seeds<N>: give another one for a subset of the runs, so the
+    full table is not overwritten); command is what the Markdown file says produced it.
 
     Returns the summary: one row per regime x protocol x conditioning with the mean and the
     standard deviation over seeds.
@@ -46,17 +54,19 @@ def compare(cfg: Config, seeds: int = 1, runs: list[tuple[str, str]] | None = No
     rows = []
     for protocol in protocols:
         for regime, conditioning in runs or RUNS[cfg.task]:
+            setting = {"dispatch": conditioning} if REGIMES[regime].experts else {"conditioning": conditioning}
             for seed in range(cfg.seed, cfg.seed + seeds):
-                run = cfg.replace(regime=regime, protocol=protocol, conditioning=conditioning, seed=seed)
+                run = cfg.replace(regime=regime, protocol=protocol, seed=seed, **setting)
                 rows.append(result_row(train(run, progress=progress)))
     per_run = pd.DataFrame(rows)
     table = summarise(per_run)
     out = Path(cfg.results_dir) / cfg.profile / cfg.task
     out.mkdir(parents=True, exist_ok=True)
-    per_run.to_csv(out / f"compare-seeds{seeds}-runs.csv", index=False)
-    table.to_csv(out / f"compare-seeds{seeds}.csv", index=False)
-    command = f"python -m chameleon compare --profile {cfg.profile} --task {cfg.task} --seeds {seeds}"
-    (out / f"compare-seeds{seeds}.md").write_text(
+    stem = stem or f"compare-seeds{seeds}"
+    per_run.to_csv(out / f"{stem}-runs.csv", index=False)
+    table.to_csv(out / f"{stem}.csv", index=False)
+    command = command or f"python -m chameleon compare --profile {cfg.profile} --task {cfg.task} --seeds {seeds}"
+    (out / f"{stem}.md").write_text(
         f"Produced by `{command}`: mean ± standard deviation over seeds {cfg.seed}..{cfg.seed + seeds - 1}; "
         f"seconds = training wall time on the machine that ran it.\n\n{to_markdown(table)}\n")
     return table
@@ -98,6 +108,9 @@ def parameter_table(cfg: Config) -> pd.DataFrame:
     rows = []
     for name, regime in REGIMES.items():
         # only regimes that adapt the blocks change the backbone itself: they get a copy
-        adapted = build(cfg.replace(regime=name), model if regime.frozen_body else copy.deepcopy(model))
-        rows.append({"regime": name, "trainable_params": adapted.trainable()})
+        if regime.blocks == "svf":  # counted without the SVD: z has min(out, in) entries per matrix, per expert
+            count = (cfg.n_experts if regime.experts else 1) * svf_parameters(model)
+        else:
+            count = build(cfg.replace(regime=name), model if regime.frozen_body else copy.deepcopy(model)).trainable()
+        rows.append({"regime": name, "trainable_params": count})
     return pd.DataFrame(rows)

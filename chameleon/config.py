@@ -38,6 +38,13 @@ class Config:
     alpha: float = 1.0  # LoRA alpha: the update is scaled by alpha (paper) or alpha / r (causal)
     hyper_hidden: tuple[int, ...] = (64, 32)  # hypernetwork hidden widths, as in the paper
     hyper_dropout: float = 0.5  # hypernetwork dropout, as in the paper
+    # --- Transformer²'s SVF experts (regimes svf, svf_experts; see chameleon.svf) ---
+    n_experts: int = 3  # svf_experts: k of the coarse k-means on the examples' cluster embeddings, one expert per group
+    dispatch: str = "oracle"  # svf_experts, first pass at evaluation: "oracle" (the batch's true group: an upper
+    # bound), "classifier" (nearest group centroid of the prompt / first prefix_tokens tokens) or "cem" (few-shot mixture)
+    cem_shots: int = 4  # cem: held-out examples of the group (from the train split) that score a mixture
+    cem_population: int = 32  # cem: candidates per iteration (the reference's 32; elite ratio 0.2)
+    cem_iters: int = 2  # cem: iterations (kept small for a CPU; every candidate rebuilds the 90 MLP matrices)
     # --- clustering ---
     n_clusters: int | None = None  # k-means k; None: N // batch_size, as in the paper
     # --- optimisation ---
@@ -83,7 +90,9 @@ class Config:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid here; choose one of {list(allowed)}")
-        for name in ("rank", "batch_size", "epochs"):
+        if self.dispatch not in DISPATCHES:
+            raise ValueError(f"dispatch={self.dispatch!r} is not valid here; choose one of {list(DISPATCHES)}")
+        for name in ("rank", "batch_size", "epochs", "n_experts", "cem_shots", "cem_population", "cem_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.max_length < 2:  # one token has no next token to predict
@@ -105,6 +114,9 @@ class RunFailed(RuntimeError):
 
 TASKS = ("lm", "instructions")
 PROTOCOLS = ("paper", "causal")
+DISPATCHES = ("oracle", "classifier", "cem")
+# Fields that only the SVF experts read: left out of other runs' names (runs.run_name), so they keep their folders.
+EXPERT_FIELDS = ("n_experts", "dispatch", "cem_shots", "cem_population", "cem_iters")
 CONDITIONINGS = {"lm": ("batch_mean", "prefix", "shuffled"),
                  "instructions": ("task", "task_input", "batch_mean", "shuffled")}
 

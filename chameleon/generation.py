@@ -57,10 +57,9 @@ def greedy(adapted, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int |
         cond: (d,) conditioning vector of a ChameleonLLM head; ignored otherwise.
     """
     dev = next(adapted.parameters()).device
-    body = adapted.model.base_model
     ids, past, new = prompt_ids.view(1, -1).to(dev), None, []
     for _ in range(max_new_tokens):
-        out = body(input_ids=ids, past_key_values=past, use_cache=True)
+        out = adapted.body(input_ids=ids, past_key_values=past, use_cache=True)
         past = out.past_key_values
         hidden = out.last_hidden_state[:, -1]  # (1, d)
         token = adapted.logits(hidden, None if cond is None else cond.to(dev, hidden.dtype)).argmax(-1)
@@ -83,11 +82,14 @@ def generation_conditions(split, cfg: Config, n: int) -> list[torch.Tensor | Non
 
 
 def generate(adapted, tokenizer, prompts: list[str], cfg: Config,
-             conds: list[torch.Tensor | None] | None = None) -> list[str]:
-    """Greedy outputs (decoded, special tokens skipped) for each prompt."""
+             conds: list[torch.Tensor | None] | None = None, route=None) -> list[str]:
+    """Greedy outputs (decoded, special tokens skipped) for each prompt; route(i), when given, is
+    called before prompt i (the SVF experts' first pass picks the expert of its batch)."""
     adapted.eval()
     outputs = []
     for i, text in enumerate(prompts):
+        if route is not None:
+            route(i)
         ids = torch.tensor(tokenizer(text)["input_ids"][-cfg.max_length:])
         cond = conds[i] if conds is not None and adapted.conditioned else None
         new = greedy(adapted, ids, cfg.max_new_tokens, tokenizer.eos_token_id, cond)
@@ -158,7 +160,9 @@ def generation_metrics(adapted, split, cfg: Config, tokenizer, texts: dict | Non
         texts = load_split_texts(cfg, split.name, tokenizer)
     n = min(cfg.n_generate, len(split))
     conds = generation_conditions(split, cfg, n) if adapted.conditioned else None
-    outputs = generate(adapted, tokenizer, texts["prompt"][:n], cfg, conds)
+    batch_of = {i: batch for batch, _ in eval_batches(split.labels, cfg.batch_size, cfg.conditioning) for i in batch}
+    outputs = generate(adapted, tokenizer, texts["prompt"][:n], cfg, conds,
+                       route=lambda i: adapted.route(split, batch_of[i]))  # dispatched as in evaluation
     refs = texts["response"][:n]
     result = {"bleu": bleu(outputs, refs), "rouge_l": rouge_l(outputs, refs), "meteor": meteor(outputs, refs), "n": n}
     if result["meteor"] is None:

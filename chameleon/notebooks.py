@@ -108,7 +108,7 @@ def generations(runs: list[dict], n: int = 3) -> pd.DataFrame:
     profile generates for the same validation examples, so rows with one `example` line up."""
     rows = []
     for r in runs:
-        cond = conditioning_label(r["config"]["regime"], r["config"]["conditioning"])
+        cond = conditioning_label(r["config"]["regime"], r["config"]["conditioning"], r["config"].get("dispatch"))
         for i, g in enumerate(r.get("generations", [])[:n]):
             rows.append({"example": i, **{k: g[k] for k in ("instruction", "input", "reference")},
                          "regime": r["config"]["regime"], "protocol": r["config"]["protocol"],

@@ -21,6 +21,7 @@ from chameleon.clustering import assign, default_k, kmeans
 from chameleon.config import Config
 from chameleon.data import load_instructions, load_lm_corpus, subsample, tokenize
 from chameleon.embeddings import embedding_mask, mean_embeddings
+from chameleon.regimes import REGIMES
 
 
 @dataclass
@@ -33,6 +34,8 @@ class Split:
     cluster_emb: torch.Tensor  # (N, d) the embedding k-means sees
     cond_emb: torch.Tensor  # (N, d) the embedding the hypernetwork's batch mean is taken over
     labels: np.ndarray  # (N,) cluster of each example
+    prompt_emb: torch.Tensor | None = None  # (N, d) what an SVF expert dispatch classifies (svf_experts only): the
+    # prompt's embedding (instructions) or the first prefix_tokens tokens' (lm)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -126,6 +129,10 @@ def _encode(cfg: Config, model, tokenizer, split: str, texts: dict) -> dict:
     else:
         kind, text_key = cond[cfg.conditioning]
         cond_emb = embed(kind, text_key)
-    return dict(input_ids=ids, attention=objectives.attention_mask(ids, real, cfg.protocol),
+    prompt_emb = None
+    if REGIMES[cfg.regime].experts:
+        prompt_emb = embed(cluster_key, cluster_key) if "prompt" in texts else \
+            embed(f"prefix{cfg.prefix_tokens}", "full", cfg.prefix_tokens)
+    return dict(input_ids=ids, attention=objectives.attention_mask(ids, real, cfg.protocol), prompt_emb=prompt_emb,
                 targets=objectives.targets(ids, real, cfg.protocol, loss_from),
                 cluster_emb=embed(cluster_key, cluster_key), cond_emb=cond_emb)

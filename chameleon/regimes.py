@@ -15,10 +15,12 @@ from dataclasses import dataclass
 class Regime:
     name: str
     head: str  # "base" (the frozen LM head), "lora" (one learned LoRA) or "hyper" (LoRA written by the hypernetwork)
-    blocks: str  # "frozen", or "lora": LoRA on every linear / Conv1D layer of the transformer blocks as well
+    blocks: str  # "frozen"; "lora": LoRA on every linear / Conv1D layer of the blocks as well; "svf": Transformer²'s
+    # SVF on the blocks' MLP matrices (their singular values rescaled by sigmoid(z), see chameleon.svf)
     colour: str  # its colour in every figure (Okabe-Ito, colour-blind safe)
     about: str  # one line for tables and the README
     matched_rank: bool = False  # head LoRA rank chosen so that its parameters match the hypernetwork's
+    experts: bool = False  # svf: one expert per coarse group of the data (cfg.n_experts), picked per batch by cfg.dispatch
 
     @property
     def conditioned(self) -> bool:
@@ -29,6 +31,11 @@ class Regime:
     def frozen_body(self) -> bool:
         """Nothing in the transformer blocks trains: the body's hidden states can be computed once."""
         return self.blocks == "frozen"
+
+    @property
+    def passes(self) -> int:
+        """Forward passes per request at inference: 2 when a first pass picks the expert (Transformer²'s dispatch)."""
+        return 2 if self.experts else 1
 
 
 REGIMES: dict[str, Regime] = {r.name: r for r in [
@@ -41,9 +48,17 @@ REGIMES: dict[str, Regime] = {r.name: r for r in [
     Regime("chameleon_full", "hyper", "lora", "#D55E00", "LoRA on every block layer + the hypernetwork head"),
     Regime("lora_matched", "lora", "frozen", "#009E73",
            "head LoRA with as many parameters as `chameleon`: the fair baseline the paper lacks", matched_rank=True),
+    Regime("svf", "base", "svf", "#CC79A7",
+           "Transformer²'s SVF: one expert z rescales the singular values of every MLP matrix, trained on all data"),
+    Regime("svf_experts", "base", "svf", "#000000",
+           "Transformer²: one SVF expert per coarse k-means group, chosen per batch by a first pass (cfg.dispatch)",
+           experts=True),
 ]}
 
 
-def conditioning_label(regime: str, conditioning: str) -> str:
-    """The conditioning as results tables show it: "-" for regimes without a hypernetwork."""
+def conditioning_label(regime: str, conditioning: str, dispatch: str | None = None) -> str:
+    """The conditioning as results tables show it: "-" for regimes without a hypernetwork; for
+    SVF experts, how the expert is dispatched ("dispatch=oracle", ...)."""
+    if REGIMES[regime].experts:
+        return f"dispatch={dispatch or 'oracle'}"
     return conditioning if REGIMES[regime].conditioned else "-"

@@ -25,23 +25,27 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from chameleon.cache import write_atomic
-from chameleon.config import Config
+from chameleon.config import EXPERT_FIELDS, Config
 from chameleon.data import fingerprint
 from chameleon.model import build
-from chameleon.regimes import conditioning_label
+from chameleon.regimes import REGIMES, conditioning_label
 
-RUN_KEYS = ("regime", "protocol", "conditioning", "seed")  # what varies between the runs of one profile
+RUN_KEYS = ("regime", "protocol", "conditioning", "dispatch", "seed")  # what varies between the runs of one profile
 CHECKPOINT = "checkpoint.safetensors"  # weights, optimizer state and run metadata in one file
 CENTROIDS = "centroids.safetensors"  # the train split's k-means centroids
-METRICS = ("val_loss", "val_ppl", "bleu", "rouge_l", "meteor", "seconds")  # those a run may report
+METRICS = ("val_loss", "val_ppl", "bleu", "rouge_l", "meteor", "seconds",  # those a run may report
+           "passes", "dispatch_accuracy")  # SVF: forward passes per request; classifier == oracle share of batches
 
 
 def run_name(cfg: Config) -> str:
     """regime-protocol-conditioning-seed, and a hash of everything that changes the result."""
     source = fingerprint(cfg.corpus if cfg.task == "lm" else cfg.instructions)
     key = {**cfg.to_dict(), "data": source, "results_dir": None, "device": None}
+    if not REGIMES[cfg.regime].experts:  # settings it never reads: every older run keeps its name
+        key = {k: v for k, v in key.items() if k not in EXPERT_FIELDS}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{cfg.regime}-{cfg.protocol}-{cfg.conditioning}-seed{cfg.seed}-{digest}"
+    condition = cfg.dispatch if REGIMES[cfg.regime].experts else cfg.conditioning
+    return f"{cfg.regime}-{cfg.protocol}-{condition}-seed{cfg.seed}-{digest}"
 
 
 def run_dir(cfg: Config) -> Path:
@@ -188,7 +192,7 @@ def finished_runs(cfg: Config) -> list[dict]:
     runs = []
     for path in sorted((Path(cfg.results_dir) / cfg.profile / cfg.task / "runs").glob("*/metrics.json")):
         result = json.loads(path.read_text())
-        keys = {k: result["config"][k] for k in RUN_KEYS}
+        keys = {k: result["config"][k] for k in RUN_KEYS if k in result["config"]}
         if result.get("finished") and run_dir(cfg.replace(**keys)) == path.parent:
             runs.append(result)
     return runs
@@ -198,7 +202,7 @@ def result_row(result: dict) -> dict:
     """One run as a row of a results table: regime, protocol, conditioning ("-" where the regime
     has no hypernetwork), seed, trainable_params and every metric the run reports."""
     c = result["config"]
-    return {"regime": c["regime"], "protocol": c["protocol"], "conditioning": conditioning_label(c["regime"], c["conditioning"]),
+    return {"regime": c["regime"], "protocol": c["protocol"], "conditioning": conditioning_label(c["regime"], c["conditioning"], c.get("dispatch")),
             "seed": c["seed"], "trainable_params": result["trainable_params"],
             **{k: result[k] for k in METRICS if result.get(k) is not None}}
 

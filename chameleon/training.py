@@ -96,6 +96,7 @@ def trimmed(split: Split, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor,
 def batch_loss(adapted: Adapted, split: Split, rows: Rows, batch: list[int], cond_batch: list[int],
                dev: torch.device) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the batch's scored positions, and how many there are."""
+    adapted.route(split, batch)  # SVF experts: the batch's expert (a no-op for the other regimes)
     idx = rows.index(batch)
     if rows.hidden is not None:
         hidden = rows.hidden[idx].to(dev)
@@ -141,6 +142,7 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         model, tokenizer = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cfg.cache_dir)
     train_split, val_split, centroids = prepare(cfg, model, tokenizer, raw)
     adapted = build(cfg, model).to(dev)
+    adapted.bind(train_split, val_split)  # SVF experts: their groups and dispatch (a no-op for the other regimes)
     cache = cfg.cache_body and not adapted.blocks_adapted
     rows = {s.name: scored_rows(adapted, s, cache, cfg.cache_dir) for s in (train_split, val_split)}
     params = [p for p in adapted.parameters() if p.requires_grad]
@@ -187,7 +189,7 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         save_checkpoint(out, adapted, opt, history, epoch + 1, step, seconds)
     result = {"config": cfg.to_dict(), "trainable_params": adapted.trainable(), "history": history,
               "val_loss": history[-1]["val_loss"], "val_ppl": history[-1]["val_ppl"],
-              "seconds": round(seconds, 2), "finished": True}
+              "seconds": round(seconds, 2), "finished": True, **adapted.report()}
     if cfg.task == "instructions":  # BLEU / ROUGE-L / METEOR of greedy outputs on the first n_generate examples
         result.update(generation_metrics(adapted, val_split, cfg, tokenizer))
     write_metrics(out, result)

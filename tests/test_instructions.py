@@ -160,10 +160,11 @@ def fast_data(monkeypatch, embedded):
 
 
 @pytest.mark.parametrize("regime, conditioning", [("unadapted", "task"), ("lora", "task"), ("chameleon", "task"),
-                                                  ("chameleon", "task_input"), ("lora_matched", "task")])
+                                                  ("chameleon", "task_input"), ("lora_matched", "task"),
+                                                  ("svf", "task"), ("svf_experts", "task")])
 def test_instruction_regimes_train_and_generate(tmp_path, fast_data, regime, conditioning):
     cfg = _cfg(tmp_path, regime=regime, conditioning=conditioning, protocol="causal", max_train_examples=48,
-               max_new_tokens=8, n_generate=3)
+               max_new_tokens=8, n_generate=3, **({"dispatch": "classifier"} if regime == "svf_experts" else {}))
     result = train(cfg, progress=False)
     history = result["history"]
     assert all(math.isfinite(h["val_loss"]) for h in history)
