@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pandas as pd
+from scipy import stats
 
 from chameleon.backbones import load_backbone
 from chameleon.config import PROTOCOLS, Config
@@ -32,7 +34,8 @@ RUNS = {
                      ("chameleon", "task_input"), ("chameleon", "batch_mean"), ("chameleon", "shuffled")],
 }
 # Conditioning only matters to the hypernetwork; other regimes are labelled "-" in tables (regimes.conditioning_label).
-KEYS = ["regime", "protocol", "conditioning"]
+# `scored`: which positions count ("last" under the paper protocol, "all", or "from P", see runs.scored_label).
+KEYS = ["regime", "protocol", "conditioning", "scored"]
 
 
 def compare(cfg: Config, seeds: int = 1, runs: list[tuple[str, str]] | None = None,
@@ -40,26 +43,47 @@ def compare(cfg: Config, seeds: int = 1, runs: list[tuple[str, str]] | None = No
     """Train every (regime, conditioning) of `runs` under each protocol for seeds cfg.seed ...
     cfg.seed + seeds - 1, and write the per-run rows and the summary table.
 
-    Returns the summary: one row per regime x protocol x conditioning with the mean and the
-    standard deviation over seeds.
+    Where `runs` has a `prefix` row, the head-only baselines without a hypernetwork are also run
+    with score_from = prefix_tokens (causal protocol; under "paper" every run scores the last
+    position anyway), so that the prefix row stands beside baselines scored on the same tokens.
+
+    Returns the summary: one row per regime x protocol x conditioning x scored with the mean and
+    the standard deviation over seeds.
     """
+    per_run = run_rows(cfg, seeds, runs or RUNS[cfg.task], protocols, progress)
+    table = summarise(per_run)
+    command = f"python -m chameleon compare --profile {cfg.profile} --task {cfg.task} --seeds {seeds}"
+    _write(cfg, f"compare-seeds{seeds}", per_run, table, command, seeds)
+    return table
+
+
+def run_rows(cfg: Config, seeds: int, runs: list[tuple[str, str]], protocols: tuple[str, ...],
+             progress: bool = True) -> pd.DataFrame:
+    """One result row per run (see `compare`), baselines on the prefix's tokens included."""
     rows = []
     for protocol in protocols:
-        for regime, conditioning in runs or RUNS[cfg.task]:
+        plan = [(regime, conditioning, 0) for regime, conditioning in runs]
+        if protocol == "causal" and any(c == "prefix" for _, c in runs):
+            plan += [(regime, conditioning, cfg.prefix_tokens) for regime, conditioning in runs
+                     if REGIMES[regime].frozen_body and not REGIMES[regime].conditioned]
+        for regime, conditioning, score_from in plan:
             for seed in range(cfg.seed, cfg.seed + seeds):
-                run = cfg.replace(regime=regime, protocol=protocol, conditioning=conditioning, seed=seed)
+                run = cfg.replace(regime=regime, protocol=protocol, conditioning=conditioning, seed=seed,
+                                  score_from=score_from)
                 rows.append(result_row(train(run, progress=progress)))
-    per_run = pd.DataFrame(rows)
-    table = summarise(per_run)
+    return pd.DataFrame(rows)
+
+
+def _write(cfg: Config, name: str, per_run: pd.DataFrame, table: pd.DataFrame, command: str, seeds: int,
+           extra: str = "") -> Path:
     out = Path(cfg.results_dir) / cfg.profile / cfg.task
     out.mkdir(parents=True, exist_ok=True)
-    per_run.to_csv(out / f"compare-seeds{seeds}-runs.csv", index=False)
-    table.to_csv(out / f"compare-seeds{seeds}.csv", index=False)
-    command = f"python -m chameleon compare --profile {cfg.profile} --task {cfg.task} --seeds {seeds}"
-    (out / f"compare-seeds{seeds}.md").write_text(
+    per_run.to_csv(out / f"{name}-runs.csv", index=False)
+    table.to_csv(out / f"{name}.csv", index=False)
+    (out / f"{name}.md").write_text(
         f"Produced by `{command}`: mean ± standard deviation over seeds {cfg.seed}..{cfg.seed + seeds - 1}; "
-        f"seconds = training wall time on the machine that ran it.\n\n{to_markdown(table)}\n")
-    return table
+        f"seconds = training wall time on the machine that ran it.\n\n{to_markdown(table)}\n{extra}")
+    return out / f"{name}.md"
 
 
 def summary(runs: list[dict]) -> pd.DataFrame:
@@ -68,27 +92,70 @@ def summary(runs: list[dict]) -> pd.DataFrame:
     return per_run if per_run.empty else summarise(per_run)
 
 
-def summarise(per_run: pd.DataFrame) -> pd.DataFrame:
+def summarise(per_run: pd.DataFrame, keys: list[str] = KEYS) -> pd.DataFrame:
     """Mean and standard deviation over seeds, in the order the runs were made."""
     metrics = [c for c in METRICS if c in per_run]
-    grouped = per_run.groupby(KEYS, sort=False)
+    keys = [k for k in keys if k in per_run]
+    grouped = per_run.groupby(keys, sort=False, dropna=False)
     table = grouped.agg(trainable_params=("trainable_params", "first"), seeds=("seed", "count"),
                         **{m: (m, "mean") for m in metrics}, **{f"{m}_std": (m, "std") for m in metrics})
     return table.reset_index()
 
 
 def to_markdown(table: pd.DataFrame, digits: int = 4) -> str:
-    """A Markdown table; "mean ± std" where there is more than one seed."""
+    """A Markdown table; "mean ± std" where there is more than one seed; "-" where a metric does
+    not apply (e.g. the loss on pad targets where none is scored)."""
     metrics = [c for c in METRICS if c in table]
-    header = KEYS + ["trainable params"] + [m.replace("_", " ") for m in metrics]
+    keys = [k for k in table.columns if k not in metrics and k not in ("trainable_params", "seeds")
+            and not k.endswith("_std")]
+    header = keys + ["trainable params"] + [m.replace("_", " ") for m in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
-        cells = [str(row[k]) for k in KEYS] + [f"{int(row['trainable_params']):,}"]
+        cells = [str(row[k]) for k in keys] + [f"{int(row['trainable_params']):,}"]
         for m in metrics:
             std = row.get(f"{m}_std")
+            if pd.isna(row[m]):
+                cells.append("-")
+                continue
             cells.append(f"{row[m]:.{digits}g}" + (f" ± {std:.2g}" if row["seeds"] > 1 and pd.notna(std) else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired_differences(per_run: pd.DataFrame, reference: dict, metric: str = "val_loss",
+                       level: float = 0.95) -> pd.DataFrame:
+    """Per-seed differences of every run group against a reference group, with a t-interval.
+
+    Runs are paired by seed within the same protocol and scored positions (and max_length, when
+    present): difference = metric(run) - metric(reference), one per seed; the interval is
+    mean ± t_{(1+level)/2, n-1} * sd / sqrt(n). A difference is `significant` when the interval
+    excludes 0. Groups without a reference run on the same seeds are left out.
+
+    Args:
+        per_run: one row per run (compare's *-runs.csv): KEYS, seed and the metric.
+        reference: the reference group, e.g. {"regime": "lora_matched"} or
+            {"regime": "chameleon", "conditioning": "shuffled"}.
+    """
+    strata = [k for k in ("protocol", "scored", "max_length") if k in per_run]
+    keys = [k for k in KEYS + ["max_length"] if k in per_run]
+    is_ref = pd.Series(True, index=per_run.index)
+    for k, v in reference.items():
+        is_ref &= per_run[k] == v
+    ref = per_run[is_ref].set_index(strata + ["seed"])[metric]
+    rows = []
+    for key, group in per_run[~is_ref].groupby(keys, sort=False, dropna=False):
+        group = group.set_index(strata + ["seed"])[metric]
+        paired = group.index.intersection(ref.index)
+        if len(paired) < 2:
+            continue
+        diff = (group[paired] - ref[paired]).to_numpy(dtype=float)
+        n, mean = len(diff), float(diff.mean())
+        sd = float(diff.std(ddof=1))
+        half = float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
+        rows.append({**dict(zip(keys, key)), "reference": " / ".join(str(v) for v in reference.values()),
+                     "seeds": n, "difference": mean, "low": mean - half, "high": mean + half,
+                     "per_seed": " ".join(f"{d:+.4f}" for d in diff), "significant": bool(mean - half > 0 or mean + half < 0)})
+    return pd.DataFrame(rows)
 
 
 def parameter_table(cfg: Config) -> pd.DataFrame:

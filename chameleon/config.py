@@ -33,6 +33,8 @@ class Config:
     regime: str = "chameleon"  # a row of chameleon.regimes.REGIMES: unadapted, lora, chameleon, lora_matched, ...
     conditioning: str = "batch_mean"  # batch_mean | prefix | shuffled (lm); task | task_input too (instructions)
     prefix_tokens: int = 16  # "prefix" conditioning: tokens the hypernetwork may see; loss starts after them
+    score_from: int = 0  # tokens before this position are never scored, for every regime (0: all); compare sets it
+    # to prefix_tokens for the baselines of a `prefix` row, so that both are scored on the same tokens
     # --- adapters ---
     rank: int = 4  # LoRA rank r (head and blocks)
     alpha: float = 1.0  # LoRA alpha: the update is scaled by alpha (paper) or alpha / r (causal)
@@ -93,6 +95,8 @@ class Config:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise ValueError(f"device={self.device!r} is not valid here; "
                              "choose 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        if not 0 <= self.score_from < self.max_length - 1:
+            raise ValueError(f"score_from={self.score_from} must lie in [0, max_length - 1)")
         if self.conditioning == "prefix" and not 1 <= self.prefix_tokens < self.max_length - 1:
             raise ValueError(f"prefix_tokens={self.prefix_tokens} must lie in [1, max_length - 1)")
         return self
@@ -105,7 +109,9 @@ class RunFailed(RuntimeError):
 
 TASKS = ("lm", "instructions")
 PROTOCOLS = ("paper", "causal")
-CONDITIONINGS = {"lm": ("batch_mean", "prefix", "shuffled"),
+# batch_mean_excl: the batch mean over the tokens that are never a scored target (a control for the leak of
+# `batch_mean`, whose mean contains the very tokens being scored; see prepare._encode)
+CONDITIONINGS = {"lm": ("batch_mean", "prefix", "shuffled", "batch_mean_excl"),
                  "instructions": ("task", "task_input", "batch_mean", "shuffled")}
 
 # Profiles: plain overrides of the defaults above.
