@@ -33,6 +33,14 @@ RUNS = {
     "instructions": [("unadapted", "task"), ("lora", "task"), ("lora_matched", "task"), ("chameleon", "task"),
                      ("chameleon", "task_input"), ("chameleon", "batch_mean"), ("chameleon", "shuffled")],
 }
+# The paper's length under the paper protocol (compare --experiment paper-length): head-only regimes,
+# where the paper's own "LoRA" and "ChamaleonLLM" were, with the conditioning controls.
+PAPER_LENGTH_RUNS = [("unadapted", "batch_mean"), ("lora", "batch_mean"), ("lora_matched", "batch_mean"),
+                     ("chameleon", "batch_mean"), ("chameleon", "shuffled"), ("chameleon", "prefix"),
+                     ("chameleon", "batch_mean_excl")]
+# Does batch-aware adaptation help? (compare --experiment heads, the `study` profile): causal protocol.
+HEAD_RUNS = [("unadapted", "batch_mean"), ("lora", "batch_mean"), ("lora_matched", "batch_mean"),
+             ("chameleon", "batch_mean"), ("chameleon", "shuffled"), ("chameleon", "prefix")]
 # Conditioning only matters to the hypernetwork; other regimes are labelled "-" in tables (regimes.conditioning_label).
 # `scored`: which positions count ("last" under the paper protocol, "all", or "from P", see runs.scored_label).
 KEYS = ["regime", "protocol", "conditioning", "scored"]
@@ -84,6 +92,79 @@ def _write(cfg: Config, name: str, per_run: pd.DataFrame, table: pd.DataFrame, c
         f"Produced by `{command}`: mean ± standard deviation over seeds {cfg.seed}..{cfg.seed + seeds - 1}; "
         f"seconds = training wall time on the machine that ran it.\n\n{to_markdown(table)}\n{extra}")
     return out / f"{name}.md"
+
+
+def padded_shares(cfg: Config, lengths: tuple[int, ...] = (32, 64, 96, 128, 160, 192, 256)) -> pd.DataFrame:
+    """Share of lines shorter than L tokens (so padded at position L, the one the paper protocol
+    scores), with the SmolLM2 tokenizer and with GPT-2's, on every line of cfg.corpus's train and
+    validation splits and on the profile's subsample (what the runs see)."""
+    from chameleon.backbones import gpt2_tokenizer
+    from chameleon.data import load_lm_corpus
+    from chameleon.prepare import load_split_texts
+
+    _, smollm2 = load_backbone("smollm2", cache_dir=cfg.cache_dir)
+    corpus = load_lm_corpus(cfg.corpus)
+    texts = {"corpus": [t for s in ("train", "validation") for t in corpus[s]["text"]],
+             "subsample": [t for s in ("train", "validation") for t in load_split_texts(cfg, s)["full"]]}
+    rows = []
+    for name, tokenizer in (("smollm2", smollm2), ("gpt2", gpt2_tokenizer())):
+        for which, lines in texts.items():
+            n = [len(ids) for ids in tokenizer(lines)["input_ids"]]
+            n = [k for k in n if k >= 2]  # the kit drops lines with nothing to predict (prepare.drop_short)
+            rows += [{"tokenizer": name, "lines": which, "n_lines": len(n), "length": L,
+                      "padded_share": sum(k < L for k in n) / len(n)} for L in lengths]
+    return pd.DataFrame(rows)
+
+
+def paper_length(cfg: Config, lengths: tuple[int, ...] = (160, 256), seeds: int = 3,
+                 progress: bool = True) -> pd.DataFrame:
+    """The head-only regimes and the conditioning controls under the paper protocol at the paper's
+    max_length (256) and at the length where the embedded corpus's padded share matches
+    WikiText-2's at 256 (160: ~94% with GPT-2's tokenizer), with the loss split by target kind.
+    Writes results/<profile>/<task>/paper-length-seeds<S>.md / .csv (+ -runs.csv, -shares.csv).
+    Only the last position is scored, so the body runs once per length (hidden-state cache)."""
+    frames = []
+    for length in lengths:
+        per = run_rows(cfg.replace(max_length=length), seeds, PAPER_LENGTH_RUNS, ("paper",), progress)
+        per.insert(4, "max_length", length)
+        frames.append(per)
+    per_run = pd.concat(frames, ignore_index=True)
+    table = summarise(per_run, KEYS + ["max_length"])
+    shares = padded_shares(cfg)
+    name = f"paper-length-seeds{seeds}"
+    out = Path(cfg.results_dir) / cfg.profile / cfg.task
+    out.mkdir(parents=True, exist_ok=True)
+    shares.to_csv(out / f"{name}-shares.csv", index=False)
+    wide = shares.pivot_table(index="length", columns=["tokenizer", "lines"], values="padded_share")
+    wide.columns = [f"{t} ({w})" for t, w in wide.columns]
+    extra = ("\nShare of lines shorter than L tokens (padded at the scored position), lines of under 2 tokens "
+             f"dropped as the kit drops them; `subsample`: the {cfg.profile} profile's train + validation lines:\n\n"
+             + wide.to_markdown(floatfmt=".4f") + "\n")
+    command = f"python -m chameleon compare --profile {cfg.profile} --task {cfg.task} --experiment paper-length --seeds {seeds}"
+    _write(cfg, name, per_run, table, command, seeds, extra)
+    return table
+
+
+def heads(cfg: Config, seeds: int = 3, progress: bool = True) -> pd.DataFrame:
+    """The head-only regimes under the causal protocol (HEAD_RUNS, with baselines on the prefix's
+    tokens) and their paired per-seed differences against `lora_matched` and against the
+    `shuffled` control, 95% t-intervals. Writes heads-seeds<S>.md / .csv, -runs.csv, -paired.csv."""
+    per_run = run_rows(cfg, seeds, HEAD_RUNS, ("causal",), progress)
+    table = summarise(per_run)
+    paired = pd.concat([paired_differences(per_run, {"regime": "lora_matched"}),
+                        paired_differences(per_run, {"regime": "chameleon", "conditioning": "shuffled"})],
+                       ignore_index=True)
+    name = f"heads-seeds{seeds}"
+    out = Path(cfg.results_dir) / cfg.profile / cfg.task
+    out.mkdir(parents=True, exist_ok=True)
+    paired.to_csv(out / f"{name}-paired.csv", index=False)
+    show = paired.assign(**{c: paired[c].map(lambda v: f"{v:+.4f}") for c in ("difference", "low", "high")})
+    extra = ("\nPaired differences of val loss (run - reference, per seed, same seeds and scored tokens) "
+             "with 95% t-intervals over the seeds; significant: the interval excludes 0 (negative = lower "
+             "loss than the reference):\n\n" + show.to_markdown(index=False) + "\n")
+    command = f"python -m chameleon compare --profile {cfg.profile} --task {cfg.task} --experiment heads --seeds {seeds}"
+    _write(cfg, name, per_run, table, command, seeds, extra)
+    return table
 
 
 def summary(runs: list[dict]) -> pd.DataFrame:
