@@ -38,6 +38,8 @@ RUNS = {
 PAPER_LENGTH_RUNS = [("unadapted", "batch_mean"), ("lora", "batch_mean"), ("lora_matched", "batch_mean"),
                      ("chameleon", "batch_mean"), ("chameleon", "shuffled"), ("chameleon", "prefix"),
                      ("chameleon", "batch_mean_excl")]
+# Share of WikiText-2 lines (non-empty, GPT-2 tokenizer) shorter than 256 tokens: the paper's p_pad (issue 10).
+WIKITEXT2_PAD_SHARE_256 = 0.94
 # Does batch-aware adaptation help? (compare --experiment heads, the `study` profile): causal protocol.
 HEAD_RUNS = [("unadapted", "batch_mean"), ("lora", "batch_mean"), ("lora_matched", "batch_mean"),
              ("chameleon", "batch_mean"), ("chameleon", "shuffled"), ("chameleon", "prefix")]
@@ -80,6 +82,15 @@ def run_rows(cfg: Config, seeds: int, runs: list[tuple[str, str]], protocols: tu
                                   score_from=score_from)
                 rows.append(result_row(train(run, progress=progress)))
     return pd.DataFrame(rows)
+
+
+def _command(cfg: Config, experiment: str, seeds: int) -> str:
+    """The command line that reproduces cfg's experiment: the profile and every field changed from it."""
+    base = Config.from_profile(cfg.profile, task=cfg.task).to_dict()
+    changed = "".join(f" --{k.replace('_', '-')} {v}" for k, v in cfg.to_dict().items()
+                      if v != base[k] and k not in ("data_dir", "results_dir", "device"))
+    return (f"python -m chameleon compare --profile {cfg.profile} --task {cfg.task} --experiment {experiment} "
+            f"--seeds {seeds}{changed}")
 
 
 def _write(cfg: Config, name: str, per_run: pd.DataFrame, table: pd.DataFrame, command: str, seeds: int,
@@ -140,7 +151,20 @@ def paper_length(cfg: Config, lengths: tuple[int, ...] = (160, 256), seeds: int 
     extra = ("\nShare of lines shorter than L tokens (padded at the scored position), lines of under 2 tokens "
              f"dropped as the kit drops them; `subsample`: the {cfg.profile} profile's train + validation lines:\n\n"
              + wide.to_markdown(floatfmt=".4f") + "\n")
-    command = f"python -m chameleon compare --profile {cfg.profile} --task {cfg.task} --experiment paper-length --seeds {seeds}"
+    p_gpt2 = float(shares.query("tokenizer == 'gpt2' and lines == 'corpus' and length == 256").padded_share.iloc[0])
+    mix = table.dropna(subset=["val_loss_pad", "val_loss_real"])
+    if len(mix):
+        arithmetic = pd.DataFrame({"regime": mix.regime, "conditioning": mix.conditioning, "max_length": mix.max_length,
+                                   "L_pad": mix.val_loss_pad, "L_real": mix.val_loss_real,
+                                   **{f"loss at p_pad={p:.4f}": p * mix.val_loss_pad + (1 - p) * mix.val_loss_real
+                                      for p in (p_gpt2, WIKITEXT2_PAD_SHARE_256)}})
+        extra += ("\nThe paper's arithmetic, loss = p_pad * L_pad + (1 - p_pad) * L_real, with the per-kind losses "
+                  f"measured here (means over seeds) and p_pad = {p_gpt2:.4f} (this corpus at 256 tokens, GPT-2's "
+                  f"tokenizer, measured above) or {WIKITEXT2_PAD_SHARE_256} (WikiText-2 at 256 tokens, GPT-2's "
+                  "tokenizer: ~94% of non-empty lines are shorter, as measured for issue 10; not re-measured here, "
+                  "the hub is unreachable):\n\n" + arithmetic.to_markdown(index=False, floatfmt=".4f") + "\n")
+    command = _command(cfg, "paper-length", seeds) + ("" if tuple(lengths) == (160, 256) else
+                                                      f" --lengths {','.join(map(str, lengths))}")
     _write(cfg, name, per_run, table, command, seeds, extra)
     return table
 
@@ -162,7 +186,7 @@ def heads(cfg: Config, seeds: int = 3, progress: bool = True) -> pd.DataFrame:
     extra = ("\nPaired differences of val loss (run - reference, per seed, same seeds and scored tokens) "
              "with 95% t-intervals over the seeds; significant: the interval excludes 0 (negative = lower "
              "loss than the reference):\n\n" + show.to_markdown(index=False) + "\n")
-    command = f"python -m chameleon compare --profile {cfg.profile} --task {cfg.task} --experiment heads --seeds {seeds}"
+    command = _command(cfg, "heads", seeds)
     _write(cfg, name, per_run, table, command, seeds, extra)
     return table
 

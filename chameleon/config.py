@@ -123,6 +123,10 @@ PROFILES: dict[str, dict] = {
     # (the *_full regimes run the 30-layer body forward and backward: they set the budget)
     "cpu": dict(backbone="smollm2", max_train_examples=384, max_eval_examples=96, max_length=32,
                 batch_size=8, epochs=2, lr=1e-3, max_new_tokens=32, n_generate=16),
+    # enough data to tell the head-only regimes apart under the causal protocol (compare --experiment heads):
+    # meant for about an hour on 2 CPU cores; `make reproduce` stays on cpu
+    "study": dict(backbone="smollm2", max_train_examples=2000, max_eval_examples=500, max_length=64,
+                  batch_size=8, epochs=2, lr=1e-3),
     # the paper's setting: GPT-2 and WikiText-2 from the hub, for a CUDA machine
     "paper": dict(backbone="gpt2", corpus="wikitext-2-raw-v1", instructions="alpaca", max_length=256,
                   batch_size=32, epochs=10, lr=5e-4, rank=4, alpha=1.0),

@@ -93,3 +93,26 @@ def test_paired_differences_on_a_toy_table():
     assert better.low == pytest.approx(-0.10 - half) and better.significant and better.seeds == 3
     assert better.per_seed == " ".join(f"{d:+.4f}" for d in diffs)
     assert not same.significant  # +0.05, -0.10, +0.02: the interval holds 0
+
+
+def test_paper_length_and_heads_write_their_tables_with_the_command(tmp_path, monkeypatch):
+    from chameleon import compare
+    from chameleon.compare import heads, paper_length
+
+    shares = pd.DataFrame([{"tokenizer": t, "lines": w, "n_lines": 10, "length": n, "padded_share": 0.5}
+                           for t in ("gpt2", "smollm2") for w in ("corpus", "subsample") for n in (24, 256)])
+    monkeypatch.setattr(compare, "padded_shares", lambda cfg: shares)  # tokenising the whole corpus is slow
+    cfg = tiny(tmp_path, max_train_examples=32, max_eval_examples=16, prefix_tokens=8)
+    table = paper_length(cfg, lengths=(24,), seeds=1, progress=False)
+    assert set(table.max_length) == {24} and (table.scored == "last").all()
+    assert {"val_loss_pad", "val_loss_real", "pad_share"} <= set(table.columns)
+    folder = tmp_path / "results" / "smoke" / "lm"
+    text = (folder / "paper-length-seeds1.md").read_text()
+    assert text.startswith("Produced by `python -m chameleon compare --profile smoke --task lm --experiment "
+                           "paper-length --seeds 1 --backbone gpt2-tiny")
+    assert "batch_mean_excl" in text and "gpt2 (corpus)" in text
+    heads(cfg, seeds=2, progress=False)
+    paired = pd.read_csv(folder / "heads-seeds2-paired.csv")
+    assert set(paired.reference) == {"lora_matched", "chameleon / shuffled"}
+    prefix = paired[(paired.conditioning == "prefix") & (paired.reference == "lora_matched")]
+    assert list(prefix.scored) == ["from 8"]  # paired with the baseline scored on the same tokens
