@@ -28,6 +28,7 @@ test: .venv/.installed
 
 reproduce: .venv/.installed
 	$(PY) -m chameleon notebooks --profile $(PROFILE)
+	$(PY) -m chameleon compare --profile $(PROFILE) --experiment paper-length --seeds 3
 
 compare: .venv/.installed
 	$(PY) -m chameleon compare --profile $(PROFILE) --seeds 3

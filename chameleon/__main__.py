@@ -93,10 +93,13 @@ def train(args) -> int:
 
 def compare(args) -> int:
     cfg = _config(args)
-    from chameleon.compare import compare as compare_runs, to_markdown
+    from chameleon.compare import compare as compare_runs, heads, paper_length, to_markdown
 
-    print(to_markdown(compare_runs(cfg, seeds=args.seeds)))
-    print(f"written to {cfg.results_dir / cfg.profile / cfg.task}/compare-seeds{args.seeds}.md")
+    run = {"all": compare_runs, "paper-length": paper_length, "heads": heads}[args.experiment]
+    lengths = {"lengths": tuple(int(n) for n in args.lengths.split(","))} if args.experiment == "paper-length" else {}
+    print(to_markdown(run(cfg, seeds=args.seeds, **lengths)))
+    name = {"all": "compare"}.get(args.experiment, args.experiment)
+    print(f"written to {cfg.results_dir / cfg.profile / cfg.task}/{name}-seeds{args.seeds}.md")
     return 0
 
 
@@ -156,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument("--resume", action="store_true", help="continue an interrupted run")
         if name == "compare":
             command.add_argument("--seeds", type=int, default=1, help="seeds per run; the table shows mean ± std")
+            command.add_argument("--experiment", default="all", choices=["all", "paper-length", "heads"],
+                                 help="all: every regime x protocol; paper-length: head-only regimes under the paper "
+                                      "protocol at --lengths; heads: head-only regimes, causal, paired differences")
+            command.add_argument("--lengths", default="160,256", help="paper-length: the max_length values, comma-separated")
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][0](args) or 0

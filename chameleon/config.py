@@ -33,6 +33,8 @@ class Config:
     regime: str = "chameleon"  # a row of chameleon.regimes.REGIMES: unadapted, lora, chameleon, lora_matched, ...
     conditioning: str = "batch_mean"  # batch_mean | prefix | shuffled (lm); task | task_input too (instructions)
     prefix_tokens: int = 16  # "prefix" conditioning: tokens the hypernetwork may see; loss starts after them
+    score_from: int = 0  # tokens before this position are never scored, for every regime (0: all); compare sets it
+    # to prefix_tokens for the baselines of a `prefix` row, so that both are scored on the same tokens
     # --- adapters ---
     rank: int = 4  # LoRA rank r (head and blocks)
     alpha: float = 1.0  # LoRA alpha: the update is scaled by alpha (paper) or alpha / r (causal)
@@ -102,6 +104,8 @@ class Config:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise ValueError(f"device={self.device!r} is not valid here; "
                              "choose 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        if not 0 <= self.score_from < self.max_length - 1:
+            raise ValueError(f"score_from={self.score_from} must lie in [0, max_length - 1)")
         if self.conditioning == "prefix" and not 1 <= self.prefix_tokens < self.max_length - 1:
             raise ValueError(f"prefix_tokens={self.prefix_tokens} must lie in [1, max_length - 1)")
         return self
@@ -117,7 +121,9 @@ PROTOCOLS = ("paper", "causal")
 DISPATCHES = ("oracle", "classifier", "cem")
 # Fields that only the SVF experts read: left out of other runs' names (runs.run_name), so they keep their folders.
 EXPERT_FIELDS = ("n_experts", "dispatch", "cem_shots", "cem_population", "cem_iters")
-CONDITIONINGS = {"lm": ("batch_mean", "prefix", "shuffled"),
+# batch_mean_excl: the batch mean over the tokens that are never a scored target (a control for the leak of
+# `batch_mean`, whose mean contains the very tokens being scored; see prepare._encode)
+CONDITIONINGS = {"lm": ("batch_mean", "prefix", "shuffled", "batch_mean_excl"),
                  "instructions": ("task", "task_input", "batch_mean", "shuffled")}
 
 # Profiles: plain overrides of the defaults above.
@@ -129,6 +135,10 @@ PROFILES: dict[str, dict] = {
     # (the *_full regimes run the 30-layer body forward and backward: they set the budget)
     "cpu": dict(backbone="smollm2", max_train_examples=384, max_eval_examples=96, max_length=32,
                 batch_size=8, epochs=2, lr=1e-3, max_new_tokens=32, n_generate=16),
+    # enough data to tell the head-only regimes apart under the causal protocol (compare --experiment heads):
+    # meant for about an hour on 2 CPU cores; `make reproduce` stays on cpu
+    "study": dict(backbone="smollm2", max_train_examples=2000, max_eval_examples=500, max_length=64,
+                  batch_size=8, epochs=2, lr=1e-3),
     # the paper's setting: GPT-2 and WikiText-2 from the hub, for a CUDA machine
     "paper": dict(backbone="gpt2", corpus="wikitext-2-raw-v1", instructions="alpaca", max_length=256,
                   batch_size=32, epochs=10, lr=5e-4, rank=4, alpha=1.0),

@@ -57,6 +57,17 @@ def targets(input_ids: torch.Tensor, real: torch.Tensor, protocol: str,
     return out
 
 
+def target_tokens(targets: torch.Tensor, protocol: str) -> torch.Tensor:
+    """(N, L) bool: the input positions whose token is some position's scored target (position t
+    under "paper", t + 1 under "causal"); the `batch_mean_excl` conditioning averages over the rest."""
+    scored = targets != IGNORE
+    if protocol == "paper":
+        return scored
+    out = torch.zeros_like(scored)
+    out[:, 1:] = scored[:, :-1]
+    return out
+
+
 def loss_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of scored rows: logits (M, V), target (M,)."""
     return F.cross_entropy(logits.float(), target, reduction="sum")

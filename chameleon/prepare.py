@@ -36,6 +36,7 @@ class Split:
     labels: np.ndarray  # (N,) cluster of each example
     prompt_emb: torch.Tensor | None = None  # (N, d) what an SVF expert dispatch classifies (svf_experts only): the
     # prompt's embedding (instructions) or the first prefix_tokens tokens' (lm)
+    pad_id: int | None = None  # the tokenizer's pad token: under "paper" a padded example's target (evaluate splits by it)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -94,7 +95,8 @@ def prepare(cfg: Config, model, tokenizer, raw: dict | None = None) -> tuple[Spl
     k = cfg.n_clusters or default_k(len(parts["train"]["input_ids"]), cfg.batch_size)
     train_labels, centroids = kmeans(parts["train"]["cluster_emb"], k, cfg.seed)
     labels = {"train": train_labels, "validation": assign(parts["validation"]["cluster_emb"], centroids)}
-    splits = [Split(name=s, texts=raw[s]["full"], labels=labels[s], **parts[s]) for s in ("train", "validation")]
+    splits = [Split(name=s, texts=raw[s]["full"], labels=labels[s], pad_id=tokenizer.pad_token_id, **parts[s])
+              for s in ("train", "validation")]
     return splits[0], splits[1], centroids
 
 
@@ -107,16 +109,21 @@ def _encode(cfg: Config, model, tokenizer, split: str, texts: dict) -> dict:
     loss_from = instructions.response_start(texts["prompt"], tokenizer) if "prompt" in texts else None
     if cfg.conditioning == "prefix":  # the hypernetwork sees the first P tokens; the loss starts after them
         loss_from = torch.full((len(ids),), cfg.prefix_tokens) if loss_from is None else loss_from.clamp(min=cfg.prefix_tokens)
+    if cfg.score_from:  # every regime scored on the same tokens as a `prefix` run with prefix_tokens = score_from
+        loss_from = torch.full((len(ids),), cfg.score_from) if loss_from is None else loss_from.clamp(min=cfg.score_from)
+    target = objectives.targets(ids, real, cfg.protocol, loss_from)
     key = dict(backbone=cfg.backbone, task=cfg.task, data=cfg.corpus if cfg.task == "lm" else cfg.instructions,
                split=split, n=len(ids), data_seed=cfg.data_seed, max_length=cfg.max_length, protocol=cfg.protocol,
                texts=hashlib.sha256("\0".join(texts["full"]).encode()).hexdigest()[:16])
 
-    def embed(kind: str, text_key: str, prefix: int | None = None) -> torch.Tensor:
+    def embed(kind: str, text_key: str, prefix: int | None = None, exclude: torch.Tensor | None = None) -> torch.Tensor:
         def compute():
             e = tokenize(texts[text_key], tokenizer, cfg.max_length) if text_key != "full" else enc
             mask = embedding_mask(e["attention_mask"], cfg.protocol)
             if prefix is not None:
                 mask = mask * (torch.arange(mask.shape[1]) < prefix)
+            if exclude is not None:
+                mask = mask * ~exclude
             return mean_embeddings(model, e["input_ids"], mask)
         width = model.get_input_embeddings().weight.shape[1]
         return cached({**key, "kind": kind}, cfg.cache_dir / "embeddings", compute, expect_shape=(len(ids), width))
@@ -126,6 +133,9 @@ def _encode(cfg: Config, model, tokenizer, split: str, texts: dict) -> dict:
             "task": ("task", "task"), "task_input": ("prompt", "prompt")}
     if cfg.conditioning == "prefix":
         cond_emb = embed(f"prefix{cfg.prefix_tokens}", "full", cfg.prefix_tokens)
+    elif cfg.conditioning == "batch_mean_excl":  # the full text without any token that is a scored target
+        cond_emb = embed(f"excl{int(loss_from[0]) if loss_from is not None else 0}", "full",
+                         exclude=objectives.target_tokens(target, cfg.protocol))
     else:
         kind, text_key = cond[cfg.conditioning]
         cond_emb = embed(kind, text_key)
@@ -134,5 +144,5 @@ def _encode(cfg: Config, model, tokenizer, split: str, texts: dict) -> dict:
         prompt_emb = embed(cluster_key, cluster_key) if "prompt" in texts else \
             embed(f"prefix{cfg.prefix_tokens}", "full", cfg.prefix_tokens)
     return dict(input_ids=ids, attention=objectives.attention_mask(ids, real, cfg.protocol), prompt_emb=prompt_emb,
-                targets=objectives.targets(ids, real, cfg.protocol, loss_from),
+                targets=target,
                 cluster_emb=embed(cluster_key, cluster_key), cond_emb=cond_emb)

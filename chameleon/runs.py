@@ -30,10 +30,11 @@ from chameleon.data import fingerprint
 from chameleon.model import build
 from chameleon.regimes import REGIMES, conditioning_label
 
-RUN_KEYS = ("regime", "protocol", "conditioning", "dispatch", "seed")  # what varies between the runs of one profile
+RUN_KEYS = ("regime", "protocol", "conditioning", "dispatch", "score_from", "seed")  # what varies between the runs of one profile
 CHECKPOINT = "checkpoint.safetensors"  # weights, optimizer state and run metadata in one file
 CENTROIDS = "centroids.safetensors"  # the train split's k-means centroids
-METRICS = ("val_loss", "val_ppl", "bleu", "rouge_l", "meteor", "seconds",  # those a run may report
+METRICS = ("val_loss", "val_ppl", "val_loss_pad", "val_loss_real", "pad_share", "bleu", "rouge_l", "meteor",
+           "seconds",  # those a run may report
            "passes", "dispatch_accuracy")  # SVF: forward passes per request; classifier == oracle share of batches
 
 
@@ -43,6 +44,8 @@ def run_name(cfg: Config) -> str:
     key = {**cfg.to_dict(), "data": source, "results_dir": None, "device": None}
     if not REGIMES[cfg.regime].experts:  # settings it never reads: every older run keeps its name
         key = {k: v for k, v in key.items() if k not in EXPERT_FIELDS}
+    if not cfg.score_from:  # added later: runs made before it keep their names
+        del key["score_from"]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     condition = cfg.dispatch if REGIMES[cfg.regime].experts else cfg.conditioning
     return f"{cfg.regime}-{cfg.protocol}-{condition}-seed{cfg.seed}-{digest}"
@@ -102,7 +105,8 @@ def read_centroids(run: Path) -> np.ndarray | None:
 
 def write_metrics(out: Path, result: dict) -> None:
     with open(out / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["epoch", "step", "train_loss", "val_loss", "val_ppl"])
+        writer = csv.DictWriter(f, fieldnames=["epoch", "step", "train_loss", "val_loss", "val_ppl", "val_loss_pad",
+                                               "val_loss_real", "pad_share"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result["history"])
     write_atomic(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
@@ -203,11 +207,20 @@ def result_row(result: dict) -> dict:
     has no hypernetwork), seed, trainable_params and every metric the run reports."""
     c = result["config"]
     return {"regime": c["regime"], "protocol": c["protocol"], "conditioning": conditioning_label(c["regime"], c["conditioning"], c.get("dispatch")),
-            "seed": c["seed"], "trainable_params": result["trainable_params"],
+            "scored": scored_label(c), "seed": c["seed"], "trainable_params": result["trainable_params"],
             **{k: result[k] for k in METRICS if result.get(k) is not None}}
 
 
+def scored_label(c: dict) -> str:
+    """Which positions a run scores, as tables show it: "last" (the paper protocol's one position),
+    "all", or "from P" (score_from, or a `prefix` run's first P tokens left out)."""
+    if c["protocol"] == "paper":
+        return "last"
+    start = max(c.get("score_from", 0), c["prefix_tokens"] if c["conditioning"] == "prefix" else 0)
+    return f"from {start}" if start else "all"
+
+
 def histories(runs: list[dict]) -> pd.DataFrame:
-    """Per-epoch history of each run, long format: regime, protocol, conditioning, seed, epoch, ..."""
-    return pd.DataFrame([{**{k: v for k, v in result_row(r).items() if k in RUN_KEYS}, **h}
+    """Per-epoch history of each run, long format: regime, protocol, conditioning, scored, seed, epoch, ..."""
+    return pd.DataFrame([{**{k: v for k, v in result_row(r).items() if k in RUN_KEYS + ("scored",)}, **h}
                          for r in runs for h in r["history"]])

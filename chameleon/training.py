@@ -107,16 +107,36 @@ def batch_loss(adapted: Adapted, split: Split, rows: Rows, batch: list[int], con
     return adapted.loss_sum(hidden, rows.target[idx].to(dev), cond), len(idx)
 
 
+def pad_examples(split: Split, rows: Rows, protocol: str) -> torch.Tensor:
+    """(N,) bool: examples whose scored target is the pad token. Only the paper protocol scores a
+    padded position (its one last position); under "causal" no target is padding."""
+    if protocol != "paper" or split.pad_id is None:
+        return torch.zeros(len(split), dtype=torch.bool)
+    first = rows.start[:-1].clamp(max=max(len(rows.target) - 1, 0))
+    return (rows.start[1:] > rows.start[:-1]) & (rows.target[first] == split.pad_id)
+
+
 @torch.no_grad()
 def evaluate(adapted: Adapted, split: Split, rows: Rows, cfg: Config, dev: torch.device) -> dict:
-    """Validation loss (token-weighted mean cross-entropy) and perplexity (exp of it)."""
+    """Validation loss (token-weighted mean cross-entropy) and perplexity (exp of it), and the loss
+    split by target kind: val_loss_pad on targets that are the pad token, val_loss_real on real
+    tokens, pad_share the share of scored targets that are the pad token, so that
+    val_loss = pad_share * val_loss_pad + (1 - pad_share) * val_loss_real (None for an empty kind)."""
     adapted.eval()
-    total, count = 0.0, 0
+    pad = pad_examples(split, rows, cfg.protocol)
+    sums = {True: [0.0, 0], False: [0.0, 0]}  # is-pad -> [summed loss, scored targets]
     for batch, cond in eval_batches(split.labels, cfg.batch_size, cfg.conditioning):
-        loss, n = batch_loss(adapted, split, rows, batch, cond, dev)
-        total, count = total + loss.item(), count + n
+        for kind in (True, False):  # the conditioning is the batch's, whichever part is scored
+            part = [i for i in batch if bool(pad[i]) == kind]
+            if part:
+                loss, n = batch_loss(adapted, split, rows, part, cond, dev)
+                sums[kind][0] += loss.item()
+                sums[kind][1] += n
+    total, count = sums[True][0] + sums[False][0], sums[True][1] + sums[False][1]
     loss = total / max(count, 1)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700))}
+    per_kind = {k: sums[k][0] / sums[k][1] if sums[k][1] else None for k in (True, False)}
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700)), "val_loss_pad": per_kind[True],
+            "val_loss_real": per_kind[False], "pad_share": sums[True][1] / max(count, 1)}
 
 
 def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progress: bool = True) -> dict:
@@ -188,7 +208,7 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         _check_val_loss(history, cfg, out)
         save_checkpoint(out, adapted, opt, history, epoch + 1, step, seconds)
     result = {"config": cfg.to_dict(), "trainable_params": adapted.trainable(), "history": history,
-              "val_loss": history[-1]["val_loss"], "val_ppl": history[-1]["val_ppl"],
+              **{k: history[-1].get(k) for k in ("val_loss", "val_ppl", "val_loss_pad", "val_loss_real", "pad_share")},
               "seconds": round(seconds, 2), "finished": True, **adapted.report()}
     if cfg.task == "instructions":  # BLEU / ROUGE-L / METEOR of greedy outputs on the first n_generate examples
         result.update(generation_metrics(adapted, val_split, cfg, tokenizer))

@@ -17,7 +17,7 @@ def test_compare_writes_one_table_with_mean_and_spread_over_seeds(tmp_path):
     assert pd.read_csv(folder / "compare-seeds2-runs.csv").shape[0] == 8
     markdown = (folder / "compare-seeds2.md").read_text()
     assert markdown.startswith("Produced by `python -m chameleon compare --profile smoke --task lm --seeds 2`")
-    assert "| regime | protocol | conditioning | trainable params |" in markdown and " ± " in markdown
+    assert "| regime | protocol | conditioning | scored | trainable params |" in markdown and " ± " in markdown
 
 
 def test_lora_matched_takes_the_rank_whose_count_is_nearest_the_hypernetworks():

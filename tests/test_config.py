@@ -9,7 +9,7 @@ from chameleon.config import CONDITIONINGS, PROFILES, PROTOCOLS, Config
 from chameleon.regimes import REGIMES
 
 
-@pytest.mark.parametrize("name", ["smoke", "cpu", "paper"])
+@pytest.mark.parametrize("name", ["smoke", "cpu", "study", "paper"])
 def test_profiles_load(name):
     cfg = Config.from_profile(name)
     assert cfg.profile == name
@@ -116,3 +116,9 @@ def test_profile_from_environment(monkeypatch):
     monkeypatch.setenv("CHAMELEON_PROFILE", "nonsense")
     with pytest.raises(ValueError, match="unknown profile"):
         Config.from_profile()
+
+
+def test_score_from_must_leave_a_token_to_score():
+    assert Config.from_profile("smoke", score_from=8).score_from == 8
+    with pytest.raises(ValueError, match="score_from=31 must lie in"):
+        Config.from_profile("smoke", score_from=31)
