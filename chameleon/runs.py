@@ -41,7 +41,7 @@ METRICS = ("val_loss", "val_ppl", "val_loss_pad", "val_loss_real", "pad_share", 
 def run_name(cfg: Config) -> str:
     """regime-protocol-conditioning-seed, and a hash of everything that changes the result."""
     source = fingerprint(cfg.corpus if cfg.task == "lm" else cfg.instructions)
-    key = {**cfg.to_dict(), "data": source, "results_dir": None, "device": None}
+    key = {**cfg.to_dict(), "data": source, "results_dir": None, "data_dir": None, "device": None}  # where things go never changes them
     if not REGIMES[cfg.regime].experts:  # settings it never reads: every older run keeps its name
         key = {k: v for k, v in key.items() if k not in EXPERT_FIELDS}
     if not cfg.score_from:  # added later: runs made before it keep their names
