@@ -207,8 +207,9 @@ def results_bars(table: pd.DataFrame, profile: str, name: str = "06_results", so
     mean with error bars (standard deviation over seeds) when the table has more than one seed.
 
     table columns: regime, protocol, conditioning, val_loss, val_ppl; optional val_loss_std,
-    val_ppl_std and seeds (a compare() table). The `prefix` rows score other tokens (the loss starts
-    after the prefix), so they are drawn apart, after a gap and a dashed line. `source` names the data
+    val_ppl_std and seeds (a compare() table). Under the causal protocol the `prefix` rows score other
+    tokens (the loss starts after the prefix), so they are drawn apart, after a gap and a dashed line;
+    under the paper protocol every row scores the last position. `source` names the data
     in the title.
     """
     protocols = [p for p in PROTOCOL_STYLES if p in set(table["protocol"])]
@@ -216,9 +217,11 @@ def results_bars(table: pd.DataFrame, profile: str, name: str = "06_results", so
     fig, axes = plt.subplots(len(protocols), 2, figsize=(15, 4.6 * len(protocols) + 0.6), squeeze=False)
     for row, protocol in zip(axes, protocols):
         part = table[table["protocol"] == protocol]
-        apart = part["conditioning"] == "prefix"
+        # causal: `prefix` is scored only after the prefix; paper: the last position, as every row
+        apart = (part["conditioning"] == "prefix") & (protocol == "causal")
         part = pd.concat([part[~apart], part[apart]]).reset_index(drop=True)
-        x = np.arange(len(part)) + np.where(part["conditioning"] == "prefix", 0.8, 0.0)
+        apart = (part["conditioning"] == "prefix") & (protocol == "causal")
+        x = np.arange(len(part)) + np.where(apart, 0.8, 0.0)
         tags = [r if c in ("batch_mean", "-") else f"{r}\n({c})" for r, c in zip(part["regime"], part["conditioning"])]
         for ax, metric, label in zip(row, ("val_loss", "val_ppl"), ("loss (nats / token)", "perplexity")):
             err = part[f"{metric}_std"].fillna(0) if seeds > 1 and f"{metric}_std" in part else None
@@ -228,8 +231,8 @@ def results_bars(table: pd.DataFrame, profile: str, name: str = "06_results", so
                 bar.set_hatch(CONDITIONING_HATCHES.get(cond, ""))
             ax.set_xticks(x, tags, rotation=30, ha="right", fontsize=11)
             ax.bar_label(bars, fmt="%.3g", fontsize=10, padding=2)
-            if (part["conditioning"] == "prefix").any():
-                sep = x[part["conditioning"] == "prefix"].min() - 0.9
+            if apart.any():
+                sep = x[apart].min() - 0.9
                 ax.axvline(sep, color="black", ls="--", lw=1)
                 ax.text(sep + 0.1, 0.97, "scored on other\ntokens: not\ncomparable", transform=ax.get_xaxis_transform(),
                         va="top", fontsize=10)
