@@ -99,7 +99,31 @@ def beside_paper(table: pd.DataFrame, protocol: str) -> pd.DataFrame:
 
     ours = table[(table["protocol"] == protocol) & table["conditioning"].isin(["-", "batch_mean"])]
     ours = ours[["regime", "trainable_params", "val_loss", "val_ppl"]]
-    return PAPER_TABLE.merge(ours, on="regime", how="outer", suffixes=(" (paper)", " (kit)"))
+    return PAPER_TABLE.merge(ours, on="regime", how="outer", suffixes=(f" {PUBLISHED}", " (kit)"))
+
+
+PUBLISHED = "published (GPT-2, WikiText-2)"  # the publication's numbers, named apart from the `paper` protocol
+
+
+def tidy(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """A table for reading: parameter and seed counts as integers with thousands separators, other
+    numbers rounded to `digits` decimals, and a dash where a value is missing (never NaN). A column
+    with a `<col>_std` partner (a compare() table over several seeds) reads "mean ± std"."""
+    out = table.copy().astype(object)
+    for col in table.columns:
+        if str(col).endswith("_std") and str(col)[:-4] in table:
+            continue
+        values = table[col]
+        if not pd.api.types.is_numeric_dtype(values):
+            out[col] = values.where(values.notna(), "–")
+        elif "params" in str(col) or str(col) in ("seeds", "seed"):
+            out[col] = [f"{int(v):,}" if pd.notna(v) else "–" for v in values]
+        else:
+            out[col] = [f"{v:.{digits}f}" if pd.notna(v) else "–" for v in values]
+            std = table.get(f"{col}_std")
+            if std is not None and (table.get("seeds", pd.Series([2])) > 1).all():
+                out[col] = [f"{m} ± {v:.{digits}f}" if pd.notna(v) else m for m, v in zip(out[col], std)]
+    return out.drop(columns=[c for c in table.columns if str(c).endswith("_std") and str(c)[:-4] in table])
 
 
 def generations(runs: list[dict], n: int = 3) -> pd.DataFrame:

@@ -21,7 +21,10 @@ REGIME_COLOURS = {**{name: r.colour for name, r in REGIMES.items()}, "paper": "#
 PROTOCOL_STYLES = {"causal": "-", "paper": "--"}  # line style per protocol
 CONDITIONING_HATCHES = {"batch_mean": "", "prefix": "//", "shuffled": "xx"}
 # line style per conditioning in loss curves ("-": a regime without a hypernetwork)
-CONDITIONING_STYLES = {"batch_mean": "-", "-": "-", "prefix": "--", "shuffled": ":", "task": "-", "task_input": "-."}
+# (unique per conditioning: with one colour per regime, no two curves share colour and style)
+CONDITIONING_STYLES = {"batch_mean": "-", "-": "-", "prefix": "--", "shuffled": ":", "task": (0, (6, 2, 1, 2, 1, 2)),
+                       "task_input": "-."}
+CONDITIONING_MARKERS = {"batch_mean": "o", "-": "o", "prefix": "s", "shuffled": "^", "task": "D", "task_input": "v"}
 STYLE = {"font.size": 14, "axes.titlesize": 16, "axes.labelsize": 14, "legend.fontsize": 12,
          "xtick.labelsize": 12, "ytick.labelsize": 12, "figure.dpi": 100, "savefig.dpi": 110,
          "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3}
@@ -108,16 +111,21 @@ def umap_clusters(emb, labels, profile: str, seed: int = 0, name: str = "02_umap
     return fig
 
 
-def loss_curves(history: pd.DataFrame, profile: str, name: str, metric: str = "val_loss") -> plt.Figure:
-    """Validation loss (or any history column) per epoch: one colour per regime, one style per protocol.
+def loss_curves(history: pd.DataFrame, profile: str, name: str, metric: str = "val_loss",
+                note: str | None = None, min_span: float | None = 1.0) -> plt.Figure:
+    """Validation loss (or any history column) per epoch: one colour per regime, one line style and
+    marker per conditioning, so no two curves share both colour and style.
 
-    history columns: regime, protocol, epoch, and `metric` (see notebooks.histories). One panel per
-    protocol, since the two protocols score different tokens and their losses are not comparable.
+    history columns: regime, protocol, conditioning, epoch, and `metric` (see runs.histories). One
+    panel per protocol, since the two protocols score different tokens and their losses are not
+    comparable. A loss panel spans at least `min_span` nats, so that a small difference does not fill
+    the panel (None: matplotlib's own zoom); `note` is added to the title.
     """
     protocols = [p for p in PROTOCOL_STYLES if p in set(history["protocol"])]
     fig, axes = plt.subplots(1, len(protocols), figsize=(6.5 * len(protocols), 4.8), squeeze=False)
     label = {"val_loss": "validation loss (nats / token)", "val_ppl": "validation perplexity",
              "train_loss": "training loss (nats / token)"}.get(metric, metric)
+    is_loss = "loss" in metric
     for ax, protocol in zip(axes[0], protocols):
         for (regime, cond), run in history[history["protocol"] == protocol].groupby(["regime", "conditioning"], sort=False):
             run = run.dropna(subset=[metric])
@@ -125,67 +133,117 @@ def loss_curves(history: pd.DataFrame, profile: str, name: str, metric: str = "v
             if run["epoch"].nunique() == 1:  # nothing trained (unadapted): a level line
                 ax.axhline(run[metric].iloc[0], color=regime_colour(regime), ls="--", lw=2, label=tag)
                 continue
-            ax.plot(run["epoch"], run[metric], marker="o", lw=2.5, color=regime_colour(regime),
-                    ls=CONDITIONING_STYLES.get(cond, "-"), label=tag)
+            ax.plot(run["epoch"], run[metric], marker=CONDITIONING_MARKERS.get(cond, "o"), lw=2.5,
+                    color=regime_colour(regime), ls=CONDITIONING_STYLES.get(cond, "-"), label=tag)
+        if is_loss and min_span:
+            lo, hi = ax.get_ylim()
+            if hi - lo < min_span:
+                mid = (lo + hi) / 2
+                ax.set_ylim(mid - min_span / 2, mid + min_span / 2)
         ax.set(title=f"{protocol} protocol", xlabel="epoch", ylabel=label)
         ax.xaxis.get_major_locator().set_params(integer=True)
     # one legend, outside the panels, so that no curve hides behind it
     axes[0][-1].legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=11)
-    fig.suptitle(f"{label.split(' (')[0].capitalize()} during training ({profile} profile)", y=1.02)
+    span = f"; each panel spans at least {min_span:g} nat" if is_loss and min_span else ""
+    seeds = sorted(history["seed"].unique()) if "seed" in history else []
+    which = f", single seed ({seeds[0]})" if len(seeds) == 1 else ""
+    extra = f"\n{note}" if note else ""
+    fig.suptitle(f"{label.split(' (')[0].capitalize()} during training ({profile} profile{which}{span}){extra}",
+                 y=1.02 if not note else 1.07, fontsize=14)
     fig.tight_layout()
     save(fig, history, name, profile)
     return fig
 
 
+def _ticks(n: int, most: int = 12) -> np.ndarray:
+    """At most `most` evenly spaced positions out of n (all of them when n <= most)."""
+    return np.arange(n) if n <= most else np.unique(np.linspace(0, n - 1, most).round().astype(int))
+
+
 def adapter_norms(norms: pd.DataFrame, similarity: pd.DataFrame, profile: str,
                   name: str = "05_adapter_norms") -> plt.Figure:
-    """Left: Frobenius norms of the generated A, B and update per cluster; right: cosine similarity
-    of the updates scaling * B @ A generated for each pair of clusters.
+    """Left: Frobenius norms of the generated A, B and update per cluster; right: how much the updates
+    scaling * B @ A of two clusters differ in direction, 1 - cosine similarity, on a log colour scale
+    fit to the data (the cosines are often all within 0.01 of 1, which a -1..1 scale shows as one block).
 
     norms columns: cluster, norm_A, norm_B, norm_update; similarity: square, clusters on both axes.
+    Neutral greys, not regime colours: these are parts of one adapter, not regimes.
     """
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.2), gridspec_kw={"width_ratios": [1.3, 1]})
+    from matplotlib.colors import LogNorm
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.4), gridspec_kw={"width_ratios": [1.3, 1]})
     width, x = 0.27, np.arange(len(norms))
-    for i, (col, colour) in enumerate([("norm_A", "#0072B2"), ("norm_B", "#E69F00"), ("norm_update", "#009E73")]):
+    for i, (col, colour) in enumerate([("norm_A", "#c8c8c8"), ("norm_B", "#8a8a8a"), ("norm_update", "#303030")]):
         left.bar(x + (i - 1) * width, norms[col], width, color=colour, label=col.replace("norm_", "‖") + "‖")
-    left.set_xticks(x, norms["cluster"])
+    ticks = _ticks(len(norms))
+    left.set_xticks(ticks, norms["cluster"].to_numpy()[ticks])
     left.set_yscale("log")
-    left.set(title="Generated adapter size per cluster", xlabel="cluster", ylabel="Frobenius norm (log scale)")
-    left.legend(ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.08), frameon=False)
-    im = right.imshow(similarity.to_numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
-    right.set_xticks(range(len(similarity)), similarity.columns)
-    right.set_yticks(range(len(similarity)), similarity.index)
+    left.set(title=f"Generated adapter size per cluster ({profile} profile)", xlabel="cluster",
+             ylabel="Frobenius norm (log scale)")
+    left.legend(ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.1), frameon=False)
+    dist = 1 - similarity.to_numpy().astype(float)
+    off = dist[~np.eye(len(dist), dtype=bool)]
+    lo, hi = (max(off[off > 0].min(), 1e-9), max(off.max(), 1e-8)) if (off > 0).any() else (1e-9, 1e-8)
+    shown = np.where(np.eye(len(dist), dtype=bool), np.nan, np.clip(dist, lo, None))  # the diagonal is 0 by definition
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("white")
+    im = right.imshow(shown, norm=LogNorm(vmin=lo, vmax=max(hi, lo * 1.01)), cmap=cmap)
+    ticks = _ticks(len(similarity))
+    right.set_xticks(ticks, similarity.columns.to_numpy()[ticks])
+    right.set_yticks(ticks, similarity.index.to_numpy()[ticks])
     right.grid(False)
-    right.set(title=f"Cosine similarity of updates (min {similarity.to_numpy().min():.2f})",
+    right.set(title=f"How the updates differ: 1 - cosine\n(cosine {similarity.to_numpy()[~np.eye(len(dist), dtype=bool)].min():.4f} "
+                    f"to {similarity.to_numpy()[~np.eye(len(dist), dtype=bool)].max():.4f}; diagonal blank)",
               xlabel="cluster", ylabel="cluster")
-    fig.colorbar(im, ax=right, label="cosine similarity")
+    fig.colorbar(im, ax=right, label="1 - cosine similarity (log scale)")
     fig.tight_layout()
     save(fig, norms.merge(similarity.rename(columns=lambda c: f"cos_{c}"), left_on="cluster",
                           right_index=True), name, profile)
     return fig
 
 
-def results_bars(table: pd.DataFrame, profile: str, name: str = "06_results") -> plt.Figure:
-    """Final validation loss and perplexity per regime (and conditioning), one panel row per protocol.
+def results_bars(table: pd.DataFrame, profile: str, name: str = "06_results", source: str | None = None) -> plt.Figure:
+    """Final validation loss and perplexity per regime (and conditioning), one panel row per protocol,
+    mean with error bars (standard deviation over seeds) when the table has more than one seed.
 
-    table columns: regime, protocol, conditioning, val_loss, val_ppl (one row each, seeds averaged).
+    table columns: regime, protocol, conditioning, val_loss, val_ppl; optional val_loss_std,
+    val_ppl_std and seeds (a compare() table). Under the causal protocol the `prefix` rows score other
+    tokens (the loss starts after the prefix), so they are drawn apart, after a gap and a dashed line;
+    under the paper protocol every row scores the last position. `source` names the data
+    in the title.
     """
     protocols = [p for p in PROTOCOL_STYLES if p in set(table["protocol"])]
-    fig, axes = plt.subplots(len(protocols), 2, figsize=(14, 4.2 * len(protocols)), squeeze=False)
+    seeds = int(table["seeds"].min()) if "seeds" in table else 1
+    fig, axes = plt.subplots(len(protocols), 2, figsize=(15, 4.6 * len(protocols) + 0.6), squeeze=False)
     for row, protocol in zip(axes, protocols):
-        part = table[table["protocol"] == protocol].reset_index(drop=True)
+        part = table[table["protocol"] == protocol]
+        # causal: `prefix` is scored only after the prefix; paper: the last position, as every row
+        apart = (part["conditioning"] == "prefix") & (protocol == "causal")
+        part = pd.concat([part[~apart], part[apart]]).reset_index(drop=True)
+        apart = (part["conditioning"] == "prefix") & (protocol == "causal")
+        x = np.arange(len(part)) + np.where(apart, 0.8, 0.0)
         tags = [r if c in ("batch_mean", "-") else f"{r}\n({c})" for r, c in zip(part["regime"], part["conditioning"])]
         for ax, metric, label in zip(row, ("val_loss", "val_ppl"), ("loss (nats / token)", "perplexity")):
-            bars = ax.bar(range(len(part)), part[metric], color=[regime_colour(r) for r in part["regime"]],
-                          hatch=None, edgecolor="white")
+            err = part[f"{metric}_std"].fillna(0) if seeds > 1 and f"{metric}_std" in part else None
+            bars = ax.bar(x, part[metric], yerr=err, capsize=5, color=[regime_colour(r) for r in part["regime"]],
+                          edgecolor="white", error_kw={"elinewidth": 1.5})
             for bar, cond in zip(bars, part["conditioning"]):
                 bar.set_hatch(CONDITIONING_HATCHES.get(cond, ""))
-            ax.set_xticks(range(len(part)), tags, rotation=30, ha="right", fontsize=11)
-            ax.bar_label(bars, fmt="%.3g", fontsize=10)
+            ax.set_xticks(x, tags, rotation=30, ha="right", fontsize=11)
+            ax.bar_label(bars, fmt="%.3g", fontsize=10, padding=2)
+            if apart.any():
+                sep = x[apart].min() - 0.9
+                ax.axvline(sep, color="black", ls="--", lw=1)
+                ax.text(sep + 0.1, 0.97, "scored on other\ntokens: not\ncomparable", transform=ax.get_xaxis_transform(),
+                        va="top", fontsize=10)
             ax.set(title=f"{protocol} protocol: validation {label.split(' (')[0]}", ylabel=f"validation {label}")
             if metric == "val_ppl" and part[metric].max() / max(part[metric].min(), 1e-9) > 50:
                 ax.set_yscale("log")
                 ax.set_ylabel(f"validation {label} (log scale)")
+            lo, hi = ax.get_ylim()  # headroom for the labels above the bars
+            ax.set_ylim(lo, hi * 6 if ax.get_yscale() == "log" else hi * 1.3)
+    what = f"mean ± std over {seeds} seeds" if seeds > 1 else "a single seed (no error bars)"
+    fig.suptitle(f"Final validation metrics, {profile} profile: {what}" + (f"\n{source}" if source else ""), fontsize=15)
     fig.tight_layout()
     save(fig, table, name, profile)
     return fig

@@ -110,3 +110,40 @@ def test_scored_tokens_causal_scores_the_response_paper_the_last_position():
     assert (df["paper target"] != "").sum() == 1 and df["position"].iloc[-1] == 31
     causal = df[df["causal target"] != ""]["causal target"].tolist()
     assert causal[-1] == repr(tok.eos_token) and "".join(eval(t) for t in causal[:-1]) == "Hello there."
+
+
+def test_tidy_prints_integers_mean_std_and_dashes():
+    from chameleon.notebooks import tidy
+
+    table = pd.DataFrame({"regime": ["lora", "chameleon"], "trainable_params": [198912.0, np.nan], "seeds": [3, 3],
+                          "val_loss": [3.64654, np.nan], "val_loss_std": [0.062, np.nan]})
+    out = tidy(table)
+    assert out["trainable_params"].tolist() == ["198,912", "–"]
+    assert out["val_loss"].tolist() == ["3.647 ± 0.062", "–"] and "val_loss_std" not in out
+
+
+def test_results_bars_draw_error_bars_and_prefix_apart(tmp_path, monkeypatch):
+    monkeypatch.setattr(plots, "ROOT", tmp_path)
+    table = pd.DataFrame({"regime": ["lora", "chameleon", "chameleon"], "protocol": "causal",
+                          "conditioning": ["-", "prefix", "batch_mean"], "seeds": 3, "val_loss": [3.6, 2.5, 3.6],
+                          "val_ppl": [37.0, 12.0, 37.0], "val_loss_std": [0.05, 0.04, 0.01], "val_ppl_std": [2.0, 0.5, 0.4]})
+    fig = plots.results_bars(table, "unit")
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels[-1] == "chameleon\n(prefix)"  # drawn last, after a gap
+    x = [p.get_x() for p in ax.patches]
+    assert x[2] - x[1] > x[1] - x[0] + 0.5
+    from matplotlib.container import ErrorbarContainer
+
+    assert any(isinstance(c, ErrorbarContainer) for c in ax.containers) and "3 seeds" in fig._suptitle.get_text()
+
+
+def test_loss_curves_no_two_curves_share_colour_and_style(tmp_path, monkeypatch):
+    monkeypatch.setattr(plots, "ROOT", tmp_path)
+    conds = ["batch_mean", "task", "task_input", "shuffled", "prefix"]
+    history = pd.DataFrame([{"regime": "chameleon", "protocol": "causal", "conditioning": c, "epoch": e,
+                             "val_loss": 3.0 - e / 10, "seed": 0} for c in conds for e in (0, 1)])
+    fig = plots.loss_curves(history, "unit", "curves")
+    styles = {(line.get_color(), str(line.get_linestyle()), line.get_marker()) for line in fig.axes[0].get_lines()}
+    assert len(styles) == len(conds)
+    assert "unit profile" in fig._suptitle.get_text()
