@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 import numpy as np
 import pandas as pd
 
@@ -149,16 +150,21 @@ def umap_clusters(emb, labels, profile: str, seed: int = 0, name: str = "02_umap
     fig, ax = plt.subplots(figsize=(9, 6.5))
     norm = plt.Normalize(-0.5, labels.max() + 0.5)
     groups = data.groupby("kind", sort=True) if kinds is not None else [(None, data)]
+    handles = []
     for (kind, pts), marker in zip(groups, KIND_MARKERS):
         ax.scatter(pts["umap_1"], pts["umap_2"], c=pts["cluster"], cmap="turbo", norm=norm, s=40, alpha=0.85,
-                   marker=marker, edgecolors="black", linewidths=0.3, label=None if kind is None else f"{kind}s ({len(pts)})")
-        if kind is not None:  # name the cloud at its median, in a box
-            ax.annotate(f"{kind}s", (pts["umap_1"].median(), pts["umap_2"].median()), ha="center", va="center",
-                        fontsize=14, fontweight="bold", bbox=dict(boxstyle="round", fc="white", alpha=0.8))
+                   marker=marker, edgecolors="black", linewidths=0.3)
+        handles.append(Line2D([], [], marker=marker, ls="", color="lightgrey", markeredgecolor="black",
+                              markersize=8, label=f"{kind}s ({len(pts)})"))
+        if kind is not None:  # name the cloud just above it, in a box
+            ax.annotate(f"{kind}s", (pts["umap_1"].median(), pts["umap_2"].max()), xytext=(0, 10),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=14, fontweight="bold",
+                        bbox=dict(boxstyle="round", fc="white", alpha=0.85))
     colours = plt.cm.ScalarMappable(norm=norm, cmap="turbo")
     fig.colorbar(colours, ax=ax, label="k-means cluster (id)")
-    if kinds is not None:
-        ax.legend(loc="best", fontsize=11)
+    if kinds is not None:  # the legend explains the markers only: grey, not a cluster's colour
+        ax.legend(handles=handles, loc="best", fontsize=11, title="marker")
+        ax.margins(x=0.1, y=0.18)  # room for the cloud labels
     ax.set(title=f"UMAP of mean token embeddings, {len(data)} {what}\n"
                  f"coloured by k-means cluster (k = {k}; {profile} profile)",
            xlabel="UMAP 1 (arbitrary units)", ylabel="UMAP 2 (arbitrary units)")
