@@ -156,8 +156,8 @@ def umap_clusters(emb, labels, profile: str, seed: int = 0, name: str = "02_umap
                    marker=marker, edgecolors="black", linewidths=0.3)
         handles.append(Line2D([], [], marker=marker, ls="", color="lightgrey", markeredgecolor="black",
                               markersize=8, label=f"{kind}s ({len(pts)})"))
-        if kind is not None:  # name the cloud just above it, in a box
-            ax.annotate(f"{kind}s", (pts["umap_1"].median(), pts["umap_2"].max()), xytext=(0, 10),
+        if kind is not None:  # name the cloud just above its bulk (a few strays may sit in the other cloud)
+            ax.annotate(f"{kind}s", (pts["umap_1"].median(), pts["umap_2"].quantile(0.95)), xytext=(0, 10),
                         textcoords="offset points", ha="center", va="bottom", fontsize=14, fontweight="bold",
                         bbox=dict(boxstyle="round", fc="white", alpha=0.85))
     colours = plt.cm.ScalarMappable(norm=norm, cmap="turbo")
