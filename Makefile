@@ -1,13 +1,15 @@
 # Two commands do everything on a fresh clone:
 #   make reproduce   set up .venv and run every notebook in order (PROFILE=cpu by default)
 #   make test        set up .venv and run the test suite, notebooks included (what CI runs)
+# and one opens the notebooks to step through them:
+#   make lab         set up .venv, register its Jupyter kernel, start JupyterLab on notebooks/
 PROFILE ?= cpu
 PY := .venv/bin/python
 # Raising glibc's mmap threshold keeps the LM head's ~800 MB temporaries in the heap: ~30% faster steps.
 export MALLOC_MMAP_THRESHOLD_ ?= 17179869184
 export PYTHONHASHSEED := 0
 
-.PHONY: reproduce test compare bench doctor
+.PHONY: reproduce test lab notebooks-smoke compare bench doctor
 
 .venv/.installed: requirements.txt requirements-assets.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -21,10 +23,23 @@ export PYTHONHASHSEED := 0
 # One pytest run: the unit tests, then every notebook executed once on the smoke profile. nbval runs
 # in lax mode: every cell must run, and the cells marked NBVAL_CHECK_OUTPUT (data, shapes, counts)
 # must print what is committed; numbers a model computes are checked by assertion cells instead,
-# since another CPU changes their last digits.
+# since another CPU changes their last digits. The results and figures the notebooks write go to a
+# temporary folder (CHAMELEON_OUTPUTS), so that `make test` changes no tracked file, and tqdm is
+# silenced (TQDM_DISABLE) as in the committed outputs.
 test: .venv/.installed
-	CHAMELEON_PROFILE=smoke $(PY) -m pytest -q --durations=15 tests notebooks \
-		--nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg
+	out=$$(mktemp -d) && CHAMELEON_OUTPUTS=$$out TQDM_DISABLE=1 CHAMELEON_PROFILE=smoke \
+		$(PY) -m pytest -q --durations=15 tests notebooks \
+		--nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg; rc=$$?; rm -rf $$out; exit $$rc
+
+# Step through the notebooks: the kit's kernel ("ChamaleonLLM kit") runs .venv's Python; opened this
+# way a notebook uses the cpu profile and shows progress bars on its long cells.
+lab: .venv/.installed
+	$(PY) -m ipykernel install --user --name chameleon-kit --display-name "ChamaleonLLM kit"
+	.venv/bin/jupyter lab notebooks/
+
+# Refresh the committed notebook outputs and figures/smoke (run after changing a notebook or a figure).
+notebooks-smoke: .venv/.installed
+	$(PY) -m chameleon notebooks --profile smoke --in-place
 
 reproduce: .venv/.installed
 	$(PY) -m chameleon notebooks --profile $(PROFILE)

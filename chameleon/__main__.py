@@ -104,13 +104,20 @@ def compare(args) -> int:
 
 
 def notebooks(args) -> int:
-    """Run every notebook in order on the profile into runs/<profile>/, then print the results table."""
+    """Run every notebook in order on the profile into runs/<profile>/ (or, with --in-place, over the
+    committed notebooks: how their smoke outputs are refreshed), then print the results table."""
     cfg = _config(args)  # before the heavy imports: a bad option is refused at once
     from chameleon.compare import summary, to_markdown
-    from chameleon.notebooks import run_notebooks
+    from chameleon.notebooks import NOTEBOOKS, notebook_paths, run_notebooks
     from chameleon.runs import finished_runs
 
-    run_notebooks(cfg.profile)
+    chosen = [p for p in notebook_paths() if not args.only or any(p.name.startswith(o) for o in args.only)]
+    if not chosen:
+        raise ValueError(f"no notebook starts with {args.only}; choose among {[p.name for p in notebook_paths()]}")
+    if args.in_place:  # the parameters cell reads $CHAMELEON_PROFILE: no injected cell in committed copies
+        run_notebooks(cfg.profile, out_dir=NOTEBOOKS, inject=False, notebooks=chosen)
+    else:
+        run_notebooks(cfg.profile, notebooks=chosen)
     print(to_markdown(summary(finished_runs(cfg))))
     return 0
 
@@ -157,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         _add_config_options(command)
         if name == "train":
             command.add_argument("--resume", action="store_true", help="continue an interrupted run")
+        if name == "notebooks":
+            command.add_argument("--in-place", action="store_true",
+                                 help="overwrite notebooks/*.ipynb with the executed copies (committed outputs: smoke)")
+            command.add_argument("--only", nargs="+", metavar="PREFIX", help="only the notebooks starting with these, e.g. 01 02")
         if name == "compare":
             command.add_argument("--seeds", type=int, default=1, help="seeds per run; the table shows mean ± std")
             command.add_argument("--experiment", default="all", choices=["all", "paper-length", "heads"],

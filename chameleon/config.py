@@ -15,6 +15,12 @@ from chameleon.regimes import REGIMES
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: data/, results/, figures/ live here
 
 
+def outputs_root() -> Path:
+    """Where results/ and figures/ are written: the checkout, or $CHAMELEON_OUTPUTS when set (`make test`
+    points it at a temporary folder, so that executing the notebooks never changes tracked files)."""
+    return Path(os.environ.get("CHAMELEON_OUTPUTS") or ROOT)
+
+
 @dataclass
 class Config:
     # --- reproducibility ---
@@ -63,7 +69,8 @@ class Config:
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:N" or "mps"
     profile: str = "default"  # name of the profile this config came from; results are filed under it
     data_dir: Path = field(default=ROOT / "data")  # data/cache holds converted models, embeddings, hidden states
-    results_dir: Path = field(default=ROOT / "results")  # results/<profile>/<task>/<run>/ for every run
+    # results/<profile>/<task>/<run>/ for every run; under $CHAMELEON_OUTPUTS when set (see outputs_root)
+    results_dir: Path = field(default_factory=lambda: outputs_root() / "results")
 
     @property
     def cache_dir(self) -> Path:

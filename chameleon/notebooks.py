@@ -25,9 +25,9 @@ NOTEBOOKS = ROOT / "notebooks"
 
 
 def quiet() -> None:
-    """No progress bars or library warnings in notebook outputs, and tables wide enough for example
-    texts. Call it first: tqdm reads TQDM_DISABLE when it is first imported."""
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    """No library warnings or Hugging Face download bars in notebook outputs, and tables wide enough
+    for example texts. The kit's own tqdm bars stay on in JupyterLab (long cells show progress); the
+    runner (`run_notebooks`) and `make test` set TQDM_DISABLE=1, so committed outputs hold none."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")  # tqdm.auto's "IProgress not found" among them
     from transformers.utils import logging as hf_logging
@@ -73,6 +73,7 @@ def run_notebooks(profile: str, out_dir: Path | str | None = None, inject: bool 
     out = Path(out_dir) if out_dir is not None else ROOT / "runs" / profile
     out.mkdir(parents=True, exist_ok=True)
     done = []
+    # TQDM_DISABLE: no progress bars in the executed copies (tqdm reads it when first imported)
     with _env(CHAMELEON_PROFILE=profile, PYTHONHASHSEED="0", TQDM_DISABLE="1"):
         for nb in notebooks or notebook_paths():
             log(f"running {nb.name} ({profile})")

@@ -2,14 +2,22 @@
 
 Every figure is saved by `save` as figures/<profile>/<name>.png with the data behind it
 as figures/<profile>/<name>.csv, so a smoke run never touches another profile's figures.
+Each PNG carries, in its metadata, the plotting function that drew it and a hash of that
+function's code (`code_hash`): tests/test_notebooks.py fails when a committed figure is older
+than the code that makes it.
 
     fig = loss_curves(runs, profile="smoke")   # runs: DataFrame from notebooks.histories
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
+import os
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 import numpy as np
 import pandas as pd
 
@@ -32,14 +40,44 @@ plt.rcParams.update(STYLE)
 
 
 def figures_dir(profile: str) -> Path:
-    return ROOT / "figures" / profile
+    """figures/<profile>/ in the checkout, or under $CHAMELEON_OUTPUTS when set (`make test`)."""
+    return Path(os.environ.get("CHAMELEON_OUTPUTS") or ROOT) / "figures" / profile
+
+
+def code_hash(function: str) -> str:
+    """A short hash of the code behind a figure: the source of the plotting function `function`,
+    of every function of this module it calls (transitively, `save` included) and the values of
+    the module's constants it reads (colours, styles). Editing another figure's function leaves it."""
+    module, seen, parts = sys.modules[__name__], set(), []
+
+    def visit(name: str) -> None:
+        if name in seen or not hasattr(module, name):
+            return
+        seen.add(name)
+        value = getattr(module, name)
+        if inspect.isfunction(value) and value.__module__ == __name__:
+            parts.append(inspect.getsource(value))
+            for used in value.__code__.co_names:
+                visit(used)
+        elif isinstance(value, (dict, tuple, list, str, int, float)):
+            parts.append(f"{name} = {value!r}")
+
+    for name in (function, "save", "STYLE"):
+        visit(name)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def save(fig: plt.Figure, data: pd.DataFrame, name: str, profile: str) -> Path:
-    """Write figures/<profile>/<name>.png and the data behind it as <name>.csv; returns the PNG path."""
+    """Write figures/<profile>/<name>.png and the data behind it as <name>.csv; returns the PNG path.
+
+    The PNG's metadata names the plotting function that called `save` ("chameleon-plot") and the
+    `code_hash` of its code ("chameleon-plot-hash")."""
     folder = figures_dir(profile)
     folder.mkdir(parents=True, exist_ok=True)
-    fig.savefig(folder / f"{name}.png", bbox_inches="tight", metadata={"Software": None})
+    caller = sys._getframe(1).f_code.co_name
+    function = caller if inspect.isfunction(globals().get(caller)) else "save"
+    fig.savefig(folder / f"{name}.png", bbox_inches="tight",
+                metadata={"Software": None, "chameleon-plot": function, "chameleon-plot-hash": code_hash(function)})
     data.to_csv(folder / f"{name}.csv", index=False, float_format="%.6g")
     plt.close(fig)  # shown once, as the cell's value: no second copy from the inline backend
     return folder / f"{name}.png"
@@ -49,21 +87,23 @@ def regime_colour(regime: str) -> str:
     return REGIME_COLOURS.get(regime, "#CC79A7")
 
 
-def padding_similarity(df: pd.DataFrame, profile: str) -> plt.Figure:
+def padding_similarity(df: pd.DataFrame, profile: str, max_length: int | None = None) -> plt.Figure:
     """Bars: cosine(paper-protocol, causal-protocol embedding) of each text against its real length.
 
-    df columns: text (short label), real_tokens, cosine.
+    df columns: text (short label), real_tokens, cosine. The bars run from the shortest text to the
+    longest; a text that fills max_length has no padding, and its bar reaches 1.0.
     """
+    order = df.sort_values("real_tokens").reset_index(drop=True)
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    order = df.sort_values("real_tokens")
-    bars = ax.bar(range(len(order)), order["cosine"], color=regime_colour("lora"))
+    bars = ax.bar(range(len(order)), order["cosine"], color="#555555")  # grey: not a regime
     ax.bar_label(bars, fmt="%.2f")
-    ax.set_xticks(range(len(order)), [f"{n} tokens" for n in order["real_tokens"]])
-    ax.set_ylim(min(0.0, order["cosine"].min() - 0.05), 1.05)
+    length = f" of {max_length}" if max_length else ""
+    ax.set_xticks(range(len(order)), [f"{n}{length} tokens" for n in order["real_tokens"]])
+    ax.set_ylim(min(0.0, order["cosine"].min() - 0.05), 1.1)
     ax.axhline(1.0, color="black", lw=1, ls=":")
-    ax.set(title="Padding changes the embedding of short texts",
-           xlabel="real tokens in the text (rest is padding)", ylabel="cosine(paper, causal embedding)")
-    save(fig, df, "01_padding_similarity", profile)
+    ax.set(title=f"Padding pulls short texts' embeddings apart ({profile} profile)",
+           xlabel="real tokens in the text (the rest is padding)", ylabel="cosine(paper, causal embedding)")
+    save(fig, order, "01_padding_similarity", profile)
     return fig
 
 
@@ -72,13 +112,13 @@ def cluster_sizes(labels, profile: str, batch_size: int | None = None, name: str
     counts = np.bincount(np.asarray(labels))
     data = pd.DataFrame({"cluster": np.arange(len(counts)), "examples": counts})
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.bar(data["cluster"], data["examples"], color=regime_colour("chameleon"))
+    ax.bar(data["cluster"], data["examples"], color="#555555")  # grey: not a regime
     ax.set_xticks(data["cluster"]) if len(counts) <= 30 else None
     ax.yaxis.get_major_locator().set_params(integer=True)
     if batch_size:
         ax.axhline(batch_size, color="black", ls="--", lw=1.5, label=f"batch_size = {batch_size}")
         ax.legend()
-    ax.set(title=f"Examples per cluster (k = {len(counts)}, N = {counts.sum()})",
+    ax.set(title=f"Examples per k-means cluster: k = {len(counts)}, N = {counts.sum()} ({profile} profile)",
            xlabel="cluster", ylabel="examples (count)")
     save(fig, data, name, profile)
     return fig
@@ -93,20 +133,44 @@ def umap_2d(emb, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
     return reducer.fit_transform(emb)
 
 
-def umap_clusters(emb, labels, profile: str, seed: int = 0, name: str = "02_umap_clusters") -> plt.Figure:
-    """Scatter of a 2-D UMAP of the example embeddings, coloured by cluster."""
+KIND_MARKERS = ("o", "^", "s", "D")  # one marker per kind of example (e.g. paragraph / heading lines)
+
+
+def umap_clusters(emb, labels, profile: str, seed: int = 0, name: str = "02_umap_clusters",
+                  kinds=None, what: str = "examples") -> plt.Figure:
+    """Scatter of a 2-D UMAP of the example embeddings, coloured by k-means cluster.
+
+    Cluster ids are arbitrary and there may be dozens, so they are coloured by a continuous map with
+    a colour bar, not a palette that repeats. `kinds` (one label per example, e.g. "heading line" /
+    "paragraph line") gives each kind its own marker and writes its name beside its cloud.
+    `what` names the examples in the title ("train lines").
+    """
     xy, labels = umap_2d(emb, seed), np.asarray(labels)
     data = pd.DataFrame({"umap_1": xy[:, 0], "umap_2": xy[:, 1], "cluster": labels})
-    fig, ax = plt.subplots(figsize=(8, 6.5))
-    cmap = plt.get_cmap("tab20" if labels.max() >= 10 else "tab10")
-    for c in np.unique(labels):
-        pts = data[data["cluster"] == c]
-        ax.scatter(pts["umap_1"], pts["umap_2"], s=40, color=cmap(c % cmap.N), label=str(c), alpha=0.85)
+    if kinds is not None:
+        data["kind"] = list(kinds)
     k = len(np.unique(labels))
-    if k <= 20:
-        ax.legend(title="cluster", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=10)
-    ax.set(title=f"UMAP of the mean embeddings: {k} clusters", xlabel="UMAP 1 (arbitrary units)",
-           ylabel="UMAP 2 (arbitrary units)")
+    fig, ax = plt.subplots(figsize=(9, 6.5))
+    norm = plt.Normalize(-0.5, labels.max() + 0.5)
+    groups = data.groupby("kind", sort=True) if kinds is not None else [(None, data)]
+    handles = []
+    for (kind, pts), marker in zip(groups, KIND_MARKERS):
+        ax.scatter(pts["umap_1"], pts["umap_2"], c=pts["cluster"], cmap="turbo", norm=norm, s=40, alpha=0.85,
+                   marker=marker, edgecolors="black", linewidths=0.3)
+        handles.append(Line2D([], [], marker=marker, ls="", color="lightgrey", markeredgecolor="black",
+                              markersize=8, label=f"{kind}s ({len(pts)})"))
+        if kind is not None:  # name the cloud just above its bulk (a few strays may sit in the other cloud)
+            ax.annotate(f"{kind}s", (pts["umap_1"].median(), pts["umap_2"].quantile(0.95)), xytext=(0, 10),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=14, fontweight="bold",
+                        bbox=dict(boxstyle="round", fc="white", alpha=0.85))
+    colours = plt.cm.ScalarMappable(norm=norm, cmap="turbo")
+    fig.colorbar(colours, ax=ax, label="k-means cluster (id)")
+    if kinds is not None:  # the legend explains the markers only: grey, not a cluster's colour
+        ax.legend(handles=handles, loc="best", fontsize=11, title="marker")
+        ax.margins(x=0.1, y=0.18)  # room for the cloud labels
+    ax.set(title=f"UMAP of mean token embeddings, {len(data)} {what}\n"
+                 f"coloured by k-means cluster (k = {k}; {profile} profile)",
+           xlabel="UMAP 1 (arbitrary units)", ylabel="UMAP 2 (arbitrary units)")
     save(fig, data, name, profile)
     return fig
 

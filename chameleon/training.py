@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -184,7 +185,7 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         adapted.train()
         total, count, t0 = 0.0, 0, time.perf_counter()
         bar = tqdm(zip(batches, condition_batches(batches, cfg.conditioning)), total=len(batches),
-                   desc=f"{cfg.regime}/{cfg.protocol} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+                   desc=f"{cfg.regime}/{cfg.protocol} epoch {epoch + 1}/{cfg.epochs}", disable=not progress or bool(os.environ.get("TQDM_DISABLE")), leave=False)
         for i, (batch, cond) in enumerate(bar):
             loss_sum, n = batch_loss(adapted, train_split, rows["train"], batch, cond, dev)
             loss = loss_sum / max(n, 1)

@@ -5,6 +5,7 @@ must run without error, and the outputs of the cells marked NBVAL_CHECK_OUTPUT m
 committed ones.
 """
 import json
+import os
 import re
 
 import matplotlib
@@ -43,6 +44,7 @@ def test_compared_outputs_hold_no_model_float_to_three_decimals():
 
 
 def test_save_writes_png_and_csv_under_the_profile(tmp_path, monkeypatch):
+    monkeypatch.delenv("CHAMELEON_OUTPUTS", raising=False)
     monkeypatch.setattr(plots, "ROOT", tmp_path)
     fig = plots.cluster_sizes(np.array([0, 0, 1, 2, 2, 2]), profile="unit")
     assert fig.axes[0].get_xlabel() and fig.axes[0].get_ylabel() and fig.axes[0].get_title()
@@ -52,6 +54,7 @@ def test_save_writes_png_and_csv_under_the_profile(tmp_path, monkeypatch):
 
 
 def test_loss_curves_use_the_regime_colours(tmp_path, monkeypatch):
+    monkeypatch.delenv("CHAMELEON_OUTPUTS", raising=False)
     monkeypatch.setattr(plots, "ROOT", tmp_path)
     history = pd.DataFrame({"regime": ["lora"] * 2 + ["chameleon"] * 2, "protocol": "causal",
                             "conditioning": "batch_mean", "epoch": [0, 1] * 2, "val_loss": [3.0, 2.5, 3.0, 2.4]})
@@ -147,3 +150,46 @@ def test_loss_curves_no_two_curves_share_colour_and_style(tmp_path, monkeypatch)
     styles = {(line.get_color(), str(line.get_linestyle()), line.get_marker()) for line in fig.axes[0].get_lines()}
     assert len(styles) == len(conds)
     assert "unit profile" in fig._suptitle.get_text()
+
+
+def test_committed_figures_are_as_new_as_the_code_that_draws_them():
+    """Every committed figures/<profile>/*.png names the plotting function that drew it and the hash
+    of that function's code (plots.save); a figure drawn by older code fails here: regenerate it
+    (`python -m chameleon notebooks --profile smoke --in-place`, or the notebook on its profile)."""
+    from PIL import Image
+
+    from chameleon.config import ROOT
+
+    stale = []
+    for png in sorted((ROOT / "figures").glob("*/*.png")):
+        meta = Image.open(png).text
+        function = meta.get("chameleon-plot")
+        if function is None or meta.get("chameleon-plot-hash") != plots.code_hash(function):
+            stale.append(f"{png.relative_to(ROOT)} ({function or 'no hash'})")
+    assert not stale, "figures older than their plotting code: " + ", ".join(stale)
+
+
+def test_save_stamps_the_plotting_function_and_its_hash(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("CHAMELEON_OUTPUTS", str(tmp_path))
+    plots.cluster_sizes(np.array([0, 1, 1]), profile="unit")
+    meta = Image.open(tmp_path / "figures" / "unit" / "02_cluster_sizes.png").text
+    assert meta["chameleon-plot"] == "cluster_sizes"
+    assert meta["chameleon-plot-hash"] == plots.code_hash("cluster_sizes") != plots.code_hash("umap_clusters")
+
+
+def test_outputs_go_under_chameleon_outputs_when_set(tmp_path, monkeypatch):
+    from chameleon.config import Config
+
+    monkeypatch.setenv("CHAMELEON_OUTPUTS", str(tmp_path))
+    assert Config.from_profile("smoke").results_dir == tmp_path / "results"
+    assert plots.figures_dir("smoke") == tmp_path / "figures" / "smoke"
+
+
+def test_quiet_leaves_progress_bars_on_for_interactive_use(monkeypatch):
+    from chameleon.notebooks import quiet
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    quiet()
+    assert "TQDM_DISABLE" not in os.environ
