@@ -114,29 +114,15 @@ def test_expert_weights_match_the_svf_adapter(tmp_path):
     assert weights[adapted.svf.keys[name]].shape == svf.original_weight(model.get_submodule(name)).shape
 
 
-def test_checkpoint_holds_every_expert_and_resumes(tmp_path, monkeypatch):
-    reference = train(tiny(tmp_path / "a", regime="svf_experts", epochs=2), progress=False)
-    cfg = tiny(tmp_path / "b", regime="svf_experts", epochs=2)
-    calls, evaluate = [], training.evaluate
-
-    def interrupted(*args):  # dies in the evaluation after epoch 2, once epoch 1 is checkpointed
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return evaluate(*args)
-
-    monkeypatch.setattr(training, "evaluate", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, progress=False)
+def test_checkpoint_holds_every_expert(tmp_path):
+    """One z per expert and adapted matrix (resuming from it: test_training's resume test)."""
+    cfg = tiny(tmp_path, regime="svf_experts", epochs=1)
+    train(cfg, progress=False)
     with safe_open(run_dir(cfg) / CHECKPOINT, "pt") as f:
         params = [k for k in f.keys() if k.startswith("param.")]
     n_layers = len(svf.target_layers(load_backbone("gpt2-tiny")[0]))
     assert len(params) == cfg.n_experts * n_layers
     assert {p.split(".")[3] for p in params} == {str(k) for k in range(cfg.n_experts)}  # param.svf.experts.<k>.<layer>
-    monkeypatch.setattr(training, "evaluate", evaluate)
-    resumed = train(cfg, resume=True, progress=False)
-    assert [h["val_loss"] for h in resumed["history"]] == pytest.approx(
-        [h["val_loss"] for h in reference["history"]], abs=1e-6)
 
 
 def test_expert_settings_name_only_expert_runs(tmp_path):

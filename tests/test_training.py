@@ -76,9 +76,10 @@ def test_a_finished_run_is_read_back_not_retrained(tmp_path, monkeypatch):
     assert train(cfg, progress=False) == first
 
 
-def test_resume_reaches_the_same_final_numbers(tmp_path, monkeypatch):
-    reference = train(tiny(tmp_path / "a", regime="chameleon", epochs=3), progress=False)
-    cfg = tiny(tmp_path / "b", regime="chameleon", epochs=3)
+@pytest.mark.parametrize("regime", ["chameleon", "svf_experts"])  # a hypernetwork; one z per expert and matrix
+def test_resume_reaches_the_same_final_numbers(tmp_path, monkeypatch, regime):
+    reference = train(tiny(tmp_path / "a", regime=regime, epochs=3), progress=False)
+    cfg = tiny(tmp_path / "b", regime=regime, epochs=3)
     calls, evaluate = [], training.evaluate
 
     def interrupted(*args):  # dies in the evaluation after epoch 2, once epoch 1 is checkpointed
