@@ -50,8 +50,8 @@ compare: .venv/.installed
 
 bench: .venv/.installed
 	$(PY) -m benchmarks.bench_embeddings
-	$(PY) benchmarks/bench_training.py
-	$(PY) benchmarks/bench_head.py
+	$(PY) -m benchmarks.bench_training
+	$(PY) -m benchmarks.bench_head
 	$(PY) -m benchmarks.bench_serving
 
 doctor: .venv/.installed

@@ -13,14 +13,15 @@ tokens; the body's real hidden states, computed once, as on the cached path). A 
 Exits non-zero when fused lora or chameleon scores fewer than MIN_ROWS_PER_S rows/s, or loss or gradients
 differ by more than MAX_REL_DIFF (relative to the largest entry).
 
-    MALLOC_MMAP_THRESHOLD_=17179869184 python benchmarks/bench_head.py
+    MALLOC_MMAP_THRESHOLD_=17179869184 python -m benchmarks.bench_head
 """
-import datetime, json, os, platform, re, shutil, statistics, subprocess, sys, tempfile, time  # noqa: E401
+import datetime, json, os, platform, re, shutil, subprocess, sys, tempfile, time  # noqa: E401
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks.timing import interleaved, write_report
 from chameleon import objectives
 from chameleon.backbones import load_backbone
 from chameleon.config import Config
@@ -83,18 +84,6 @@ def step(adapted, opt, data, chunk) -> float:
     return loss.item()
 
 
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Median seconds of each callable, run A B C A B C ... after one warm-up call each."""
-    times = {name: [] for name in fns}
-    for r in range(repeats + 1):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if r:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def agreement(cfg, model, regime, data) -> dict:
     """Max abs and relative differences of loss and gradients, plain vs fused, from identical adapters."""
     out = {}
@@ -150,14 +139,14 @@ def main() -> int:
         adapted, opt = trainer(cfg, model, regime)
         fns[(regime, chunk)] = lambda a=adapted, o=opt, c=chunk: step(a, o, data, c)
     t0 = time.perf_counter()
-    seconds = interleaved(fns, STEP_REPEATS)
+    seconds = interleaved(fns, STEP_REPEATS, warmup=True)
     wall = time.perf_counter() - t0
     load_after = os.getloadavg()[0]
     agree = {regime: agreement(cfg, model, regime, data) for regime in REGIMES}
 
     memory = {}
     for regime, chunk in variants:
-        out = subprocess.run([sys.executable, __file__, "--child", data_dir, regime, str(chunk)],
+        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_head", "--child", data_dir, regime, str(chunk)],
                              check=True, capture_output=True, text=True).stdout
         memory[(regime, chunk)] = json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
@@ -167,7 +156,7 @@ def main() -> int:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     name = lambda c: "plain" if c == 0 else f"fused, chunk {c}"  # noqa: E731
-    md = [f"Command: `MALLOC_MMAP_THRESHOLD_=17179869184 python benchmarks/bench_head.py` ({datetime.date.today()})",
+    md = [f"Command: `MALLOC_MMAP_THRESHOLD_=17179869184 python -m benchmarks.bench_head` ({datetime.date.today()})",
           f"Machine: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {platform.machine()}, "
           f"torch {torch.__version__}; load average at the start {load[0]:.2f} (5 min {load[1]:.2f}), after the "
           f"timed steps {load_after:.2f}; MALLOC_MMAP_THRESHOLD_ {os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}",
@@ -193,9 +182,7 @@ def main() -> int:
     md += ["", f"Result: {'PASS' if ok_speed and ok_diff else 'FAIL'} (fused lora and chameleon >= {MIN_ROWS_PER_S} "
                f"scored rows/s: {'yes' if ok_speed else 'no'}; differences <= {MAX_REL_DIFF:g} relative: "
                f"{'yes' if ok_diff else 'no'})."]
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(OUT, md)
     shutil.rmtree(data_dir, ignore_errors=True)
     return 0 if ok_speed and ok_diff else 1
 

@@ -19,11 +19,12 @@ Variants alternate (ABAB...), medians reported. Exits non-zero when the batch-8 
 
     python -m benchmarks.bench_serving
 """
-import datetime, os, platform, random, shutil, statistics, sys, tempfile, time  # noqa: E401
+import datetime, os, platform, random, shutil, sys, tempfile, time  # noqa: E401
 from pathlib import Path
 
 import torch
 
+from benchmarks.timing import interleaved, write_report
 from chameleon.config import ROOT, Config
 from chameleon.data import load_lm_corpus
 from chameleon.generation import greedy
@@ -50,18 +51,6 @@ def prompts_pool(n: int = 400) -> list[str]:
     lines = [t for t in load_lm_corpus("wiki")["validation"]["text"] if not t.startswith(" = ")]
     random.Random(0).shuffle(lines)
     return [" ".join(t.split()[:PROMPT_WORDS]) for t in lines[:n]]
-
-
-def interleaved(fns: dict, repeats: int, warmup: bool = False) -> dict:
-    """Median seconds of each callable, run A B C A B C ... (after one warm-up call each if `warmup`)."""
-    times = {name: [] for name in fns}
-    for r in range(repeats + warmup):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if r or not warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> int:
@@ -149,9 +138,7 @@ def main() -> int:
            f"| chameleon | the hypernetwork | {mem['chameleon']['trained']:,} | {mem['chameleon']['per_group']:,} |",
            "", f"Result: {'PASS' if ok else 'FAIL'} (overhead <= {100 * MAX_OVERHEAD:.0f}%, batched >= "
                f"{MIN_BATCH_SPEEDUP:g}x one-by-one, same tokens)."]
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(OUT, md)
     shutil.rmtree(tmp, ignore_errors=True)
     return 0 if ok else 1
 

@@ -6,13 +6,14 @@
 Variants alternate (ABAB...), medians reported. Exits non-zero when the head-only step ratio
 exceeds 1.10, the cached epoch is < 5x faster, or the losses differ by more than 1e-4.
 
-    python benchmarks/bench_training.py
+    python -m benchmarks.bench_training
 """
 import datetime, json, os, platform, shutil, statistics, subprocess, sys, tempfile, time  # noqa: E401
 from pathlib import Path
 
 import torch
 
+from benchmarks.timing import interleaved, write_report
 from chameleon.backbones import load_backbone
 from chameleon.clustering import ClusterBatchSampler
 from chameleon.config import Config
@@ -51,18 +52,6 @@ def step(adapted, opt, split, rows, batch) -> float:
     return loss.item()
 
 
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Median seconds of each callable, run A B C A B C ... after one warm-up call each."""
-    times = {name: [] for name in fns}
-    for r in range(repeats + 1):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if r:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def step_fns(cfg, model, split, rows, regimes, paths):
     batch, trainers = list(range(cfg.batch_size)), {regime: trainer(cfg, model, regime) for regime in regimes}
     return {f"{regime} {path}": (lambda a=a, o=o, r=rows[path]: step(a, o, split, r, batch))
@@ -82,7 +71,7 @@ def child(data_dir: str) -> None:  # one process's lora step medians, for the MA
     cfg, model, split = setup(data_dir)
     adapted = build(cfg.replace(regime="lora"), model)
     rows = {"head-only": scored_rows(adapted, split, True, cfg.cache_dir), "full": scored_rows(adapted, split, False, "")}
-    print(json.dumps(interleaved(step_fns(cfg, model, split, rows, ["lora"], rows), CHILD_REPEATS)))
+    print(json.dumps(interleaved(step_fns(cfg, model, split, rows, ["lora"], rows), CHILD_REPEATS, warmup=True)))
 
 
 def main() -> int:
@@ -93,7 +82,8 @@ def main() -> int:
     cache_build = time.perf_counter() - t0
     rows["full"] = scored_rows(build(cfg.replace(regime="lora"), model), split, False, "")
     n_rows, load = len(rows["full"].target), os.getloadavg()[0]
-    steps = interleaved(step_fns(cfg, model, split, rows, ["lora", "chameleon"], ["head-only", "full"]), STEP_REPEATS)
+    steps = interleaved(step_fns(cfg, model, split, rows, ["lora", "chameleon"], ["head-only", "full"]), STEP_REPEATS,
+                        warmup=True)
     ratio = {p: steps[f"chameleon {p}"] / steps[f"lora {p}"] for p in ("head-only", "full")}
     epochs, losses = {"head-only": [], "full": []}, {}
     for _ in range(EPOCH_REPEATS):
@@ -109,13 +99,13 @@ def main() -> int:
         for setting in malloc:
             env = {k: v for k, v in os.environ.items() if k != MALLOC[0]}
             env.update({MALLOC[0]: MALLOC[1]} if setting == "set" else {})
-            out = subprocess.run([sys.executable, __file__, "--child", data_dir], env=env, check=True,
+            out = subprocess.run([sys.executable, "-m", "benchmarks.bench_training", "--child", data_dir], env=env, check=True,
                                  capture_output=True, text=True).stdout
             malloc[setting].append(json.loads(out.strip().splitlines()[-1]))
     med = {s: {p: statistics.median(r[p] for r in runs) for p in runs[0]} for s, runs in malloc.items()}
 
     ok = ratio["head-only"] <= MAX_STEP_RATIO and speedup >= MIN_CACHE_SPEEDUP and diff <= MAX_LOSS_DIFF
-    md = [f"Command: `python benchmarks/bench_training.py` ({datetime.date.today()})",
+    md = [f"Command: `python -m benchmarks.bench_training` ({datetime.date.today()})",
           f"Machine: {torch.get_num_threads()} torch threads, {platform.machine()}, torch {torch.__version__}; "
           f"load average at the start {load:.2f}; {MALLOC[0]} in this process: {os.environ.get(MALLOC[0], 'unset')}",
           f"Batch: {cfg.batch_size} examples x {cfg.max_length} tokens = {len(rows['full'].index(list(range(8))))} "
@@ -134,9 +124,7 @@ def main() -> int:
            for p in med["set"]]
     md += ["", f"Result: {'PASS' if ok else 'FAIL'} (step ratio <= {MAX_STEP_RATIO}, cached speed-up >= "
                f"{MIN_CACHE_SPEEDUP}x, loss difference <= {MAX_LOSS_DIFF:g})."]
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(OUT, md)
     shutil.rmtree(data_dir, ignore_errors=True)
     return 0 if ok else 1
 
