@@ -102,17 +102,15 @@ def test_missing_path_is_named(tmp_path):
         load_instructions(missing)
 
 
-def test_blank_file_has_no_usable_text(tmp_path):
-    path = tmp_path / "blank.txt"
-    path.write_text("\n   \n\t\n\n")
-    with pytest.raises(ValueError, match="no usable text"):
-        load_lm_corpus(str(path))
-
-
-def test_jsonl_without_text_names_the_record(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text("\n".join([json.dumps({"text": "fine"}), json.dumps({"body": "no text field"})]))
-    with pytest.raises(ValueError, match=r"record 1 lacks \['text'\]"):
+@pytest.mark.parametrize("name, text, message", [
+    ("blank.txt", "\n   \n\t\n\n", "no usable text"),
+    ("bad.jsonl", json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no text field"}), r"record 1 lacks \['text'\]"),
+    ("two.txt", "First line of text.\nSecond line of text.\n", "split is empty"),  # too small to split
+])
+def test_unusable_corpus_file_says_why(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
         load_lm_corpus(str(path))
 
 
@@ -123,13 +121,6 @@ def test_instruction_jsonl_without_output_names_the_record(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in records))
     with pytest.raises(ValueError, match=r"record 3 lacks \['output'\]"):
         load_instructions(str(path))
-
-
-def test_too_small_file_gives_an_empty_split(tmp_path):
-    path = tmp_path / "two.txt"
-    path.write_text("First line of text.\nSecond line of text.\n")
-    with pytest.raises(ValueError, match="split is empty"):
-        load_lm_corpus(str(path))
 
 
 def test_hub_corpus_offline_names_the_embedded_default(monkeypatch):
