@@ -91,7 +91,7 @@ def main() -> int:
                                                  max_length=MAX_LENGTH, return_tensors="pt"))[1])
     t_tok_kit, t_tok_ref = np.median(t_tok_kit), np.median(t_tok_ref)
     input_ids = enc["input_ids"]
-    mask = embedding_mask(enc["attention_mask"], "causal")  # real tokens only; the cost is the same for "paper"
+    mask = embedding_mask(enc["attention_mask"], "causal")  # real tokens only; the cost is the same for "authors"
 
     model = GPT2LMHeadModel(GPT2Config()).eval()
     k = default_k(N, BATCH_SIZE)

@@ -9,7 +9,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from chameleon.config import PROFILES, Config, RunFailed
+from chameleon.config import PROFILES, RENAMED, Config, RunFailed
 
 
 def doctor(args) -> int:
@@ -37,8 +37,8 @@ def _config(args) -> Config:
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", default=None, choices=sorted(PROFILES),
-                        help="named profile (default: $CHAMELEON_PROFILE or cpu)")
+    parser.add_argument("--profile", default=None, choices=sorted(PROFILES) + sorted(RENAMED["profile"]),
+                        help="named profile (default: $CHAMELEON_PROFILE or cpu; `paper` is the old name of `hub`)")
     for f in dataclasses.fields(Config):
         if f.name in ("profile", "hyper_hidden"):
             continue
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "compare":
             command.add_argument("--seeds", type=int, default=1, help="seeds per run; the table shows mean ± std")
             command.add_argument("--experiment", default="all", choices=["all", "paper-length", "heads"],
-                                 help="all: every regime x protocol; paper-length: head-only regimes under the paper "
+                                 help="all: every regime x protocol; paper-length: head-only regimes under the authors' "
                                       "protocol at --lengths; heads: head-only regimes, causal, paired differences")
             command.add_argument("--lengths", default="160,256", help="paper-length: the max_length values, comma-separated")
     args = parser.parse_args(argv)

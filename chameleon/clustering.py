@@ -39,7 +39,7 @@ def kmeans(emb: torch.Tensor | np.ndarray, n_clusters: int, seed: int) -> tuple[
     init="random" (k examples drawn at random), as the authors' own k-means loop starts.
     On 8,000 x 768 GPT-2 embeddings with k = 250 on 2 cores, k-means++ seeding took ~10x
     longer (3-4 s vs 0.4 s; 7-21 s vs 1-2 s with the cores shared) for an inertia only
-    ~1% lower on real-token embeddings (it is ~40% lower on padded "paper" embeddings).
+    ~1% lower on real-token embeddings (it is ~40% lower on padded "authors" embeddings).
 
     Args:
         emb: (N, d) embeddings, usually L2-normalised (`mean_embeddings`).

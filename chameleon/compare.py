@@ -37,7 +37,7 @@ RUNS = {
                      ("svf", "task"), ("svf_experts", "oracle"), ("svf_experts", "classifier")],
 }
 SVF_RUNS = {task: [r for r in runs if REGIMES[r[0]].blocks == "svf"] for task, runs in RUNS.items()}
-# The paper's length under the paper protocol (compare --experiment paper-length): head-only regimes,
+# The paper's length under the authors' protocol (compare --experiment paper-length): head-only regimes,
 # where the paper's own "LoRA" and "ChamaleonLLM" were, with the conditioning controls.
 PAPER_LENGTH_RUNS = [("unadapted", "batch_mean"), ("lora", "batch_mean"), ("lora_matched", "batch_mean"),
                      ("chameleon", "batch_mean"), ("chameleon", "shuffled"), ("chameleon", "prefix"),
@@ -48,7 +48,7 @@ WIKITEXT2_PAD_SHARE_256 = 0.94
 HEAD_RUNS = [("unadapted", "batch_mean"), ("lora", "batch_mean"), ("lora_matched", "batch_mean"),
              ("chameleon", "batch_mean"), ("chameleon", "shuffled"), ("chameleon", "prefix")]
 # Conditioning only matters to the hypernetwork; other regimes are labelled "-" in tables (regimes.conditioning_label).
-# `scored`: which positions count ("last" under the paper protocol, "all", or "from P", see runs.scored_label).
+# `scored`: which positions count ("last" under the authors' protocol, "all", or "from P", see runs.scored_label).
 KEYS = ["regime", "protocol", "conditioning", "scored"]
 
 
@@ -62,7 +62,7 @@ def compare(cfg: Config, seeds: int = 1, runs: list[tuple[str, str]] | None = No
     full table is not overwritten); command is what the Markdown file says produced it.
 
     Where `runs` has a `prefix` row, the head-only baselines without a hypernetwork are also run
-    with score_from = prefix_tokens (causal protocol; under "paper" every run scores the last
+    with score_from = prefix_tokens (causal protocol; under "authors" every run scores the last
     position anyway), so that the prefix row stands beside baselines scored on the same tokens.
 
     Returns the summary: one row per regime x protocol x conditioning x scored with the mean and
@@ -114,7 +114,7 @@ def _write(cfg: Config, name: str, per_run: pd.DataFrame, table: pd.DataFrame, c
 
 
 def padded_shares(cfg: Config, lengths: tuple[int, ...] = (32, 64, 96, 128, 160, 192, 256)) -> pd.DataFrame:
-    """Share of lines shorter than L tokens (so padded at position L, the one the paper protocol
+    """Share of lines shorter than L tokens (so padded at position L, the one the authors' protocol
     scores), with the SmolLM2 tokenizer and with GPT-2's, on every line of cfg.corpus's train and
     validation splits and on the profile's subsample (what the runs see)."""
     from chameleon.backbones import gpt2_tokenizer
@@ -137,14 +137,14 @@ def padded_shares(cfg: Config, lengths: tuple[int, ...] = (32, 64, 96, 128, 160,
 
 def paper_length(cfg: Config, lengths: tuple[int, ...] = (160, 256), seeds: int = 3,
                  progress: bool = True) -> pd.DataFrame:
-    """The head-only regimes and the conditioning controls under the paper protocol at the paper's
+    """The head-only regimes and the conditioning controls under the authors' protocol at the paper's
     max_length (256) and at the length where the embedded corpus's padded share matches
     WikiText-2's at 256 (160: ~94% with GPT-2's tokenizer), with the loss split by target kind.
     Writes results/<profile>/<task>/paper-length-seeds<S>.md / .csv (+ -runs.csv, -shares.csv).
     Only the last position is scored, so the body runs once per length (hidden-state cache)."""
     frames = []
     for length in lengths:
-        per = run_rows(cfg.replace(max_length=length), seeds, PAPER_LENGTH_RUNS, ("paper",), progress)
+        per = run_rows(cfg.replace(max_length=length), seeds, PAPER_LENGTH_RUNS, ("authors",), progress)
         per.insert(4, "max_length", length)
         frames.append(per)
     per_run = pd.concat(frames, ignore_index=True)

@@ -35,7 +35,7 @@ class Config:
     max_eval_examples: int | None = None  # subsample the validation split (None: all of it)
     max_length: int = 256  # tokens per example; the paper right-pads every example to this length
     # --- protocol and regime ---
-    protocol: str = "causal"  # "paper" (the authors' code, exactly) or "causal" (corrected next-token loss)
+    protocol: str = "causal"  # "authors" (the authors' code, exactly) or "causal" (corrected next-token loss)
     regime: str = "chameleon"  # a row of chameleon.regimes.REGIMES: unadapted, lora, chameleon, lora_matched, ...
     conditioning: str = "batch_mean"  # batch_mean | prefix | shuffled (lm); task | task_input too (instructions)
     prefix_tokens: int = 16  # "prefix" conditioning: tokens the hypernetwork may see; loss starts after them
@@ -43,7 +43,7 @@ class Config:
     # to prefix_tokens for the baselines of a `prefix` row, so that both are scored on the same tokens
     # --- adapters ---
     rank: int = 4  # LoRA rank r (head and blocks)
-    alpha: float = 1.0  # LoRA alpha: the update is scaled by alpha (paper) or alpha / r (causal)
+    alpha: float = 1.0  # LoRA alpha: the update is scaled by alpha (authors) or alpha / r (causal)
     hyper_hidden: tuple[int, ...] = (64, 32)  # hypernetwork hidden widths, as in the paper
     hyper_dropout: float = 0.5  # hypernetwork dropout, as in the paper
     # --- Transformer²'s SVF experts (regimes svf, svf_experts; see chameleon.svf) ---
@@ -72,6 +72,11 @@ class Config:
     # results/<profile>/<task>/<run>/ for every run; under $CHAMELEON_OUTPUTS when set (see outputs_root)
     results_dir: Path = field(default_factory=lambda: outputs_root() / "results")
 
+    def __post_init__(self):
+        # the names before "paper" was split into the authors' protocol and the `hub` profile (old run folders too)
+        self.protocol = RENAMED["protocol"].get(self.protocol, self.protocol)
+        self.profile = RENAMED["profile"].get(self.profile, self.profile)
+
     @property
     def cache_dir(self) -> Path:
         return Path(self.data_dir) / "cache"
@@ -80,6 +85,7 @@ class Config:
     def from_profile(cls, name: str | None = None, **overrides) -> "Config":
         """The named profile with `overrides` applied; name None reads $CHAMELEON_PROFILE (default "cpu")."""
         name = name or os.environ.get("CHAMELEON_PROFILE", "cpu")
+        name = RENAMED["profile"].get(name, name)
         if name not in PROFILES:
             raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
         task = overrides.get("task", PROFILES[name].get("task", "lm"))
@@ -124,7 +130,10 @@ class RunFailed(RuntimeError):
 
 
 TASKS = ("lm", "instructions")
-PROTOCOLS = ("paper", "causal")
+PROTOCOLS = ("authors", "causal")
+# Old names still accepted: "paper" once named the protocol, a profile and the publication's numbers at once.
+# Now "paper" is the publication alone; the protocol of the authors' code is "authors", their setting `hub`.
+RENAMED = {"protocol": {"paper": "authors"}, "profile": {"paper": "hub"}}
 DISPATCHES = ("oracle", "classifier", "cem")
 # Fields that only the SVF experts read: left out of other runs' names (runs.run_name), so they keep their folders.
 EXPERT_FIELDS = ("n_experts", "dispatch", "cem_shots", "cem_population", "cem_iters")
@@ -146,14 +155,14 @@ PROFILES: dict[str, dict] = {
     # meant for about an hour on 2 CPU cores; `make reproduce` stays on cpu
     "study": dict(backbone="smollm2", max_train_examples=2000, max_eval_examples=500, max_length=64,
                   batch_size=8, epochs=2, lr=1e-3),
-    # the paper's setting: GPT-2 and WikiText-2 from the hub, for a CUDA machine
-    "paper": dict(backbone="gpt2", corpus="wikitext-2-raw-v1", instructions="alpaca", max_length=256,
+    # the paper's setting: GPT-2 and WikiText-2 from the hub, for a CUDA machine (old name: "paper")
+    "hub": dict(backbone="gpt2", corpus="wikitext-2-raw-v1", instructions="alpaca", max_length=256,
                   batch_size=32, epochs=10, lr=5e-4, rank=4, alpha=1.0),
 }
 
 # The paper's instruction-tuning runs used other hyper-parameters than its WikiText runs.
 TASK_OVERRIDES: dict[tuple[str, str], dict] = {
-    ("paper", "instructions"): dict(batch_size=16, max_length=512, lr=2e-4),
+    ("hub", "instructions"): dict(batch_size=16, max_length=512, lr=2e-4),
     ("smoke", "instructions"): dict(max_length=48),
     ("cpu", "instructions"): dict(max_length=64),
 }

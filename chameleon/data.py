@@ -35,7 +35,7 @@ def load_lm_corpus(name: str = "wiki") -> DatasetDict:
     """
     if name == "wiki":
         # Laid out as WikiText is: a " = Title = " heading line, then the article's paragraph, one
-        # example per line. The short heading lines are what the paper protocol pads, as in WikiText-2.
+        # example per line. The short heading lines are what the authors' protocol pads, as in WikiText-2.
         rows = [{"text": line, "article": title} for title, a in sorted(_wiki_articles().items())
                 if a["extract"].strip() for line in (f" = {title} = ", a["extract"].strip())]
         return _hash_split(rows, key=lambda r: r["article"], name=name).remove_columns("article")

@@ -22,14 +22,14 @@ def embedding_mask(attention_mask: torch.Tensor, protocol: str) -> torch.Tensor:
 
     Args:
         attention_mask: (N, L) tensor, 1 on real tokens and 0 on padding.
-        protocol: "paper" counts every position, padding included (as the authors' code
+        protocol: "authors" counts every position, padding included (as the authors' code
             does); "causal" counts real tokens only.
     """
-    if protocol == "paper":
+    if protocol == "authors":
         return torch.ones_like(attention_mask)
     if protocol == "causal":
         return attention_mask
-    raise ValueError(f"protocol={protocol!r} is not valid here; choose 'paper' or 'causal'")
+    raise ValueError(f"protocol={protocol!r} is not valid here; choose 'authors' or 'causal'")
 
 
 def _position_table(model: torch.nn.Module) -> torch.Tensor:
@@ -80,22 +80,22 @@ def mean_embeddings(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch
 # --- what padding does to the embedding (notebook 01) ---
 
 def padding_effect(model, tokenizer, texts: list[str], max_length: int) -> pd.DataFrame:
-    """Cosine similarity between the paper-protocol (padding counted) and causal-protocol
+    """Cosine similarity between the authors'-protocol (padding counted) and causal-protocol
     (real tokens only) mean embedding of each text."""
     enc = tokenize(texts, tokenizer, max_length)
     emb = {p: mean_embeddings(model, enc["input_ids"], embedding_mask(enc["attention_mask"], p))
-           for p in ("paper", "causal")}
+           for p in ("authors", "causal")}
     real = enc["attention_mask"].sum(1)
     return pd.DataFrame({"text": [t[:50] for t in texts], "real_tokens": real.tolist(),
                          "padding_tokens": (max_length - real).tolist(),
-                         "cosine": (emb["paper"] * emb["causal"]).sum(1).numpy().round(3)})
+                         "cosine": (emb["authors"] * emb["causal"]).sum(1).numpy().round(3)})
 
 
 def pair_similarity(model, tokenizer, a: str, b: str, max_length: int) -> dict[str, float]:
     """Cosine similarity of the mean embeddings of texts a and b under each protocol."""
     enc = tokenize([a, b], tokenizer, max_length)
     out = {}
-    for protocol in ("paper", "causal"):
+    for protocol in ("authors", "causal"):
         e = mean_embeddings(model, enc["input_ids"], embedding_mask(enc["attention_mask"], protocol))
         out[protocol] = round(float(e[0] @ e[1]), 3)
     return out

@@ -20,7 +20,7 @@ class HyperNetwork(nn.Module):
     """
 
     def __init__(self, d_cond: int, d_in: int, d_out: int, rank: int, hidden: tuple[int, ...] = (64, 32),
-                 dropout: float = 0.5, flavour: str = "paper"):
+                 dropout: float = 0.5, flavour: str = "authors"):
         """
         Args:
             d_cond: size of the conditioning vector (the LM's embedding width).
@@ -29,7 +29,7 @@ class HyperNetwork(nn.Module):
             rank: LoRA rank r (>= 1).
             hidden: widths of the hidden layers.
             dropout: dropout after each hidden ReLU.
-            flavour: "paper" (A and B both start small and random) or "standard" (B starts at zero).
+            flavour: "authors" (A and B both start small and random) or "standard" (B starts at zero).
         """
         super().__init__()
         if rank < 1:
@@ -67,7 +67,7 @@ class ChameleonHead(nn.Module):
     The head is held, not copied, so its weight stays tied to the input embedding.
     """
 
-    def __init__(self, base: nn.Module, d_cond: int, rank: int, alpha: float, flavour: str = "paper",
+    def __init__(self, base: nn.Module, d_cond: int, rank: int, alpha: float, flavour: str = "authors",
                  hidden: tuple[int, ...] = (64, 32), dropout: float = 0.5):
         """
         Args:
@@ -75,7 +75,7 @@ class ChameleonHead(nn.Module):
             d_cond: size of the conditioning vector.
             rank: LoRA rank r (>= 1).
             alpha: LoRA alpha; see `chameleon.lora.scaling`.
-            flavour: "paper" or "standard"; sets the scaling and the hypernetwork's init.
+            flavour: "authors" or "standard"; sets the scaling and the hypernetwork's init.
             hidden: hypernetwork hidden widths.
             dropout: hypernetwork dropout.
         """

@@ -11,11 +11,11 @@ with the Input block only when there is an input. The loss is taken on the respo
 
 - "causal": every response token and the EOS that `prepare` appends after it (so a tuned
   model learns to stop); prompt positions and right padding are -100.
-- "paper": the authors score only the last position of the right-padded sequence, against
+- "authors": the authors score only the last position of the right-padded sequence, against
   the token AT that position. Restricted to the response, that same single position is all
   that remains: for an example shorter than max_length its target is the pad token (EOS), so
   the head learns "emit EOS"; only an example truncated inside its response is scored on a
-  response token, and one truncated inside its prompt is not scored at all. Under "paper"
+  response token, and one truncated inside its prompt is not scored at all. Under "authors"
   greedy generation from a trained head therefore tends to stop at once (BLEU near 0): that
   is what the authors' objective optimises, not a bug of the generation code.
 

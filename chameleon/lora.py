@@ -1,6 +1,6 @@
 """Low-rank adapters (LoRA) around frozen linear layers, in two flavours.
 
-"paper" follows the authors' code: A and B both start as N(0, 0.01^2), so the adapted model
+"authors" follows the authors' code: A and B both start as N(0, 0.01^2), so the adapted model
 differs from the base one from the first step, and the update is scaled by alpha.
 "standard" is ordinary LoRA as in PEFT: A kaiming-uniform, B zero, scaled by alpha / r.
 
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-FLAVOUR = {"paper": "paper", "causal": "standard"}  # protocol -> LoRA flavour
-FLAVOURS = ("paper", "standard")
+FLAVOUR = {"authors": "authors", "causal": "standard"}  # protocol -> LoRA flavour
+FLAVOURS = ("authors", "standard")
 WHERE = ("head", "blocks")
 
 
@@ -24,13 +24,13 @@ def scaling(flavour: str, alpha: float, rank: int) -> float:
     """The factor on the low-rank update B @ A: the one place where the flavours disagree on it.
 
     Args:
-        flavour: "paper" (alpha, as in the authors' code) or "standard" (alpha / rank, as in PEFT).
+        flavour: "authors" (alpha, as in the authors' code) or "standard" (alpha / rank, as in PEFT).
         alpha: LoRA alpha.
         rank: LoRA rank r.
     """
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown LoRA flavour {flavour!r}; choose one of {list(FLAVOURS)}")
-    return alpha if flavour == "paper" else alpha / rank
+    return alpha if flavour == "authors" else alpha / rank
 
 
 def dims(layer: nn.Module) -> tuple[int, int]:
@@ -68,7 +68,7 @@ class LoRA(nn.Module):
             base: nn.Linear or transformers' Conv1D; its parameters are frozen in place.
             rank: LoRA rank r (>= 1).
             alpha: LoRA alpha; see `scaling`.
-            flavour: "paper" or "standard"; see the module docstring.
+            flavour: "authors" or "standard"; see the module docstring.
             generator: torch.Generator or int seed for A and B; None uses torch's global RNG.
         """
         super().__init__()
@@ -80,7 +80,7 @@ class LoRA(nn.Module):
         g = as_generator(generator)
         # Drawn on the CPU in float32 so that one seed gives the same adapter on every device and dtype.
         A, B = torch.empty(rank, d_in), torch.empty(d_out, rank)
-        if flavour == "paper":
+        if flavour == "authors":
             nn.init.normal_(A, std=0.01, generator=g)
             nn.init.normal_(B, std=0.01, generator=g)
         else:  # as PEFT: uniform(-1/sqrt(d_in), 1/sqrt(d_in)) for A, and B = 0 so training starts at the base model
@@ -113,7 +113,7 @@ def add_lora(model: nn.Module, where: str, rank: int, alpha: float, flavour: str
         where: "head" (the output embedding) or "blocks" (every nn.Linear / Conv1D but the head).
         rank: LoRA rank r (>= 1).
         alpha: LoRA alpha; see `scaling`.
-        flavour: "paper" or "standard"; see the module docstring.
+        flavour: "authors" or "standard"; see the module docstring.
         generator: torch.Generator or int seed, consumed layer by layer in module order.
 
     Returns:

@@ -263,7 +263,7 @@ class SVFExperts(nn.Module):
 def build(cfg: Config, model: nn.Module) -> Adapted:
     """Freeze `model` and attach the adapters of cfg.regime (a row of `regimes.REGIMES`), initialised from cfg.seed.
 
-    The paper protocol uses the authors' LoRA flavour (A, B ~ N(0, 0.01^2), scale alpha);
+    The authors' protocol uses the authors' LoRA flavour (A, B ~ N(0, 0.01^2), scale alpha);
     the causal protocol uses ordinary LoRA (B = 0, scale alpha / r).
     """
     flavour, regime = FLAVOUR[cfg.protocol], REGIMES[cfg.regime]

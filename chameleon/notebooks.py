@@ -9,6 +9,7 @@ figures/<profile>/, data/cache/), so a later notebook reads it back.
 """
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 import warnings
@@ -80,8 +81,21 @@ def run_notebooks(profile: str, out_dir: Path | str | None = None, inject: bool 
             target = out / nb.name
             papermill.execute_notebook(str(nb), str(target), parameters={"profile": profile} if inject else None,
                                        kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False)
+            if out.resolve() == NOTEBOOKS.resolve():
+                strip_run_metadata(target)
             done.append(target)
     return done
+
+
+def strip_run_metadata(path: Path) -> None:
+    """Drop what papermill and Jupyter record of one execution (timings, this machine's paths) from
+    a committed notebook: it would change at every run and on every machine."""
+    nb = json.loads(path.read_text())
+    nb["metadata"].pop("papermill", None)
+    for cell in nb["cells"]:
+        for key in ("execution", "papermill"):
+            cell["metadata"].pop(key, None)
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
 # --- display helpers ---------------------------------------------------------------------
@@ -103,7 +117,7 @@ def beside_paper(table: pd.DataFrame, protocol: str) -> pd.DataFrame:
     return PAPER_TABLE.merge(ours, on="regime", how="outer", suffixes=(f" {PUBLISHED}", " (kit)"))
 
 
-PUBLISHED = "published (GPT-2, WikiText-2)"  # the publication's numbers, named apart from the `paper` protocol
+PUBLISHED = "published (GPT-2, WikiText-2)"  # the publication's numbers, named apart from the `authors` protocol
 
 
 def tidy(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:

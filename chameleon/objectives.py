@@ -4,7 +4,7 @@ Both protocols are expressed the same way: `targets[i, t]` is the token that the
 state at position t of example i must predict, or -100. The loss is the cross-entropy
 averaged over scored positions, and perplexity is exp of that token-weighted mean.
 
-- "paper" reproduces the authors' default ("last" mode): only the last position is scored,
+- "authors" reproduces the authors' default ("last" mode): only the last position is scored,
   against the token AT that position (not the next one); sequences are right-padded with
   EOS to max_length, so for short texts the target is the pad token; token id 0 is the
   ignore index, and the attention mask is `input_ids != 0`, so padding is attended.
@@ -25,8 +25,8 @@ PAPER_IGNORE_ID = 0  # the authors' ignore_index and attention-mask test: token 
 
 
 def attention_mask(input_ids: torch.Tensor, real: torch.Tensor, protocol: str) -> torch.Tensor:
-    """What the backbone attends to: `input_ids != 0` (paper) or the real tokens (causal)."""
-    return (input_ids != PAPER_IGNORE_ID).long() if protocol == "paper" else real
+    """What the backbone attends to: `input_ids != 0` (authors) or the real tokens (causal)."""
+    return (input_ids != PAPER_IGNORE_ID).long() if protocol == "authors" else real
 
 
 def targets(input_ids: torch.Tensor, real: torch.Tensor, protocol: str,
@@ -36,32 +36,32 @@ def targets(input_ids: torch.Tensor, real: torch.Tensor, protocol: str,
     Args:
         input_ids: (N, L) right-padded token ids.
         real: (N, L) 1 on real tokens, 0 on padding (the tokenizer's attention mask).
-        protocol: "paper" or "causal".
+        protocol: "authors" or "causal".
         loss_from: (N,) first token index that may be a target (e.g. where the response of an
             instruction starts, or after a conditioning prefix); None: from the start.
     """
     n, length = input_ids.shape
     position = torch.arange(length).expand(n, length)
     out = torch.full_like(input_ids, IGNORE)
-    if protocol == "paper":
+    if protocol == "authors":
         last = input_ids[:, -1]
         out[:, -1] = torch.where(last == PAPER_IGNORE_ID, IGNORE, last)
     elif protocol == "causal":
         out[:, :-1] = torch.where(real[:, 1:].bool(), input_ids[:, 1:], IGNORE)
     else:
-        raise ValueError(f"protocol={protocol!r} is not valid here; choose 'paper' or 'causal'")
+        raise ValueError(f"protocol={protocol!r} is not valid here; choose 'authors' or 'causal'")
     if loss_from is not None:
-        # the target of position t is token t (paper) or t + 1 (causal)
-        token = position if protocol == "paper" else position + 1
+        # the target of position t is token t (authors) or t + 1 (causal)
+        token = position if protocol == "authors" else position + 1
         out = torch.where(token >= loss_from[:, None], out, IGNORE)
     return out
 
 
 def target_tokens(targets: torch.Tensor, protocol: str) -> torch.Tensor:
     """(N, L) bool: the input positions whose token is some position's scored target (position t
-    under "paper", t + 1 under "causal"); the `batch_mean_excl` conditioning averages over the rest."""
+    under "authors", t + 1 under "causal"); the `batch_mean_excl` conditioning averages over the rest."""
     scored = targets != IGNORE
-    if protocol == "paper":
+    if protocol == "authors":
         return scored
     out = torch.zeros_like(scored)
     out[:, 1:] = scored[:, :-1]
@@ -77,7 +77,7 @@ def loss_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def paper_last_position(model, tokenizer, split) -> pd.DataFrame:
-    """Per validation example under the paper protocol: the token at the last position (the
+    """Per validation example under the authors' protocol: the token at the last position (the
     target), whether it is the pad token, the model's loss on it and its top prediction."""
     hidden = model.base_model(input_ids=split.input_ids, attention_mask=split.attention).last_hidden_state[:, -1]
     logits = model.get_output_embeddings()(hidden)
@@ -100,9 +100,9 @@ def scored_tokens(prompt: str, response: str, tokenizer, max_length: int) -> pd.
     show = lambda ids: [repr(tokenizer.decode([i])) for i in ids]  # noqa: E731
     tokens = show(enc["input_ids"][0].tolist())
     cols = {}
-    for protocol in ("causal", "paper"):
+    for protocol in ("causal", "authors"):
         t = targets(enc["input_ids"], enc["attention_mask"], protocol, start)[0]
         cols[protocol] = ["" if v == IGNORE else s for v, s in zip(t.tolist(), show(t.clamp(min=0).tolist()))]
-    rows = [{"position": i, "token": tokens[i], "causal target": cols["causal"][i], "paper target": cols["paper"][i]}
-            for i in range(len(tokens)) if cols["causal"][i] or cols["paper"][i]]
+    rows = [{"position": i, "token": tokens[i], "causal target": cols["causal"][i],
+             "authors target": cols["authors"][i]} for i in range(len(tokens)) if cols["causal"][i] or cols["authors"][i]]
     return pd.DataFrame(rows)

@@ -25,8 +25,8 @@ from chameleon.config import ROOT
 from chameleon.regimes import REGIMES
 
 # One colour per regime, in every figure (chameleon.regimes), and black for the paper's reported numbers.
-REGIME_COLOURS = {**{name: r.colour for name, r in REGIMES.items()}, "paper": "#000000"}
-PROTOCOL_STYLES = {"causal": "-", "paper": "--"}  # line style per protocol
+REGIME_COLOURS = {name: r.colour for name, r in REGIMES.items()}
+PROTOCOL_STYLES = {"causal": "-", "authors": "--"}  # line style per protocol
 CONDITIONING_HATCHES = {"batch_mean": "", "prefix": "//", "shuffled": "xx"}
 # line style per conditioning in loss curves ("-": a regime without a hypernetwork)
 # (unique per conditioning: with one colour per regime, no two curves share colour and style)
@@ -88,7 +88,7 @@ def regime_colour(regime: str) -> str:
 
 
 def padding_similarity(df: pd.DataFrame, profile: str, max_length: int | None = None) -> plt.Figure:
-    """Bars: cosine(paper-protocol, causal-protocol embedding) of each text against its real length.
+    """Bars: cosine(authors'-protocol, causal-protocol embedding) of each text against its real length.
 
     df columns: text (short label), real_tokens, cosine. The bars run from the shortest text to the
     longest; a text that fills max_length has no padding, and its bar reaches 1.0.
@@ -102,7 +102,7 @@ def padding_similarity(df: pd.DataFrame, profile: str, max_length: int | None = 
     ax.set_ylim(min(0.0, order["cosine"].min() - 0.05), 1.1)
     ax.axhline(1.0, color="black", lw=1, ls=":")
     ax.set(title=f"Padding pulls short texts' embeddings apart ({profile} profile)",
-           xlabel="real tokens in the text (the rest is padding)", ylabel="cosine(paper, causal embedding)")
+           xlabel="real tokens in the text (the rest is padding)", ylabel="cosine(authors, causal embedding)")
     save(fig, order, "01_padding_similarity", profile)
     return fig
 
@@ -273,7 +273,7 @@ def results_bars(table: pd.DataFrame, profile: str, name: str = "06_results", so
     table columns: regime, protocol, conditioning, val_loss, val_ppl; optional val_loss_std,
     val_ppl_std and seeds (a compare() table). Under the causal protocol the `prefix` rows score other
     tokens (the loss starts after the prefix), so they are drawn apart, after a gap and a dashed line;
-    under the paper protocol every row scores the last position. `source` names the data
+    under the authors' protocol every row scores the last position. `source` names the data
     in the title.
     """
     protocols = [p for p in PROTOCOL_STYLES if p in set(table["protocol"])]
@@ -281,7 +281,7 @@ def results_bars(table: pd.DataFrame, profile: str, name: str = "06_results", so
     fig, axes = plt.subplots(len(protocols), 2, figsize=(15, 4.6 * len(protocols) + 0.6), squeeze=False)
     for row, protocol in zip(axes, protocols):
         part = table[table["protocol"] == protocol]
-        # causal: `prefix` is scored only after the prefix; paper: the last position, as every row
+        # causal: `prefix` is scored only after the prefix; authors: the last position, as every row
         apart = (part["conditioning"] == "prefix") & (protocol == "causal")
         part = pd.concat([part[~apart], part[apart]]).reset_index(drop=True)
         apart = (part["conditioning"] == "prefix") & (protocol == "causal")

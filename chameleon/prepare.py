@@ -36,7 +36,7 @@ class Split:
     labels: np.ndarray  # (N,) cluster of each example
     prompt_emb: torch.Tensor | None = None  # (N, d) what an SVF expert dispatch classifies (svf_experts only): the
     # prompt's embedding (instructions) or the first prefix_tokens tokens' (lm)
-    pad_id: int | None = None  # the tokenizer's pad token: under "paper" a padded example's target (evaluate splits by it)
+    pad_id: int | None = None  # the tokenizer's pad token: under "authors" a padded example's target (evaluate splits by it)
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -212,9 +212,9 @@ def result_row(result: dict) -> dict:
 
 
 def scored_label(c: dict) -> str:
-    """Which positions a run scores, as tables show it: "last" (the paper protocol's one position),
+    """Which positions a run scores, as tables show it: "last" (the authors' protocol's one position),
     "all", or "from P" (score_from, or a `prefix` run's first P tokens left out)."""
-    if c["protocol"] == "paper":
+    if c["protocol"] == "authors":
         return "last"
     start = max(c.get("score_from", 0), c["prefix_tokens"] if c["conditioning"] == "prefix" else 0)
     return f"from {start}" if start else "all"

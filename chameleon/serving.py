@@ -160,7 +160,7 @@ def batched_greedy(adapted: Adapted, prompts: list[list[int]], max_new_tokens: i
 def prompt_embeddings(model, tokenizer, prompts: list[str], cfg: Config, prefix: int | None = None) -> torch.Tensor:
     """(N, d) mean input embedding of each prompt, as `prepare` embeds a text: its tokens (here the
     last cfg.max_length, those decoded from) right-padded to cfg.max_length, averaged under the
-    protocol's mask (`paper`: padding included; `causal`: real tokens), L2-normalised.
+    protocol's mask (`authors`: padding included; `causal`: real tokens), L2-normalised.
 
     Args:
         prefix: count only the first `prefix` tokens (`prefix` conditioning).

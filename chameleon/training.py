@@ -87,7 +87,7 @@ def scored_rows(adapted: Adapted, split: Split, cache: bool, cache_dir: Path, ch
 def trimmed(split: Split, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens, attention and targets of a batch, cut after its last scored position: with causal
     attention later positions never influence it, so the trailing padding of the corrected
-    protocol is skipped exactly (the paper protocol scores the last position and keeps all)."""
+    protocol is skipped exactly (the authors' protocol scores the last position and keeps all)."""
     target = split.targets[batch]
     scored = (target != objectives.IGNORE).any(0).nonzero()
     end = int(scored.max()) + 1 if len(scored) else 1
@@ -109,9 +109,9 @@ def batch_loss(adapted: Adapted, split: Split, rows: Rows, batch: list[int], con
 
 
 def pad_examples(split: Split, rows: Rows, protocol: str) -> torch.Tensor:
-    """(N,) bool: examples whose scored target is the pad token. Only the paper protocol scores a
+    """(N,) bool: examples whose scored target is the pad token. Only the authors' protocol scores a
     padded position (its one last position); under "causal" no target is padding."""
-    if protocol != "paper" or split.pad_id is None:
+    if protocol != "authors" or split.pad_id is None:
         return torch.zeros(len(split), dtype=torch.bool)
     first = rows.start[:-1].clamp(max=max(len(rows.target) - 1, 0))
     return (rows.start[1:] > rows.start[:-1]) & (rows.target[first] == split.pad_id)

@@ -8,7 +8,7 @@ def test_compare_writes_one_table_with_mean_and_spread_over_seeds(tmp_path):
     cfg = Config.from_profile("smoke", backbone="gpt2-tiny", epochs=1, data_dir=tmp_path, results_dir=tmp_path)
     table = compare(cfg, seeds=2, runs=[("unadapted", "batch_mean"), ("chameleon", "shuffled")], progress=False)
     assert list(zip(table.regime, table.protocol, table.conditioning)) == [
-        ("unadapted", "paper", "-"), ("chameleon", "paper", "shuffled"),
+        ("unadapted", "authors", "-"), ("chameleon", "authors", "shuffled"),
         ("unadapted", "causal", "-"), ("chameleon", "causal", "shuffled")]
     assert (table.seeds == 2).all()
     assert (table[table.regime == "chameleon"].val_loss_std > 0).all()  # init and batch order follow the seed

@@ -9,7 +9,7 @@ from chameleon.config import CONDITIONINGS, PROFILES, PROTOCOLS, Config
 from chameleon.regimes import REGIMES
 
 
-@pytest.mark.parametrize("name", ["smoke", "cpu", "study", "paper"])
+@pytest.mark.parametrize("name", ["smoke", "cpu", "study", "hub"])
 def test_profiles_load(name):
     cfg = Config.from_profile(name)
     assert cfg.profile == name
@@ -18,20 +18,30 @@ def test_profiles_load(name):
     assert cfg.to_dict()["profile"] == name
 
 
-def test_paper_profile_is_the_papers_setting():
-    cfg = Config.from_profile("paper")
+def test_hub_profile_is_the_papers_setting():
+    cfg = Config.from_profile("hub")
     assert (cfg.backbone, cfg.corpus, cfg.rank, cfg.alpha) == ("gpt2", "wikitext-2-raw-v1", 4, 1.0)
     assert (cfg.batch_size, cfg.max_length, cfg.lr, cfg.epochs) == (32, 256, 5e-4, 10)
 
 
-def test_paper_instructions_override():
-    cfg = Config.from_profile("paper", task="instructions")
+def test_hub_instructions_override():
+    cfg = Config.from_profile("hub", task="instructions")
     assert (cfg.batch_size, cfg.max_length, cfg.lr) == (16, 512, 2e-4)
     assert cfg.instructions == "alpaca"
 
 
 def test_explicit_override_beats_the_task_override():
-    assert Config.from_profile("paper", task="instructions", batch_size=4).batch_size == 4
+    assert Config.from_profile("hub", task="instructions", batch_size=4).batch_size == 4
+
+
+def test_old_names_of_the_protocol_and_profile_are_accepted(tmp_path):
+    """"paper" once named the protocol, a profile and the publication: the first two are renamed."""
+    cfg = Config.from_profile("paper", protocol="paper")
+    assert (cfg.profile, cfg.protocol) == ("hub", "authors")
+    assert Config(**{**cfg.to_dict(), "profile": "paper", "protocol": "paper"}).protocol == "authors"  # old run folders
+    out = subprocess.run([sys.executable, "-m", "chameleon", "params", "--profile", "paper", "--protocol", "paper",
+                          "--backbone", "gpt2-arch"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
 
 
 def test_unknown_profile_lists_the_choices():

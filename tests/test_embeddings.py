@@ -29,7 +29,7 @@ def batch():
     return input_ids, attention_mask
 
 
-@pytest.mark.parametrize("protocol", ["paper", "causal"])
+@pytest.mark.parametrize("protocol", ["authors", "causal"])
 @pytest.mark.parametrize("positions", [False, True])
 def test_matches_slow_loop(tiny_gpt2, batch, protocol, positions):
     input_ids, attention_mask = batch
@@ -46,7 +46,7 @@ def test_padding_matters_only_under_paper_mask(tiny_gpt2, batch):
     input_ids, attention_mask = batch
     longer_ids = torch.cat([input_ids, torch.full((6, 8), 50256)], 1)  # same text, 8 more pad tokens
     longer_mask = torch.cat([attention_mask, torch.zeros(6, 8, dtype=torch.long)], 1)
-    for protocol, same in (("paper", False), ("causal", True)):
+    for protocol, same in (("authors", False), ("causal", True)):
         short = mean_embeddings(tiny_gpt2, input_ids, embedding_mask(attention_mask, protocol))
         long = mean_embeddings(tiny_gpt2, longer_ids, embedding_mask(longer_mask, protocol))
         assert torch.allclose(short, long, atol=1e-6) == same, protocol
@@ -62,7 +62,7 @@ def test_positions_need_learned_position_embeddings():
 
 
 def test_bad_protocol():
-    with pytest.raises(ValueError, match="paper"):
+    with pytest.raises(ValueError, match="authors"):
         embedding_mask(torch.ones(1, 2), "other")
 
 

@@ -50,7 +50,7 @@ def test_bare_head_matches_cross_entropy(bias):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("flavour", ["paper", "standard"])
+@pytest.mark.parametrize("flavour", ["authors", "standard"])
 def test_lora_head_matches_cross_entropy(bias, flavour):
     head, hidden, target = data(bias=bias)
     lora = LoRA(head, R, alpha=2.0, flavour=flavour, generator=0)
@@ -68,7 +68,7 @@ def test_lora_head_matches_cross_entropy(bias, flavour):
 def test_chameleon_head_gives_the_hypernetwork_the_same_gradients(chunk):
     head, hidden, target = data(bias=True)
     torch.manual_seed(0)
-    cham = ChameleonHead(head, d_cond=8, rank=R, alpha=1.0, flavour="paper", hidden=(16, 8)).eval()
+    cham = ChameleonHead(head, d_cond=8, rank=R, alpha=1.0, flavour="authors", hidden=(16, 8)).eval()
     adapted = Adapted(nn.Identity(), cham, blocks_adapted=False)
     cond = torch.randn(8, generator=torch.Generator().manual_seed(1))
     inputs = [hidden, *cham.hyper.parameters()]
@@ -91,7 +91,7 @@ def test_per_example_adapters_take_the_plain_path():
 
 def test_gpt2_tiny_head_with_lora_through_adapted(tiny_gpt2):
     model = freeze(tiny_gpt2)
-    add_lora(model, "head", rank=R, alpha=1.0, flavour="paper", generator=0)
+    add_lora(model, "head", rank=R, alpha=1.0, flavour="authors", generator=0)
     adapted = Adapted(model, model.get_output_embeddings(), blocks_adapted=False)
     ids = torch.randint(50_257, (3, 20), generator=torch.Generator().manual_seed(0))
     hidden = adapted.hidden(ids, torch.ones_like(ids)).detach().reshape(-1, 32).requires_grad_()

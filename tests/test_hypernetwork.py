@@ -7,7 +7,7 @@ from chameleon.hypernetwork import ChameleonHead, HyperNetwork
 from chameleon.lora import freeze, trainable_parameters
 
 
-def make_head(base, flavour="paper", d_cond=12, rank=3):
+def make_head(base, flavour="authors", d_cond=12, rank=3):
     """A ChameleonHead in eval mode whose last layer is scaled up so that the adapter visibly changes the logits."""
     torch.manual_seed(0)
     head = ChameleonHead(base, d_cond=d_cond, rank=rank, alpha=2.0, flavour=flavour).eval()
@@ -54,7 +54,7 @@ def test_standard_starts_at_the_base_head_and_paper_does_not(tiny_gpt2):
         A, B = standard.generate_adapter(cond)
         assert torch.count_nonzero(B) == 0 and torch.count_nonzero(A) > 0
         assert torch.equal(standard(hidden, cond), base)
-        paper = ChameleonHead(tiny_gpt2.lm_head, d_cond=32, rank=4, alpha=1.0, flavour="paper").eval()
+        paper = ChameleonHead(tiny_gpt2.lm_head, d_cond=32, rank=4, alpha=1.0, flavour="authors").eval()
         assert not torch.equal(paper(hidden, cond), base)
 
 

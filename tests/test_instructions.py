@@ -68,7 +68,7 @@ def test_causal_targets_are_the_response_tokens_and_eos(tmp_path, gpt2_tiny):
 
 def test_paper_targets_score_only_the_last_position(tmp_path, gpt2_tiny):
     model, tok = gpt2_tiny
-    cfg = _cfg(tmp_path, instructions=_jsonl(tmp_path / "i.jsonl", _records()), protocol="paper",
+    cfg = _cfg(tmp_path, instructions=_jsonl(tmp_path / "i.jsonl", _records()), protocol="authors",
                conditioning="task", max_length=48)
     train_split, _, _ = prepare(cfg, model, tok)
     scored = train_split.targets != IGNORE

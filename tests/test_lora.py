@@ -18,7 +18,7 @@ def test_head_lora_counts_match_the_paper_and_keep_the_tie():
     model = GPT2LMHeadModel(GPT2Config())
     assert sum(p.numel() for p in model.parameters()) == 124_439_808
     freeze(model)
-    assert add_lora(model, "head", rank=4, alpha=1.0, flavour="paper", generator=0) == ["lm_head"]
+    assert add_lora(model, "head", rank=4, alpha=1.0, flavour="authors", generator=0) == ["lm_head"]
     assert trainable_parameters(model) == 204_100 == 4 * (768 + 50_257)
     assert model.lm_head.base.weight is model.transformer.wte.weight  # same Parameter: not untied, not cloned
     assert base_parameters(model) == 124_439_808
@@ -28,25 +28,25 @@ def test_the_paper_flavour_scales_by_alpha_and_standard_by_alpha_over_rank():
     torch.manual_seed(0)
     layer, x = nn.Linear(6, 5), torch.randn(3, 6)
     updates = {}
-    for flavour in ("paper", "standard"):
+    for flavour in ("authors", "standard"):
         lora = LoRA(layer, rank=4, alpha=2.0, flavour=flavour, generator=0)
         with torch.no_grad():
             lora.A.copy_(torch.ones(4, 6))
             lora.B.copy_(torch.ones(5, 4))
             updates[flavour] = lora(x) - layer(x)
-    assert torch.allclose(updates["paper"], 2.0 * x.sum(1, keepdim=True) * 4 * torch.ones(3, 5), rtol=1e-5)
-    assert torch.allclose(updates["paper"], 4 * updates["standard"], rtol=1e-5)  # alpha vs alpha / r, r = 4
+    assert torch.allclose(updates["authors"], 2.0 * x.sum(1, keepdim=True) * 4 * torch.ones(3, 5), rtol=1e-5)
+    assert torch.allclose(updates["authors"], 4 * updates["standard"], rtol=1e-5)  # alpha vs alpha / r, r = 4
     with pytest.raises(ValueError, match="unknown LoRA flavour"):
         scaling("qlora", 1.0, 4)
 
 
 def test_bad_arguments_raise(tiny_gpt2):
     with pytest.raises(ValueError, match="rank must be >= 1; rank 0 means no adapter: use regime 'unadapted'"):
-        add_lora(tiny_gpt2, "head", rank=0, alpha=1.0, flavour="paper")
+        add_lora(tiny_gpt2, "head", rank=0, alpha=1.0, flavour="authors")
     with pytest.raises(ValueError, match="unknown LoRA flavour"):
         add_lora(tiny_gpt2, "head", rank=4, alpha=1.0, flavour="qlora")
     with pytest.raises(ValueError, match="unknown LoRA placement"):
-        add_lora(tiny_gpt2, "embeddings", rank=4, alpha=1.0, flavour="paper")
+        add_lora(tiny_gpt2, "embeddings", rank=4, alpha=1.0, flavour="authors")
     assert isinstance(tiny_gpt2.lm_head, nn.Linear)  # nothing was changed by the failed calls
 
 
@@ -54,7 +54,7 @@ def test_standard_starts_at_the_base_model_and_paper_does_not(tiny_gpt2):
     ids = torch.randint(0, 50_257, (2, 8))
     with torch.no_grad():
         base = tiny_gpt2(ids).logits
-        for flavour, same in (("standard", True), ("paper", False)):
+        for flavour, same in (("standard", True), ("authors", False)):
             model = copy.deepcopy(tiny_gpt2)
             add_lora(model, "head", 4, 1.0, flavour, generator=0)
             add_lora(model, "blocks", 4, 1.0, flavour, generator=1)
@@ -98,23 +98,23 @@ def test_standard_lora_matches_peft_on_gpt2_conv1d(tiny_gpt2):
 
 def test_same_seed_same_init():
     layer = nn.Linear(16, 8)
-    for flavour in ("paper", "standard"):
+    for flavour in ("authors", "standard"):
         a, b, c = (LoRA(layer, 4, 1.0, flavour, generator=s) for s in (0, 0, 1))
         assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
         assert not torch.equal(a.A, c.A)
-    a, b = LoRA(layer, 4, 1.0, "paper", torch.Generator().manual_seed(3)), LoRA(layer, 4, 1.0, "paper", 3)
+    a, b = LoRA(layer, 4, 1.0, "authors", torch.Generator().manual_seed(3)), LoRA(layer, 4, 1.0, "authors", 3)
     assert torch.equal(a.A, b.A)
 
 
 def test_adapters_follow_the_base_weight_dtype():
-    lora = LoRA(nn.Linear(8, 4).double(), 2, 1.0, "paper", generator=0)
+    lora = LoRA(nn.Linear(8, 4).double(), 2, 1.0, "authors", generator=0)
     assert lora.A.dtype == lora.B.dtype == torch.float64
-    assert torch.equal(lora.A, LoRA(nn.Linear(8, 4), 2, 1.0, "paper", generator=0).A.double())
+    assert torch.equal(lora.A, LoRA(nn.Linear(8, 4), 2, 1.0, "authors", generator=0).A.double())
 
 
 def test_blocks_lora_wraps_gpt2_conv1d_layers_and_not_the_head(tiny_gpt2):
-    add_lora(tiny_gpt2, "head", 4, 1.0, "paper", generator=0)
-    names = add_lora(tiny_gpt2, "blocks", 4, 1.0, "paper", generator=0)
+    add_lora(tiny_gpt2, "head", 4, 1.0, "authors", generator=0)
+    names = add_lora(tiny_gpt2, "blocks", 4, 1.0, "authors", generator=0)
     assert names == [f"transformer.h.{i}.{layer}" for i in range(2)
                      for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
     assert isinstance(tiny_gpt2.transformer.h[0].mlp.c_fc, LoRA)

@@ -30,6 +30,13 @@ def test_notebooks_are_numbered_and_have_one_parameters_cell():
         assert not any("injected-parameters" in c.get("metadata", {}).get("tags", []) for c in cells), path.name
 
 
+def test_committed_notebooks_hold_no_timings_or_paths_of_a_run():
+    for path in notebook_paths():
+        nb = json.loads(path.read_text())
+        assert "papermill" not in nb["metadata"], path.name
+        assert not any(k in c["metadata"] for c in nb["cells"] for k in ("execution", "papermill")), path.name
+
+
 def test_compared_outputs_hold_no_model_float_to_three_decimals():
     """nbval runs in lax mode: only cells marked NBVAL_CHECK_OUTPUT are compared, and their committed
     outputs must be the same on every CPU, so no float with three or more decimals may appear in them
@@ -71,7 +78,7 @@ def test_adapter_stats_match_the_explicit_update():
     from chameleon.hypernetwork import ChameleonHead
 
     torch.manual_seed(0)
-    head = ChameleonHead(nn.Linear(6, 10, bias=False), d_cond=5, rank=2, alpha=1.0, flavour="paper", hidden=(4,))
+    head = ChameleonHead(nn.Linear(6, 10, bias=False), d_cond=5, rank=2, alpha=1.0, flavour="authors", hidden=(4,))
     cond, labels = torch.randn(8, 5), np.array([0, 1, 2, 0, 1, 2, 0, 1])
     norms, cos = adapter_stats(head, cond, labels)
     updates = []
@@ -94,12 +101,12 @@ def test_generations_line_up_the_runs_of_each_example():
 
     g = [{"instruction": "Name it.", "input": "", "reference": "X", "output": o} for o in ("a", "b")]
     runs = [{"config": {"regime": "lora", "protocol": "causal", "conditioning": "task"}, "generations": g},
-            {"config": {"regime": "chameleon", "protocol": "paper", "conditioning": "task"}, "generations": [g[1], {**g[0], "output": ""}]}]
+            {"config": {"regime": "chameleon", "protocol": "authors", "conditioning": "task"}, "generations": [g[1], {**g[0], "output": ""}]}]
     df = generations(runs, n=2)
     assert df[df.example == 0]["output"].tolist() == ["a", "b"]
     assert df["conditioning"].tolist() == ["-", "-", "task", "task"]
     text = side_by_side(df)
-    assert "lora / causal:" in text and "chameleon (task) / paper:" in text and "(empty)" in text
+    assert "lora / causal:" in text and "chameleon (task) / authors:" in text and "(empty)" in text
 
 
 def test_scored_tokens_causal_scores_the_response_paper_the_last_position():
@@ -110,7 +117,7 @@ def test_scored_tokens_causal_scores_the_response_paper_the_last_position():
     cfg = Config.from_profile("smoke")
     _, tok = load_backbone(cfg.backbone, seed=0, cache_dir=cfg.cache_dir)
     df = scored_tokens("### Instruction:\nHi\n### Response:\n", "Hello there.", tok, 32)
-    assert (df["paper target"] != "").sum() == 1 and df["position"].iloc[-1] == 31
+    assert (df["authors target"] != "").sum() == 1 and df["position"].iloc[-1] == 31
     causal = df[df["causal target"] != ""]["causal target"].tolist()
     assert causal[-1] == repr(tok.eos_token) and "".join(eval(t) for t in causal[:-1]) == "Hello there."
 

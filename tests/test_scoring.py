@@ -19,7 +19,7 @@ def tiny(tmp_path, **overrides) -> Config:
 
 
 def test_paper_loss_is_the_mixture_of_its_pad_and_real_parts(tmp_path):
-    cfg = tiny(tmp_path, regime="chameleon", protocol="paper", max_length=24)
+    cfg = tiny(tmp_path, regime="chameleon", protocol="authors", max_length=24)
     result = train(cfg, progress=False)
     model, tokenizer = load_backbone(cfg.backbone)
     _, val, _ = prepare(cfg, model, tokenizer)
@@ -53,14 +53,14 @@ def test_score_from_scores_every_regime_on_the_prefix_runs_tokens(tmp_path):
     assert (prefix[0].targets[:, :7] == objectives.IGNORE).all()  # position 7 predicts token 8, the first scored
 
 
-@pytest.mark.parametrize("protocol", ["paper", "causal"])
+@pytest.mark.parametrize("protocol", ["authors", "causal"])
 def test_batch_mean_excl_leaves_out_every_scored_target_token(tmp_path, protocol):
     model, tokenizer = load_backbone("gpt2-tiny")
     split = prepare(tiny(tmp_path, protocol=protocol, conditioning="batch_mean_excl", max_length=24), model, tokenizer)[0]
     full = prepare(tiny(tmp_path, protocol=protocol, conditioning="batch_mean", max_length=24), model, tokenizer)[0]
-    # the tokens that are targets: the last one (paper), every real token after the first (causal)
+    # the tokens that are targets: the last one (authors), every real token after the first (causal)
     keep = torch.ones_like(split.input_ids, dtype=torch.bool)
-    if protocol == "paper":
+    if protocol == "authors":
         keep[:, -1] = split.targets[:, -1] == objectives.IGNORE
     else:
         keep[:, 1:] = split.targets[:, :-1] == objectives.IGNORE
@@ -72,9 +72,9 @@ def test_batch_mean_excl_leaves_out_every_scored_target_token(tmp_path, protocol
 
 def test_prefix_row_gets_baselines_scored_on_the_same_tokens(tmp_path):
     cfg = tiny(tmp_path, prefix_tokens=8)
-    table = run_rows(cfg, 1, [("unadapted", "batch_mean"), ("chameleon", "prefix")], ("paper", "causal"), progress=False)
+    table = run_rows(cfg, 1, [("unadapted", "batch_mean"), ("chameleon", "prefix")], ("authors", "causal"), progress=False)
     assert list(zip(table.regime, table.protocol, table.scored)) == [
-        ("unadapted", "paper", "last"), ("chameleon", "paper", "last"),
+        ("unadapted", "authors", "last"), ("chameleon", "authors", "last"),
         ("unadapted", "causal", "all"), ("chameleon", "causal", "from 8"), ("unadapted", "causal", "from 8")]
 
 

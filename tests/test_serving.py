@@ -117,7 +117,7 @@ def test_groups_route_kmeans_single():
         adapter.generate(prompts, group="nearest")
 
 
-@pytest.mark.parametrize("protocol", ["causal", "paper"])
+@pytest.mark.parametrize("protocol", ["causal", "authors"])
 def test_conditioning_is_the_mean_of_the_group_prompts_embeddings(protocol, monkeypatch):
     adapter = direct_adapter(protocol=protocol)
     seen = {}

@@ -25,7 +25,7 @@ def per_expert(model) -> int:
     return sum(min(svf.matrix(layer).shape) for layer in svf.target_layers(model, "mlp").values())
 
 
-@pytest.mark.parametrize("protocol", ["paper", "causal"])
+@pytest.mark.parametrize("protocol", ["authors", "causal"])
 @pytest.mark.parametrize("regime", ["svf", "svf_experts"])
 def test_svf_regimes_train_and_their_loss_falls(tmp_path, regime, protocol):
     result = train(tiny(tmp_path, regime=regime, protocol=protocol), progress=False)

@@ -28,7 +28,7 @@ def test_params_prints_the_papers_three_numbers(capsys):
         assert any(line.split() == [regime, f"{count:,}"] for line in out.splitlines()), out
 
 
-@pytest.mark.parametrize("protocol", ["paper", "causal"])
+@pytest.mark.parametrize("protocol", ["authors", "causal"])
 # the SVF regimes train through the body on their own schedule: tests/test_svf_regimes.py checks their loss falls
 @pytest.mark.parametrize("regime", [r for r, regime in REGIMES.items() if regime.blocks != "svf"])
 def test_every_regime_trains_and_its_loss_falls(tmp_path, regime, protocol):
@@ -41,7 +41,7 @@ def test_every_regime_trains_and_its_loss_falls(tmp_path, regime, protocol):
         return
     assert len(history) == 3  # before training, then once per epoch
     assert history[-1]["train_loss"] < history[1]["train_loss"]
-    if protocol == "causal":  # under "paper" validation scores only 32 last positions: too few to rank
+    if protocol == "causal":  # under "authors" validation scores only 32 last positions: too few to rank
         assert history[-1]["val_loss"] < history[0]["val_loss"]
 
 
