@@ -1,4 +1,4 @@
-"""Command line: `python -m chameleon {doctor,params,train,compare,notebooks,generate} [--profile P] [--field value ...]`.
+"""Command line: `python -m chameleon {doctor,params,train,compare,notebooks,generate,reinforce} [--profile P] [--field value ...]`.
 
 Every Config field is also an option (`--regime lora --max-length 64`), applied on top of the profile.
 """
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 from pathlib import Path
 
@@ -36,11 +37,11 @@ def _config(args) -> Config:
     return Config.from_profile(args.profile, **overrides)
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
+def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     parser.add_argument("--profile", default=None, choices=sorted(PROFILES) + sorted(RENAMED["profile"]),
                         help="named profile (default: $CHAMELEON_PROFILE or cpu; `paper` is the old name of `hub`)")
     for f in dataclasses.fields(Config):
-        if f.name in ("profile", "hyper_hidden"):
+        if f.name in ("profile", "hyper_hidden", *skip):
             continue
         kind = {"int": int, "float": float, "bool": _bool, "int | None": int, "Path": Path}.get(str(f.type), str)
         flags = ["--" + f.name.replace("_", "-")] + (["--model"] if f.name == "backbone" else [])
@@ -145,12 +146,43 @@ def generate(args) -> int:
     return 0
 
 
+def _add_reinforce_options(parser: argparse.ArgumentParser) -> None:
+    # dests apart from Config's batch_size and lr, which are the next-token training's
+    parser.add_argument("--steps", type=int, default=None, help="updates (default: per profile, chameleon.reinforce.SETTINGS)")
+    parser.add_argument("--batch-size", dest="rl_batch_size", type=int, default=None,
+                        help="answers sampled per update (default: per profile)")
+    parser.add_argument("--lr", dest="rl_lr", type=float, default=2e-3, help="Adam learning rate (the reference's 2e-3)")
+    parser.add_argument("--max-grad-norm", type=float, default=1e-3, help="gradient clip (the reference's 1e-3)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    parser.add_argument("--kl-coef", type=float, default=0.0, help="KL to the unadapted model (the reference's 0)")
+    parser.add_argument("--force", action="store_true", help="overwrite an earlier run's files")
+
+
+def reinforce(args) -> int:
+    """Train one SVF expert with REINFORCE on the instruction task; report greedy ROUGE-L before and after."""
+    args.task = args.task or "instructions"
+    cfg = _config(args)  # before the heavy imports: a bad option is refused at once
+    from chameleon.reinforce import REFERENCE, SETTINGS, outputs, run
+
+    settings = SETTINGS.get(cfg.profile, REFERENCE)
+    steps = settings["steps"] if args.steps is None else args.steps
+    batch_size = settings["batch_size"] if args.rl_batch_size is None else args.rl_batch_size
+    result = run(cfg, steps, batch_size, lr=args.rl_lr, max_grad_norm=args.max_grad_norm,
+                 temperature=args.temperature, kl_coef=args.kl_coef, force=args.force, command=shlex.join(["python", "-m", "chameleon", *args.argv]))
+    r, h = result["rouge_l"], result["history"]
+    print(f"REINFORCE, {len(h)} steps: reward {h[0]['reward']:.3f} -> {h[-1]['reward']:.3f}; greedy ROUGE-L on "
+          f"{r['n']} validation prompts: unadapted {r['unadapted']:.2f}, init {r['before']:.2f}, after {r['after']:.2f}; "
+          f"{result['seconds']:.0f} s\nwritten to {outputs(cfg)['md']}")
+    return 0
+
+
 COMMANDS = {"doctor": (doctor, "check torch, the device and every embedded asset"),
             "params": (params, "print the trainable parameters of every regime"),
             "train": (train, "train one regime under one protocol"),
             "compare": (compare, "train every regime under both protocols and write one table"),
             "notebooks": (notebooks, "run notebooks/[0-9]*.ipynb in order into runs/<profile>/, print the results"),
-            "generate": (generate, "answer prompts with a trained run (batched, one adapter per group)")}
+            "generate": (generate, "answer prompts with a trained run (batched, one adapter per group)"),
+            "reinforce": (reinforce, "train one SVF expert with REINFORCE (reward: ROUGE-L) on the instruction task")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "generate":  # the run's config.json sets everything else
             _add_generate_options(command)
             continue
-        _add_config_options(command)
+        _add_config_options(command, skip=("batch_size", "lr") if name == "reinforce" else ())
+        if name == "reinforce":
+            _add_reinforce_options(command)
         if name == "train":
             command.add_argument("--resume", action="store_true", help="continue an interrupted run")
         if name == "notebooks":
@@ -175,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "protocol at --lengths; heads: head-only regimes, causal, paired differences")
             command.add_argument("--lengths", default="160,256", help="paper-length: the max_length values, comma-separated")
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv  # as typed, for the files a command writes
     try:
         return COMMANDS[args.command][0](args) or 0
     except ValueError as err:  # bad input: one clear line, no traceback

@@ -1,4 +1,4 @@
-"""Greedy generation from an adapted model, and the paper's generation metrics.
+"""Greedy generation from an adapted model (sampling too, for REINFORCE), and the paper's generation metrics.
 
     result = generation_metrics(adapted, val_split, cfg, tokenizer)
     result["bleu"], result["rouge_l"], result["meteor"], result["generations"]
@@ -46,9 +46,11 @@ from chameleon.prepare import load_split_texts
 
 
 @torch.no_grad()
-def greedy(adapted, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None,
-           cond: torch.Tensor | None = None) -> list[int]:
-    """Greedy continuation of one prompt: the new token ids, EOS excluded.
+def decode(adapted, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None,
+           cond: torch.Tensor | None = None, temperature: float = 0.0,
+           generator: torch.Generator | None = None) -> list[int]:
+    """Continuation of one prompt: the new token ids, EOS excluded. Fewer than max_new_tokens ids
+    means that EOS was chosen.
 
     Args:
         adapted: a `regimes.Adapted` (any regime).
@@ -56,6 +58,8 @@ def greedy(adapted, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int |
         max_new_tokens: at most this many new tokens.
         eos_id: stop when this token is chosen (None: never stop early).
         cond: (d,) conditioning vector of a ChameleonLLM head; ignored otherwise.
+        temperature: 0 decodes greedily; above 0 each token is sampled from softmax(logits / temperature).
+        generator: a CPU torch.Generator for the sampling.
     """
     dev = next(adapted.parameters()).device
     ids, past, new = prompt_ids.view(1, -1).to(dev), None, []
@@ -63,12 +67,23 @@ def greedy(adapted, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int |
         out = adapted.body(input_ids=ids, past_key_values=past, use_cache=True)
         past = out.past_key_values
         hidden = out.last_hidden_state[:, -1]  # (1, d)
-        token = adapted.logits(hidden, None if cond is None else cond.to(dev, hidden.dtype)).argmax(-1)
+        logits = adapted.logits(hidden, None if cond is None else cond.to(dev, hidden.dtype))
+        if temperature > 0:  # drawn on the CPU, so that one seed gives the same answers on every device
+            probs = (logits.float() / temperature).softmax(-1).cpu()
+            token = torch.multinomial(probs, 1, generator=generator).view(1).to(dev)
+        else:
+            token = logits.argmax(-1)
         if eos_id is not None and token.item() == eos_id:
             break
         new.append(token.item())
         ids = token.view(1, 1)
     return new
+
+
+def greedy(adapted, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None,
+           cond: torch.Tensor | None = None) -> list[int]:
+    """Greedy continuation of one prompt: `decode` at temperature 0."""
+    return decode(adapted, prompt_ids, max_new_tokens, eos_id, cond)
 
 
 def generation_conditions(split, cfg: Config, n: int) -> list[torch.Tensor | None]:
@@ -105,12 +120,17 @@ def bleu(outputs: list[str], references: list[str]) -> float:
     return float(sacrebleu.corpus_bleu(outputs, [references]).score)
 
 
-def rouge_l(outputs: list[str], references: list[str]) -> float:
-    """Mean ROUGE-L F-measure (Porter-stemmed), 0-100."""
+def rouge_l_scores(outputs: list[str], references: list[str]) -> list[float]:
+    """ROUGE-L F-measure (Porter-stemmed) of each output against its reference, 0-1."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(ref, out)["rougeL"].fmeasure for out, ref in zip(outputs, references)]
+    return [scorer.score(ref, out)["rougeL"].fmeasure for out, ref in zip(outputs, references, strict=True)]
+
+
+def rouge_l(outputs: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F-measure (Porter-stemmed), 0-100."""
+    scores = rouge_l_scores(outputs, references)
     return 100.0 * sum(scores) / max(len(scores), 1)
 
 
