@@ -185,7 +185,7 @@ COMMANDS = {"doctor": (doctor, "check torch, the device and every embedded asset
             "reinforce": (reinforce, "train one SVF expert with REINFORCE (reward: ROUGE-L) on the instruction task")}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m chameleon", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
@@ -208,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
                                  help="all: every regime x protocol; paper-length: head-only regimes under the authors' "
                                       "protocol at --lengths; heads: head-only regimes, causal, paired differences")
             command.add_argument("--lengths", default="160,256", help="paper-length: the max_length values, comma-separated")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv  # as typed, for the files a command writes
     try:
         return COMMANDS[args.command][0](args) or 0

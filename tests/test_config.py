@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from chameleon.__main__ import _config, build_parser
 from chameleon.config import CONDITIONINGS, PROFILES, PROTOCOLS, Config
 from chameleon.regimes import REGIMES
 
@@ -39,9 +40,8 @@ def test_old_names_of_the_protocol_and_profile_are_accepted(tmp_path):
     cfg = Config.from_profile("paper", protocol="paper")
     assert (cfg.profile, cfg.protocol) == ("hub", "authors")
     assert Config(**{**cfg.to_dict(), "profile": "paper", "protocol": "paper"}).protocol == "authors"  # old run folders
-    out = subprocess.run([sys.executable, "-m", "chameleon", "params", "--profile", "paper", "--protocol", "paper",
-                          "--backbone", "gpt2-arch"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    args = build_parser().parse_args(["train", "--profile", "paper", "--protocol", "paper"])  # the CLI's spelling
+    assert (_config(args).profile, _config(args).protocol) == ("hub", "authors")
 
 
 def test_unknown_profile_lists_the_choices():

@@ -102,7 +102,7 @@ def test_paper_length_and_heads_write_their_tables_with_the_command(tmp_path, mo
     shares = pd.DataFrame([{"tokenizer": t, "lines": w, "n_lines": 10, "length": n, "padded_share": 0.5}
                            for t in ("gpt2", "smollm2") for w in ("corpus", "subsample") for n in (24, 256)])
     monkeypatch.setattr(compare, "padded_shares", lambda cfg: shares)  # tokenising the whole corpus is slow
-    cfg = tiny(tmp_path, max_train_examples=32, max_eval_examples=16, prefix_tokens=8)
+    cfg = tiny(tmp_path, max_train_examples=16, max_eval_examples=8, prefix_tokens=8)  # 25 runs: the least data
     table = paper_length(cfg, lengths=(24,), seeds=1, progress=False)
     assert set(table.max_length) == {24} and (table.scored == "last").all()
     assert {"val_loss_pad", "val_loss_real", "pad_share"} <= set(table.columns)
