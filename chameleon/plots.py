@@ -266,25 +266,30 @@ def adapter_norms(norms: pd.DataFrame, similarity: pd.DataFrame, profile: str,
     return fig
 
 
+def _after_prefix(part: pd.DataFrame) -> pd.Series:
+    """Rows whose loss counts only the tokens after the prefix (see runs.scored_label)."""
+    if "scored" in part:
+        return part["scored"].astype(str).str.startswith("from")
+    return (part["conditioning"] == "prefix") & (part["protocol"] == "causal")
+
+
 def results_bars(table: pd.DataFrame, profile: str, name: str = "06_results", source: str | None = None) -> plt.Figure:
     """Final validation loss and perplexity per regime (and conditioning), one panel row per protocol,
     mean with error bars (standard deviation over seeds) when the table has more than one seed.
 
     table columns: regime, protocol, conditioning, val_loss, val_ppl; optional val_loss_std,
-    val_ppl_std and seeds (a compare() table). Under the causal protocol the `prefix` rows score other
-    tokens (the loss starts after the prefix), so they are drawn apart, after a gap and a dashed line;
-    under the authors' protocol every row scores the last position. `source` names the data
-    in the title.
+    val_ppl_std, seeds and scored (a compare() table). Rows scored only after the prefix (the `prefix`
+    rows under the causal protocol, and baselines scored on their tokens: `scored` "from P") are drawn
+    apart, after a gap and a dashed line; under the authors' protocol every row scores the last
+    position. `source` names the data in the title.
     """
     protocols = [p for p in PROTOCOL_STYLES if p in set(table["protocol"])]
     seeds = int(table["seeds"].min()) if "seeds" in table else 1
     fig, axes = plt.subplots(len(protocols), 2, figsize=(15, 4.6 * len(protocols) + 0.6), squeeze=False)
     for row, protocol in zip(axes, protocols):
         part = table[table["protocol"] == protocol]
-        # causal: `prefix` is scored only after the prefix; authors: the last position, as every row
-        apart = (part["conditioning"] == "prefix") & (protocol == "causal")
-        part = pd.concat([part[~apart], part[apart]]).reset_index(drop=True)
-        apart = (part["conditioning"] == "prefix") & (protocol == "causal")
+        part = pd.concat([part[~_after_prefix(part)], part[_after_prefix(part)]]).reset_index(drop=True)
+        apart = _after_prefix(part)
         x = np.arange(len(part)) + np.where(apart, 0.8, 0.0)
         tags = [r if c in ("batch_mean", "-") else f"{r}\n({c})" for r, c in zip(part["regime"], part["conditioning"])]
         for ax, metric, label in zip(row, ("val_loss", "val_ppl"), ("loss (nats / token)", "perplexity")):
@@ -298,7 +303,7 @@ def results_bars(table: pd.DataFrame, profile: str, name: str = "06_results", so
             if apart.any():
                 sep = x[apart].min() - 0.9
                 ax.axvline(sep, color="black", ls="--", lw=1)
-                ax.text(sep + 0.1, 0.97, "scored on other\ntokens: not\ncomparable", transform=ax.get_xaxis_transform(),
+                ax.text(sep + 0.1, 0.97, "scored after the\nprefix: compare\nwithin this side", transform=ax.get_xaxis_transform(),
                         va="top", fontsize=10)
             ax.set(title=f"{protocol} protocol: validation {label.split(' (')[0]}", ylabel=f"validation {label}")
             if metric == "val_ppl" and part[metric].max() / max(part[metric].min(), 1e-9) > 50:

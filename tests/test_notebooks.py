@@ -146,6 +146,11 @@ def test_results_bars_draw_error_bars_and_prefix_apart(tmp_path, monkeypatch):
     from matplotlib.container import ErrorbarContainer
 
     assert any(isinstance(c, ErrorbarContainer) for c in ax.containers) and "3 seeds" in fig._suptitle.get_text()
+    # baselines scored on the prefix row's tokens (compare's `scored` "from P") stand apart beside it
+    table["scored"] = ["all", "from 8", "all"]
+    table = pd.concat([table, table.iloc[[0]].assign(scored="from 8")], ignore_index=True)
+    labels = [t.get_text() for t in plots.results_bars(table, "unit").axes[0].get_xticklabels()]
+    assert labels == ["lora", "chameleon", "chameleon\n(prefix)", "lora"]
 
 
 def test_loss_curves_no_two_curves_share_colour_and_style(tmp_path, monkeypatch):
