@@ -95,12 +95,13 @@ def train(args) -> int:
 def compare(args) -> int:
     cfg = _config(args)
     from chameleon.compare import compare as compare_runs, heads, paper_length, to_markdown
+    from chameleon.runs import results_folder
 
     run = {"all": compare_runs, "paper-length": paper_length, "heads": heads}[args.experiment]
     lengths = {"lengths": tuple(int(n) for n in args.lengths.split(","))} if args.experiment == "paper-length" else {}
     print(to_markdown(run(cfg, seeds=args.seeds, **lengths)))
     name = {"all": "compare"}.get(args.experiment, args.experiment)
-    print(f"written to {cfg.results_dir / cfg.profile / cfg.task}/{name}-seeds{args.seeds}.md")
+    print(f"written to {results_folder(cfg)}/{name}-seeds{args.seeds}.md")
     return 0
 
 

@@ -15,7 +15,7 @@ from chameleon.backbones import load_backbone
 from chameleon.config import PROTOCOLS, Config
 from chameleon.model import build, svf_parameters
 from chameleon.regimes import REGIMES
-from chameleon.runs import METRICS, result_row
+from chameleon.runs import METRICS, result_row, results_folder
 from chameleon.training import train
 
 # The paper's WikiText-2 table (GPT-2 124M, rank 4): parameters, validation loss and perplexity.
@@ -103,7 +103,7 @@ def _command(cfg: Config, experiment: str, seeds: int) -> str:
 
 def _write(cfg: Config, name: str, per_run: pd.DataFrame, table: pd.DataFrame, command: str, seeds: int,
            extra: str = "") -> Path:
-    out = Path(cfg.results_dir) / cfg.profile / cfg.task
+    out = results_folder(cfg)
     out.mkdir(parents=True, exist_ok=True)
     per_run.to_csv(out / f"{name}-runs.csv", index=False)
     table.to_csv(out / f"{name}.csv", index=False)
@@ -151,9 +151,6 @@ def paper_length(cfg: Config, lengths: tuple[int, ...] = (160, 256), seeds: int 
     table = summarise(per_run, KEYS + ["max_length"])
     shares = padded_shares(cfg)
     name = f"paper-length-seeds{seeds}"
-    out = Path(cfg.results_dir) / cfg.profile / cfg.task
-    out.mkdir(parents=True, exist_ok=True)
-    shares.to_csv(out / f"{name}-shares.csv", index=False)
     wide = shares.pivot_table(index="length", columns=["tokenizer", "lines"], values="padded_share")
     wide.columns = [f"{t} ({w})" for t, w in wide.columns]
     extra = ("\nShare of lines shorter than L tokens (padded at the scored position), lines of under 2 tokens "
@@ -173,7 +170,7 @@ def paper_length(cfg: Config, lengths: tuple[int, ...] = (160, 256), seeds: int 
                   "the hub is unreachable):\n\n" + arithmetic.to_markdown(index=False, floatfmt=".4f") + "\n")
     command = _command(cfg, "paper-length", seeds) + ("" if tuple(lengths) == (160, 256) else
                                                       f" --lengths {','.join(map(str, lengths))}")
-    _write(cfg, name, per_run, table, command, seeds, extra)
+    shares.to_csv(_write(cfg, name, per_run, table, command, seeds, extra).parent / f"{name}-shares.csv", index=False)
     return table
 
 
@@ -187,15 +184,12 @@ def heads(cfg: Config, seeds: int = 3, progress: bool = True) -> pd.DataFrame:
                         paired_differences(per_run, {"regime": "chameleon", "conditioning": "shuffled"})],
                        ignore_index=True)
     name = f"heads-seeds{seeds}"
-    out = Path(cfg.results_dir) / cfg.profile / cfg.task
-    out.mkdir(parents=True, exist_ok=True)
-    paired.to_csv(out / f"{name}-paired.csv", index=False)
     show = paired.assign(**{c: paired[c].map(lambda v: f"{v:+.4f}") for c in ("difference", "low", "high")})
     extra = ("\nPaired differences of val loss (run - reference, per seed, same seeds and scored tokens) "
              "with 95% t-intervals over the seeds; significant: the interval excludes 0 (negative = lower "
              "loss than the reference):\n\n" + show.to_markdown(index=False) + "\n")
     command = _command(cfg, "heads", seeds)
-    _write(cfg, name, per_run, table, command, seeds, extra)
+    paired.to_csv(_write(cfg, name, per_run, table, command, seeds, extra).parent / f"{name}-paired.csv", index=False)
     return table
 
 

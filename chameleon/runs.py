@@ -51,8 +51,13 @@ def run_name(cfg: Config) -> str:
     return f"{cfg.regime}-{cfg.protocol}-{condition}-seed{cfg.seed}-{digest}"
 
 
+def results_folder(cfg: Config) -> Path:
+    """results/<profile>/<task>/: the tables of cfg's profile and task, and their runs/."""
+    return Path(cfg.results_dir) / cfg.profile / cfg.task
+
+
 def run_dir(cfg: Config) -> Path:
-    return Path(cfg.results_dir) / cfg.profile / cfg.task / "runs" / run_name(cfg)
+    return results_folder(cfg) / "runs" / run_name(cfg)
 
 
 def finished(cfg: Config) -> dict | None:
@@ -194,7 +199,7 @@ def finished_runs(cfg: Config) -> list[dict]:
     """Every finished run under cfg's results folder that cfg's settings would produce with only
     regime, protocol, conditioning and seed changed; runs of older settings are skipped."""
     runs = []
-    for path in sorted((Path(cfg.results_dir) / cfg.profile / cfg.task / "runs").glob("*/metrics.json")):
+    for path in sorted((results_folder(cfg) / "runs").glob("*/metrics.json")):
         result = json.loads(path.read_text())
         keys = {k: result["config"][k] for k in RUN_KEYS if k in result["config"]}
         if result.get("finished") and run_dir(cfg.replace(**keys)) == path.parent:
