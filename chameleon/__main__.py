@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import shlex
 import sys
 from pathlib import Path
@@ -94,10 +95,12 @@ def train(args) -> int:
 
 def compare(args) -> int:
     cfg = _config(args)
-    from chameleon.compare import compare as compare_runs, heads, paper_length, to_markdown
+    from chameleon.compare import SVF_RUNS, _command, compare as compare_runs, heads, paper_length, to_markdown
     from chameleon.runs import results_folder
 
-    run = {"all": compare_runs, "paper-length": paper_length, "heads": heads}[args.experiment]
+    svf = functools.partial(compare_runs, runs=SVF_RUNS[cfg.task], stem=f"svf-seeds{args.seeds}",
+                            command=_command(cfg, "svf", args.seeds))  # the SVF rows alone, beside the full table
+    run = {"all": compare_runs, "svf": svf, "paper-length": paper_length, "heads": heads}[args.experiment]
     lengths = {"lengths": tuple(int(n) for n in args.lengths.split(","))} if args.experiment == "paper-length" else {}
     print(to_markdown(run(cfg, seeds=args.seeds, **lengths)))
     name = {"all": "compare"}.get(args.experiment, args.experiment)
@@ -205,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--only", nargs="+", metavar="PREFIX", help="only the notebooks starting with these, e.g. 01 02")
         if name == "compare":
             command.add_argument("--seeds", type=int, default=1, help="seeds per run; the table shows mean ± std")
-            command.add_argument("--experiment", default="all", choices=["all", "paper-length", "heads"],
-                                 help="all: every regime x protocol; paper-length: head-only regimes under the authors' "
+            command.add_argument("--experiment", default="all", choices=["all", "svf", "paper-length", "heads"],
+                                 help="all: every regime x protocol; svf: the SVF rows alone (svf-seeds<N>.*); paper-length: head-only regimes under the authors' "
                                       "protocol at --lengths; heads: head-only regimes, causal, paired differences")
             command.add_argument("--lengths", default="160,256", help="paper-length: the max_length values, comma-separated")
     return parser

@@ -23,6 +23,7 @@ conventions; none of it is copied here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import warnings
@@ -175,6 +176,17 @@ class SVFMatrix(nn.Module):
         # (U * s) @ Vh is U diag(s) Vh without the k x k diagonal; the factor keeps sum(S).
         return (self.U * s) @ self.Vh * (self.S.sum() / s.sum())
 
+    def apply(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """x W'^T without forming W' (no bias): ((x Vh^T) * s') U^T, s' the rescaled singular values.
+
+        Costs N k (in + out) multiply-adds for N rows of x, against out k in + N in out for building W'
+        first: the cheaper way while training z on small batches (W' changes every step)."""
+        z = self.z if z is None else z
+        s = self.S * torch.sigmoid(z)
+        s = s * (self.S.sum() / s.sum())
+        U, s, Vh = (t.to(x.dtype) for t in (self.U, s, self.Vh))
+        return ((x @ Vh.T) * s) @ U.T
+
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return original
@@ -298,6 +310,27 @@ class SVF(nn.Module):
         finally:
             for m in self.matrices.values():
                 m.enabled = True
+
+    @contextlib.contextmanager
+    def factored(self, model: nn.Module, zs: dict[str, torch.Tensor] | None = None):
+        """For a block, every adapted layer computes x W'^T + b as `SVFMatrix.apply` (for `zs`, default
+        the current expert), never forming W': the fast way to train z. Nothing is copied; each layer's
+        own forward is back on exit (the graph built inside stays valid for backward)."""
+        layers = self._layers(model)
+        if any(parametrize.is_parametrized(layer, "weight") for layer in layers.values()):
+            raise ValueError("SVF is attached to this model: detach it before using the factored forward")
+
+        def forward(m: SVFMatrix, z, bias, x):
+            y = m.apply(x, z)
+            return y if bias is None else y + bias
+
+        try:
+            for name, layer in layers.items():
+                layer.forward = functools.partial(forward, self[name], None if zs is None else zs[name], layer.bias)
+            yield model
+        finally:
+            for layer in layers.values():
+                layer.__dict__.pop("forward", None)
 
     @contextlib.contextmanager
     def merged(self, model: nn.Module):

@@ -93,6 +93,35 @@ def test_conv1d_forward_equals_a_manual_computation(tiny_gpt2):
     assert not torch.allclose(plain, manual, atol=1e-3)  # the z's do change the MLP
 
 
+@pytest.mark.parametrize("make", ["gpt2", "llama"])
+def test_factored_forward_equals_the_attached_one_in_values_and_gradients(tiny_gpt2, make):
+    """x -> Vh x -> s' * -> U, never forming W': same logits and z-gradients as rebuilding W' (Conv1D and Linear),
+    and every layer has its own forward back afterwards, also after an exception."""
+    model = (tiny_gpt2 if make == "gpt2" else tiny_llama()).requires_grad_(False)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        base = model(ids).logits
+    svf = SVF.from_model(model)
+    random_z(svf)
+    grads = {}
+    for mode in ("attached", "factored"):
+        svf.zero_grad()
+        with getattr(svf, mode)(model):
+            logits = model(ids).logits
+        logits.pow(2).mean().backward()  # after the block: the graph outlives it
+        grads[mode] = (logits.detach(), {n: svf[n].z.grad.clone() for n in svf.names})
+    assert torch.allclose(grads["factored"][0], grads["attached"][0], atol=1e-5)
+    for n in svf.names:
+        assert torch.allclose(grads["factored"][1][n], grads["attached"][1][n], rtol=1e-4, atol=1e-7)
+    with pytest.raises(RuntimeError, match="boom"), svf.factored(model):
+        raise RuntimeError("boom")
+    assert all("forward" not in layer.__dict__ for layer in target_layers(model).values())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base)
+    with svf.attached(model), pytest.raises(ValueError, match="detach it"), svf.factored(model):
+        pass
+
+
 def test_attach_merge_and_restore_are_exact_and_leave_biases_alone(tiny_gpt2):
     ids = torch.randint(0, 50_257, (2, 7))
     layers = target_layers(tiny_gpt2)
