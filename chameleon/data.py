@@ -62,30 +62,37 @@ def load_instructions(name: str = "embedded") -> DatasetDict:
     pairs alone), "alpaca" (yahma/alpaca-cleaned) or a local JSON / JSONL file in Alpaca's format
     (instruction, input, output per record)."""
     if name in ("embedded", "chatterbot"):
-        rows = _embedded_rows(name)
-    elif name == "alpaca":
-        rows = list(_from_hub(name, "embedded", "yahma/alpaca-cleaned")["train"])
+        ds, dropped, total = _embedded(name)
     else:
-        rows = _read_local(name, "an instruction set name ('embedded', 'chatterbot', 'alpaca')")
-        if rows is None:
-            raise ValueError(f"{name}: instruction data must be .json or .jsonl in Alpaca's format")
+        if name == "alpaca":
+            rows = list(_from_hub(name, "embedded", "yahma/alpaca-cleaned")["train"])
+        else:
+            rows = _read_local(name, "an instruction set name ('embedded', 'chatterbot', 'alpaca')")
+            if rows is None:
+                raise ValueError(f"{name}: instruction data must be .json or .jsonl in Alpaca's format")
+        ds, dropped, total = _clean_and_split(rows, name)
+    if dropped:
+        warnings.warn(f"{name}: dropped {dropped} of {total} records with an empty instruction or output")
+    return ds
+
+
+def _clean_and_split(rows: list[dict], name: str) -> tuple[DatasetDict, int, int]:
+    """The records with an instruction and an output, split; and how many were dropped of how many."""
     rows = _require_fields(rows, ("instruction", "output"), name)
     kept = [{**{f: str(r.get(f) or "").strip() for f in INSTRUCTION_FIELDS}, "group": r.get("group")} for r in rows]
     kept = [r for r in kept if r["instruction"] and r["output"]]
-    if len(kept) < len(rows):
-        warnings.warn(f"{name}: dropped {len(rows) - len(kept)} of {len(rows)} records with an empty instruction or output")
     # Identical prompts must not straddle splits: the split follows a hash of instruction + input, or of
     # the article's title for the records derived from one Wikipedia article.
-    return _hash_split(kept, key=lambda r: r["group"] or r["instruction"] + "\n" + r["input"],
-                       name=name).remove_columns("group")
+    ds = _hash_split(kept, key=lambda r: r["group"] or r["instruction"] + "\n" + r["input"], name=name)
+    return ds.remove_columns("group"), len(rows) - len(kept), len(rows)
 
 
-@functools.cache  # installed package data, read once per process: a notebook trains many runs on it
-def _embedded_rows(name: str) -> tuple[dict, ...]:
+@functools.cache  # installed package data, read and split once per process: a notebook trains many runs on it
+def _embedded(name: str) -> tuple[DatasetDict, int, int]:
     rows = _chatterbot_pairs()
     if name == "embedded":
         rows += wiki_tasks(_wiki_articles())
-    return tuple(rows)
+    return _clean_and_split(rows, name)
 
 
 def _chatterbot_pairs() -> list[dict]:

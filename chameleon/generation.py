@@ -3,9 +3,11 @@
     result = generation_metrics(adapted, val_split, cfg, tokenizer)
     result["bleu"], result["rouge_l"], result["meteor"], result["generations"]
 
-Decoding is greedy, up to cfg.max_new_tokens new tokens, stopping at EOS, one prompt at a
-time with the body's KV cache (linear in the output length). Every token goes through
-`adapted.hidden`'s body and `adapted.logits`, so LoRA, block LoRA and ChameleonLLM heads all
+Decoding is greedy, up to cfg.max_new_tokens new tokens, stopping at EOS, with the body's KV
+cache (linear in the output length): `greedy` one prompt at a time, `batched_greedy` many at once
+(left-padded, one body forward a step for the batch, token for token what `greedy` gives; a
+step reads every weight once, so on a CPU n prompts cost little more than one). Every token goes
+through `adapted.body` and the head, so LoRA, block LoRA, SVF experts and ChameleonLLM heads all
 decode the way they were trained. A ChameleonLLM head is conditioned as in evaluation: on
 the mean conditioning embedding of the example's validation batch (its cluster batch, or
 another batch under `shuffled`). With `batch_mean` conditioning that mean includes the
@@ -38,6 +40,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from chameleon.clustering import eval_batches
@@ -86,31 +89,114 @@ def greedy(adapted, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int |
     return decode(adapted, prompt_ids, max_new_tokens, eos_id, cond)
 
 
-def generation_conditions(split, cfg: Config, n: int) -> list[torch.Tensor | None]:
-    """The conditioning vector of each of the first n examples of `split`, as `evaluate` uses it."""
-    conds: list[torch.Tensor | None] = [None] * n
-    for batch, cond_batch in eval_batches(split.labels, cfg.batch_size, cfg.conditioning):
-        mean = split.cond_emb[cond_batch].mean(0)
-        for i in batch:
-            if i < n:
-                conds[i] = mean
-    return conds
-
-
-def generate(adapted, tokenizer, prompts: list[str], cfg: Config,
-             conds: list[torch.Tensor | None] | None = None, route=None) -> list[str]:
-    """Greedy outputs (decoded, special tokens skipped) for each prompt; route(i), when given, is
-    called before prompt i (the SVF experts' first pass picks the expert of its batch)."""
+def generate(adapted, tokenizer, prompts: list[str], cfg: Config, conds: torch.Tensor | None = None,
+             groups: list[int] | None = None) -> list[str]:
+    """Greedy outputs (decoded, special tokens skipped) of `prompts`, decoded as one batch
+    (`batched_greedy`); a ChameleonLLM head conditions prompt i on conds[groups[i]]."""
     adapted.eval()
-    outputs = []
-    for i, text in enumerate(prompts):
-        if route is not None:
-            route(i)
-        ids = torch.tensor(tokenizer(text)["input_ids"][-cfg.max_length:])
-        cond = conds[i] if conds is not None and adapted.conditioned else None
-        new = greedy(adapted, ids, cfg.max_new_tokens, tokenizer.eos_token_id, cond)
-        outputs.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-    return outputs
+    tokens = batched_greedy(adapted, tokenize_prompts(tokenizer, prompts, cfg.max_length), cfg.max_new_tokens,
+                            tokenizer.eos_token_id, tokenizer.pad_token_id, conds, groups)
+    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of each prompt, its last max_length tokens (those that end a long prompt)."""
+    ids = [tokenizer(p)["input_ids"][-max_length:] for p in prompts]
+    empty = [i for i, p in enumerate(ids) if not p]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} ({prompts[empty[0]]!r}) has no tokens; give it some text")
+    return ids
+
+
+class GroupedHead:
+    """The head's logits for a batch whose rows are sorted by group: one low-rank update per group.
+
+    For a ChameleonLLM head the hypernetwork runs once, on the (G, d) group vectors, giving
+    A (G, r, d_in) and B (G, d_out, r); each step then adds scaling * (h @ A[g].T) @ B[g].T to
+    the base logits of group g's contiguous rows, in place. Other heads are called as they are.
+    """
+
+    def __init__(self, adapted, conds: torch.Tensor | None, sizes: list[int]):
+        self.adapted = adapted
+        if not adapted.conditioned:
+            return
+        if conds is None or len(conds) != len(sizes):
+            raise ValueError("a ChameleonLLM head needs one conditioning vector per group")
+        head = adapted.head
+        w = head.base.weight
+        self.A, self.B = head.generate_adapter(conds.to(w.device, w.dtype))
+        self.scaling = head.scaling
+        bounds = np.cumsum([0, *sizes]).tolist()
+        self.segments = [(g, s, e) for g, (s, e) in enumerate(zip(bounds, bounds[1:])) if e > s]
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, d_in) hidden states -> (n, vocab) logits."""
+        if not self.adapted.conditioned:
+            return self.adapted.logits(hidden)
+        out = self.adapted.head.base(hidden)
+        for g, s, e in self.segments:  # as ChameleonHead.forward with a (d,) cond, on rows s:e
+            out[s:e].addmm_(hidden[s:e] @ self.A[g].T * self.scaling, self.B[g].T)
+        return out
+
+
+@torch.no_grad()
+def batched_greedy(adapted, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None,
+                   pad_id: int, conds: torch.Tensor | None = None, groups: list[int] | None = None) -> list[list[int]]:
+    """Greedy continuations of many prompts at once: the new token ids of each, EOS excluded.
+
+    Token for token what `generation.greedy` gives one prompt at a time with cond=conds[groups[i]].
+
+    Args:
+        adapted: a `regimes.Adapted` (any regime), in eval mode.
+        prompts: token ids of each prompt (at least one token each).
+        max_new_tokens: at most this many new tokens per prompt.
+        eos_id: a row stops when it chooses this token (None: never early).
+        pad_id: token fed to padding positions and to finished rows (never attended).
+        conds: (G, d) conditioning vector of each group; needed by a ChameleonLLM head only.
+        groups: group (0..G-1) of each prompt; None puts every prompt in group 0.
+    """
+    n = len(prompts)
+    if n == 0 or max_new_tokens < 1:
+        return [[] for _ in range(n)]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    groups = [0] * n if groups is None else list(groups)
+    dev = next(adapted.parameters()).device
+    order = sorted(range(n), key=lambda i: groups[i])  # stable: each group becomes one contiguous segment
+    G = max(groups) + 1
+    sizes = np.bincount(groups, minlength=G).tolist()
+    head = GroupedHead(adapted, conds, sizes)
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((n, width), pad_id, dtype=torch.long, device=dev)
+    mask = torch.zeros((n, width), dtype=torch.long, device=dev)
+    for row, i in enumerate(order):  # left padding: every row's last prompt token is in the last column
+        ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long, device=dev)
+        mask[row, width - len(prompts[i]):] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # real tokens count 0, 1, 2, ... as without padding
+    past = None
+    new = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    ones = torch.ones((n, 1), dtype=torch.long, device=dev)
+    steps = 0
+    for t in range(max_new_tokens):
+        out = adapted.body(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        token = head(out.last_hidden_state[:, -1]).argmax(-1)
+        token = token.masked_fill(done, pad_id)
+        new[:, t] = token
+        steps = t + 1
+        if eos_id is not None:
+            done |= token == eos_id
+            if bool(done.all()):  # one host sync per step, as Hugging Face's generate
+                break
+        ids, positions, mask = token[:, None], positions[:, -1:] + 1, torch.cat([mask, ones], 1)
+    rows = new[:, :steps].tolist()
+    result: list[list[int]] = [[] for _ in range(n)]
+    for row, i in enumerate(order):
+        tokens = rows[row]
+        result[i] = tokens[:tokens.index(eos_id)] if eos_id is not None and eos_id in tokens else tokens
+    return result
 
 
 def bleu(outputs: list[str], references: list[str]) -> float:
@@ -182,10 +268,19 @@ def generation_metrics(adapted, split, cfg: Config, tokenizer, texts: dict | Non
     if texts is None:
         texts = load_split_texts(cfg, split.name, tokenizer)
     n = min(cfg.n_generate, len(split))
-    conds = generation_conditions(split, cfg, n) if adapted.conditioned else None
-    batch_of = {i: batch for batch, _ in eval_batches(split.labels, cfg.batch_size, cfg.conditioning) for i in batch}
-    outputs = generate(adapted, tokenizer, texts["prompt"][:n], cfg, conds,
-                       route=lambda i: adapted.route(split, batch_of[i]))  # dispatched as in evaluation
+    # each example is conditioned and dispatched as in evaluation, by its validation batch
+    batches = [(batch, cond_batch) for batch, cond_batch in eval_batches(split.labels, cfg.batch_size, cfg.conditioning)
+               if min(batch) < n]
+    # one decoding batch for all, one group per validation batch; SVF experts change the body per batch: one each
+    passes = [batches] if adapted.svf is None else [[b] for b in batches]
+    outputs: list[str] = [""] * n
+    for part in passes:
+        adapted.route(split, part[0][0])
+        chosen = [(g, i) for g, (batch, _) in enumerate(part) for i in batch if i < n]
+        conds = torch.stack([split.cond_emb[c].mean(0) for _, c in part]) if adapted.conditioned else None
+        answers = generate(adapted, tokenizer, [texts["prompt"][i] for _, i in chosen], cfg, conds, [g for g, _ in chosen])
+        for (_, i), answer in zip(chosen, answers):
+            outputs[i] = answer
     refs = texts["response"][:n]
     result = {"bleu": bleu(outputs, refs), "rouge_l": rouge_l(outputs, refs), "meteor": meteor(outputs, refs), "n": n}
     if result["meteor"] is None:

@@ -22,7 +22,7 @@ continuations too. Under `prefix` conditioning only the first cfg.prefix_tokens 
 tokens count, as in training; `shuffled` (a training control) is served with the group's
 own vector. Regimes without a hypernetwork (`unadapted`, `lora*`) ignore the groups.
 
-Decoding is batched greedy decoding (`batched_greedy`): left-padded prompts, position ids
+Decoding is batched greedy decoding (`generation.batched_greedy`): left-padded prompts, position ids
 counted over real tokens, the body's KV cache, ONE body forward per step for the whole
 batch, EOS stops a row (finished rows are fed padding and their output is dropped). The
 head computes the hypernetwork once per group per request, not per row or per step; rows
@@ -49,6 +49,7 @@ from chameleon.backbones import device as resolve_device, load_backbone
 from chameleon.clustering import assign, kmeans
 from chameleon.config import Config
 from chameleon.embeddings import embedding_mask, mean_embeddings
+from chameleon.generation import batched_greedy, tokenize_prompts
 from chameleon.model import Adapted
 from chameleon.prepare import prepare
 from chameleon.runs import load_trained, read_centroids, read_config
@@ -64,97 +65,6 @@ class Result:
     group: int  # route: the training cluster; kmeans: the cluster within this batch; single: 0
     group_size: int  # prompts of this batch in the same group (they share one adapter)
     stopped: bool  # True when the model chose EOS, False when max_new_tokens ran out
-
-
-class GroupedHead:
-    """The head's logits for a batch whose rows are sorted by group: one low-rank update per group.
-
-    For a ChameleonLLM head the hypernetwork runs once, on the (G, d) group vectors, giving
-    A (G, r, d_in) and B (G, d_out, r); each step then adds scaling * (h @ A[g].T) @ B[g].T to
-    the base logits of group g's contiguous rows, in place. Other heads are called as they are.
-    """
-
-    def __init__(self, adapted: Adapted, conds: torch.Tensor | None, sizes: list[int]):
-        self.adapted = adapted
-        if not adapted.conditioned:
-            return
-        if conds is None or len(conds) != len(sizes):
-            raise ValueError("a ChameleonLLM head needs one conditioning vector per group")
-        head = adapted.head
-        w = head.base.weight
-        self.A, self.B = head.generate_adapter(conds.to(w.device, w.dtype))
-        self.scaling = head.scaling
-        bounds = np.cumsum([0, *sizes]).tolist()
-        self.segments = [(g, s, e) for g, (s, e) in enumerate(zip(bounds, bounds[1:])) if e > s]
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(n, d_in) hidden states -> (n, vocab) logits."""
-        if not self.adapted.conditioned:
-            return self.adapted.logits(hidden)
-        out = self.adapted.head.base(hidden)
-        for g, s, e in self.segments:  # as ChameleonHead.forward with a (d,) cond, on rows s:e
-            out[s:e].addmm_(hidden[s:e] @ self.A[g].T * self.scaling, self.B[g].T)
-        return out
-
-
-@torch.no_grad()
-def batched_greedy(adapted: Adapted, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None,
-                   pad_id: int, conds: torch.Tensor | None = None, groups: list[int] | None = None) -> list[list[int]]:
-    """Greedy continuations of many prompts at once: the new token ids of each, EOS excluded.
-
-    Token for token what `generation.greedy` gives one prompt at a time with cond=conds[groups[i]].
-
-    Args:
-        adapted: a `regimes.Adapted` (any regime), in eval mode.
-        prompts: token ids of each prompt (at least one token each).
-        max_new_tokens: at most this many new tokens per prompt.
-        eos_id: a row stops when it chooses this token (None: never early).
-        pad_id: token fed to padding positions and to finished rows (never attended).
-        conds: (G, d) conditioning vector of each group; needed by a ChameleonLLM head only.
-        groups: group (0..G-1) of each prompt; None puts every prompt in group 0.
-    """
-    n = len(prompts)
-    if n == 0 or max_new_tokens < 1:
-        return [[] for _ in range(n)]
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    groups = [0] * n if groups is None else list(groups)
-    dev = next(adapted.parameters()).device
-    order = sorted(range(n), key=lambda i: groups[i])  # stable: each group becomes one contiguous segment
-    G = max(groups) + 1
-    sizes = np.bincount(groups, minlength=G).tolist()
-    head = GroupedHead(adapted, conds, sizes)
-
-    width = max(len(p) for p in prompts)
-    ids = torch.full((n, width), pad_id, dtype=torch.long, device=dev)
-    mask = torch.zeros((n, width), dtype=torch.long, device=dev)
-    for row, i in enumerate(order):  # left padding: every row's last prompt token is in the last column
-        ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long, device=dev)
-        mask[row, width - len(prompts[i]):] = 1
-    positions = (mask.cumsum(1) - 1).clamp(min=0)  # real tokens count 0, 1, 2, ... as without padding
-    body, past = adapted.model.base_model, None
-    new = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-    done = torch.zeros(n, dtype=torch.bool, device=dev)
-    ones = torch.ones((n, 1), dtype=torch.long, device=dev)
-    steps = 0
-    for t in range(max_new_tokens):
-        out = body(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        token = head(out.last_hidden_state[:, -1]).argmax(-1)
-        token = token.masked_fill(done, pad_id)
-        new[:, t] = token
-        steps = t + 1
-        if eos_id is not None:
-            done |= token == eos_id
-            if bool(done.all()):  # one host sync per step, as Hugging Face's generate
-                break
-        ids, positions, mask = token[:, None], positions[:, -1:] + 1, torch.cat([mask, ones], 1)
-    rows = new[:, :steps].tolist()
-    result: list[list[int]] = [[] for _ in range(n)]
-    for row, i in enumerate(order):
-        tokens = rows[row]
-        result[i] = tokens[:tokens.index(eos_id)] if eos_id is not None and eos_id in tokens else tokens
-    return result
 
 
 def prompt_embeddings(model, tokenizer, prompts: list[str], cfg: Config, prefix: int | None = None) -> torch.Tensor:
@@ -176,15 +86,6 @@ def prompt_embeddings(model, tokenizer, prompts: list[str], cfg: Config, prefix:
     if prefix is not None:
         mask = mask * (torch.arange(L, device=dev) < prefix)
     return mean_embeddings(model, ids, mask)
-
-
-def tokenize_prompts(tokenizer, prompts: list[str], max_length: int) -> list[list[int]]:
-    """Token ids of each prompt, its last max_length tokens (as `generation.generate` keeps them)."""
-    ids = [tokenizer(p)["input_ids"][-max_length:] for p in prompts]
-    empty = [i for i, p in enumerate(ids) if not p]
-    if empty:
-        raise ValueError(f"prompt {empty[0]} ({prompts[empty[0]]!r}) has no tokens; give it some text")
-    return ids
 
 
 class Adapter:

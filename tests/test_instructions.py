@@ -179,3 +179,36 @@ def test_instruction_regimes_train_and_generate(tmp_path, fast_data, regime, con
         assert (g["instruction"], g["input"], g["reference"]) == (val["task"][i], val["input"][i], val["response"][i])
     saved = json.loads((next((tmp_path / "results").rglob("metrics.json"))).read_text())
     assert saved["generations"] == result["generations"]
+
+
+@pytest.mark.parametrize("regime", ["chameleon", "svf_experts"])
+def test_batched_generation_equals_one_prompt_at_a_time(tmp_path, fast_data, regime):
+    """generation_metrics decodes its examples in batches; each output is what `greedy` gives the prompt alone,
+    conditioned (ChameleonLLM) or dispatched (SVF experts) by the example's own validation batch."""
+    from chameleon.clustering import eval_batches
+    from chameleon.generation import generation_metrics, greedy
+    from chameleon.model import build
+
+    cfg = _cfg(tmp_path, regime=regime, conditioning="task", protocol="causal", max_train_examples=48,
+               max_new_tokens=4, n_generate=16, dispatch="oracle")
+    model, tok = load_backbone(cfg.backbone, seed=0)
+    train_split, val_split, _ = prepare(cfg, model, tok)
+    adapted = build(cfg, model).eval()
+    adapted.bind(train_split, val_split)
+    if regime == "svf_experts":  # distinct experts, so that a wrong dispatch would change the outputs
+        with torch.no_grad():
+            for k in range(adapted.svf.k):
+                for z in adapted.svf.expert(k).values():
+                    z.copy_(3 * torch.randn(z.shape, generator=torch.Generator().manual_seed(k)))
+    result = generation_metrics(adapted, val_split, cfg, tok)
+    prompts = prepare_module.load_split_texts(cfg, "validation")["prompt"]
+    selections = set()
+    for batch, cond_batch in eval_batches(val_split.labels, cfg.batch_size, cfg.conditioning):
+        adapted.route(val_split, batch)
+        selections.add(adapted.svf.selection if adapted.svf else None)
+        cond = val_split.cond_emb[cond_batch].mean(0) if adapted.conditioned else None
+        for i in (i for i in batch if i < 16):
+            ids = torch.tensor(tok(prompts[i])["input_ids"][-cfg.max_length:])
+            alone = tok.decode(greedy(adapted, ids, 4, tok.eos_token_id, cond), skip_special_tokens=True).strip()
+            assert result["generations"][i]["output"] == alone, i
+    assert regime == "chameleon" or len(selections) > 1  # the batches do go to different experts

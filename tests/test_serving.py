@@ -17,9 +17,9 @@ from chameleon.runs import CENTROIDS, run_dir
 from chameleon.backbones import load_backbone
 from chameleon.clustering import assign
 from chameleon.config import Config
-from chameleon.generation import greedy
+from chameleon.generation import batched_greedy, greedy, tokenize_prompts
 from chameleon.model import build
-from chameleon.serving import Adapter, batched_greedy, tokenize_prompts
+from chameleon.serving import Adapter
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Hello", "In 1854 the city of",
            "Photosynthesis turns light into", "Once upon", "The history of Rome begins with a small town"]
@@ -155,7 +155,7 @@ def test_prefix_conditioning_sees_only_the_first_tokens(monkeypatch):
 
 
 class FactoryCalls(TorchFunctionMode):
-    """Records the tensor factories called from chameleon/serving.py, with the device they were given."""
+    """Records the tensor factories called from chameleon/serving.py and generation.py, with their device."""
     FACTORIES = {torch.full, torch.zeros, torch.ones, torch.empty, torch.tensor, torch.arange, torch.randn,
                  torch.as_tensor}
 
@@ -167,14 +167,14 @@ class FactoryCalls(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in self.FACTORIES:
             caller = sys._getframe(1).f_code
-            if Path(caller.co_filename).name == "serving.py":
+            if Path(caller.co_filename).name in ("serving.py", "generation.py"):
                 self.calls.append((func.__name__, caller.co_name, kwargs.get("device")))
         return func(*args, **kwargs)
 
 
 def test_decode_path_names_the_model_device_for_every_tensor_it_creates():
     """Without a GPU here the tensors are all on the CPU anyway; what is checked is that every tensor
-    serving.py creates for the model names its device, so nothing silently lands on the CPU on CUDA."""
+    serving.py and generation.py create for the model names its device, so nothing silently lands on the CPU on CUDA."""
     adapter = direct_adapter()
     with FactoryCalls() as mode:
         adapter.generate(PROMPTS, max_new_tokens=3, group="kmeans")
