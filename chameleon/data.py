@@ -34,11 +34,7 @@ def load_lm_corpus(name: str = "wiki") -> DatasetDict:
             (a "text" field per line) or .parquet (a "text" column) file.
     """
     if name == "wiki":
-        # Laid out as WikiText is: a " = Title = " heading line, then the article's paragraph, one
-        # example per line. The short heading lines are what the authors' protocol pads, as in WikiText-2.
-        rows = [{"text": line, "article": title} for title, a in sorted(_wiki_articles().items())
-                if a["extract"].strip() for line in (f" = {title} = ", a["extract"].strip())]
-        return _hash_split(rows, key=lambda r: r["article"], name=name).remove_columns("article")
+        return _embedded_corpus()
     if name in ("wikitext-2-raw-v1", "wikitext-103-raw-v1"):
         ds = _from_hub(name, "wiki", "wikitext", name)
         # WikiText keeps blank lines as separators; they hold no example.
@@ -50,6 +46,15 @@ def load_lm_corpus(name: str = "wiki") -> DatasetDict:
     if not texts:
         raise ValueError(f"{name} holds no usable text: every example is empty; give it non-empty lines")
     return _hash_split([{"text": t} for t in texts], key=lambda r: r["text"], name=name)
+
+
+@functools.cache  # installed package data, read and split once per process
+def _embedded_corpus() -> DatasetDict:
+    # Laid out as WikiText is: a " = Title = " heading line, then the article's paragraph, one
+    # example per line. The short heading lines are what the authors' protocol pads, as in WikiText-2.
+    rows = [{"text": line, "article": title} for title, a in sorted(_wiki_articles().items())
+            if a["extract"].strip() for line in (f" = {title} = ", a["extract"].strip())]
+    return _hash_split(rows, key=lambda r: r["article"], name="wiki").remove_columns("article")
 
 
 def _wiki_articles() -> dict:
