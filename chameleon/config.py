@@ -52,7 +52,7 @@ class Config:
     # bound), "classifier" (nearest group centroid of the prompt / first prefix_tokens tokens) or "cem" (few-shot mixture)
     cem_shots: int = 4  # cem: held-out examples of the group (from the train split) that score a mixture
     cem_population: int = 32  # cem: candidates per iteration (the reference's 32; elite ratio 0.2)
-    cem_iters: int = 2  # cem: iterations (kept small for a CPU; every candidate rebuilds the 90 MLP matrices)
+    cem_iters: int = 2  # cem: iterations (kept small for a CPU: every candidate runs the shots through the body)
     # --- clustering ---
     n_clusters: int | None = None  # k-means k; None: N // batch_size, as in the paper
     # --- optimisation ---

@@ -243,9 +243,9 @@ class SVFExperts(nn.Module):
 
         def score(alpha: torch.Tensor) -> float:
             self.selection = tuple(alpha.tolist())
-            weights = self._build()
-            hidden = functional_call(adapted.model.base_model, weights, args=(),
-                                     kwargs=dict(input_ids=ids, attention_mask=attention)).last_hidden_state
+            # factored: a few shots are far fewer rows than W' has columns, so building the 90 W' would cost more
+            with self.svf.factored(adapted.model, self.zs()):
+                hidden = adapted.model.base_model(input_ids=ids, attention_mask=attention).last_hidden_state
             return -F.cross_entropy(adapted.logits(hidden[scored]).float(), target[scored]).item()
 
         alpha = svf_lib.cem_search(score, self.k, population=self.cfg.cem_population, elite_ratio=0.2,

@@ -36,8 +36,9 @@ from chameleon.config import Config, RunFailed
 from chameleon.generation import generation_metrics
 from chameleon.model import Adapted, build
 from chameleon.prepare import Split, load_split_texts, prepare
-from chameleon.runs import (CHECKPOINT, finished, load_checkpoint, run_dir, save_centroids, save_checkpoint,
-                            write_metrics)
+from chameleon.regimes import REGIMES
+from chameleon.runs import (CHECKPOINT, finished, load_checkpoint, load_weights, read_checkpoint, run_dir, save_centroids,
+                            save_checkpoint, write_metrics)
 
 
 
@@ -156,6 +157,7 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         return done
     if out.exists() and not resume:
         warnings.warn(f"{out.name}: an unfinished run is there; starting it over (pass resume=True / --resume to continue it)")
+    shared = _experts_run(cfg, progress)  # SVF experts under a non-oracle dispatch: the trained oracle run
     # what can be wrong with the corpus or the device is found before the model loads
     dev = resolve_device(cfg.device)
     raw = {s: load_split_texts(cfg, s) for s in ("train", "validation")}
@@ -177,6 +179,13 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         history, start_epoch, step, seconds = load_checkpoint(out, adapted, opt)
     if not history:
         history.append({"epoch": 0, "step": 0, "train_loss": None, **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
+    if shared is not None and start_epoch < cfg.epochs:  # the experts of the oracle run, evaluated under this dispatch
+        tensors, meta = read_checkpoint(shared, f"delete {shared} and train it again")
+        load_weights(adapted, tensors, shared, f"delete {shared} and train it again")
+        start_epoch, step, seconds = cfg.epochs, meta["step"], meta["seconds"]
+        history.append({"epoch": cfg.epochs, "step": step, "train_loss": meta["history"][-1]["train_loss"],
+                        **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
+        save_checkpoint(out, adapted, opt, history, cfg.epochs, step, seconds)
     sampler = ClusterBatchSampler(train_split.labels, cfg.batch_size, seed=cfg.seed)
     for epoch in range(start_epoch, cfg.epochs if params else 0):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout: an epoch replays identically after a resume
@@ -210,11 +219,24 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         save_checkpoint(out, adapted, opt, history, epoch + 1, step, seconds)
     result = {"config": cfg.to_dict(), "trainable_params": adapted.trainable(), "history": history,
               **{k: history[-1].get(k) for k in ("val_loss", "val_ppl", "val_loss_pad", "val_loss_real", "pad_share")},
-              "seconds": round(seconds, 2), "finished": True, **adapted.report()}
+              "seconds": round(seconds, 2), "finished": True, **adapted.report(),
+              **({"experts_from": shared.name} if shared is not None else {})}
     if cfg.task == "instructions":  # BLEU / ROUGE-L / METEOR of greedy outputs on the first n_generate examples
         result.update(generation_metrics(adapted, val_split, cfg, tokenizer))
     write_metrics(out, result)
     return result
+
+
+def _experts_run(cfg: Config, progress: bool) -> Path | None:
+    """For SVF experts under a dispatch other than "oracle": the folder of the oracle run, trained first
+    if need be, whose experts this run evaluates. Training routes every batch to its own group's
+    expert whatever the dispatch (model.SVFExperts.route), so the experts are the same: as in
+    Transformer², they are trained once and the dispatch is a choice made at inference."""
+    if not REGIMES[cfg.regime].experts or cfg.dispatch == "oracle":
+        return None
+    oracle = cfg.replace(dispatch="oracle")
+    train(oracle, progress=progress)
+    return run_dir(oracle)
 
 
 def _check_val_loss(history: list[dict], cfg: Config, out: Path) -> None:

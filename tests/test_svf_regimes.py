@@ -125,6 +125,25 @@ def test_checkpoint_holds_every_expert(tmp_path):
     assert {p.split(".")[3] for p in params} == {str(k) for k in range(cfg.n_experts)}  # param.svf.experts.<k>.<layer>
 
 
+def test_other_dispatches_evaluate_the_experts_of_the_oracle_run(tmp_path, monkeypatch):
+    """Training routes by the true group whatever the dispatch, so a classifier run trains the oracle run
+    first (if missing) and evaluates its experts: the same weights, two passes of history, its seconds."""
+    oracle, classifier = (tiny(tmp_path, regime="svf_experts", dispatch=d) for d in ("oracle", "classifier"))
+    result = train(classifier, progress=False)
+    trained = training.finished(oracle)
+    assert trained is not None and result["experts_from"] == run_dir(oracle).name
+    assert [h["epoch"] for h in result["history"]] == [0, 2] and result["seconds"] == trained["seconds"]
+    assert result["history"][-1]["train_loss"] == trained["history"][-1]["train_loss"]
+    with safe_open(run_dir(oracle) / CHECKPOINT, "pt") as a, safe_open(run_dir(classifier) / CHECKPOINT, "pt") as b:
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys() if k.startswith("param."))
+    # ... and those are the experts the classifier run would have trained itself
+    monkeypatch.setattr(training, "_experts_run", lambda cfg, progress: None)
+    alone = tiny(tmp_path / "alone", regime="svf_experts", dispatch="classifier")
+    train(alone, progress=False)
+    with safe_open(run_dir(alone) / CHECKPOINT, "pt") as a, safe_open(run_dir(classifier) / CHECKPOINT, "pt") as b:
+        assert all(torch.allclose(a.get_tensor(k), b.get_tensor(k), atol=1e-6) for k in a.keys() if k.startswith("param."))
+
+
 def test_expert_settings_name_only_expert_runs(tmp_path):
     """n_experts / dispatch change the folder of an svf_experts run and of no other regime's."""
     for regime in ("lora", "svf"):
