@@ -20,7 +20,6 @@ from typing import Callable
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from chameleon.backbones import device as resolve_device, load_backbone
 from chameleon.cache import write_atomic
@@ -29,6 +28,7 @@ from chameleon.generation import decode, generate, rouge_l, rouge_l_scores
 from chameleon.model import Adapted
 from chameleon.prepare import load_split_texts
 from chameleon.svf import SVF, answer_kl, reinforce_step, sequence_log_probs
+from chameleon.training import progress_bar
 
 # steps and batch size per profile; any other profile gets the reference's, meant for a GPU
 SETTINGS = {"smoke": dict(steps=8, batch_size=4), "cpu": dict(steps=24, batch_size=8)}
@@ -83,7 +83,7 @@ def reinforce(model, svf: SVF, tokenizer, prompts: list[str], references: list[s
     ids = [tokenizer(p)["input_ids"][-max_prompt_tokens:] if max_prompt_tokens else tokenizer(p)["input_ids"]
            for p in prompts]
     order, history, start = [], [], time.perf_counter()
-    bar = tqdm(range(steps), desc="REINFORCE", disable=not progress)
+    bar = progress_bar(range(steps), progress, desc="REINFORCE")
     for _ in bar:
         while len(order) < batch_size:
             order += torch.randperm(len(prompts), generator=g).tolist()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -141,6 +140,12 @@ def evaluate(adapted: Adapted, split: Split, rows: Rows, cfg: Config, dev: torch
             "val_loss_real": per_kind[False], "pad_share": sums[True][1] / max(count, 1)}
 
 
+def progress_bar(iterable, progress: bool, **kwargs) -> tqdm:
+    """A tqdm bar, or none when `progress` is False. `disable` is passed only then: an explicit
+    value would override tqdm's own environment settings (TQDM_DISABLE=1 in `make test`)."""
+    return tqdm(iterable, **kwargs) if progress else tqdm(iterable, disable=True, **kwargs)
+
+
 def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progress: bool = True) -> dict:
     """Train cfg.regime under cfg.protocol; returns the run's metrics (also written to its folder).
 
@@ -193,8 +198,8 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         batches = list(sampler)
         adapted.train()
         total, count, t0 = 0.0, 0, time.perf_counter()
-        bar = tqdm(zip(batches, condition_batches(batches, cfg.conditioning)), total=len(batches),
-                   desc=f"{cfg.regime}/{cfg.protocol} epoch {epoch + 1}/{cfg.epochs}", disable=not progress or bool(os.environ.get("TQDM_DISABLE")), leave=False)
+        bar = progress_bar(zip(batches, condition_batches(batches, cfg.conditioning)), progress, total=len(batches),
+                           desc=f"{cfg.regime}/{cfg.protocol} epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for i, (batch, cond) in enumerate(bar):
             loss_sum, n = batch_loss(adapted, train_split, rows["train"], batch, cond, dev)
             loss = loss_sum / max(n, 1)

@@ -1,5 +1,6 @@
 """The method end to end on a 2-layer GPT-2 with GPT-2's real tokenizer (the smoke profile's data)."""
 import math
+import os
 
 import pytest
 
@@ -140,3 +141,19 @@ def test_cli_train_writes_its_results_folder(tmp_path, capsys):
     assert main(args) == 0
     assert (out / "metrics.json").exists() and (out / "metrics.csv").exists()
     assert "val perplexity" in capsys.readouterr().out
+
+
+def test_progress_bars_obey_the_argument_and_tqdm_disable():
+    """progress=False silences a bar; progress=True leaves it to tqdm's own settings, which it reads from
+    the environment when imported: a fresh process with TQDM_DISABLE=1 (what `make test` sets) shows none."""
+    import subprocess
+    import sys
+
+    from chameleon.training import progress_bar
+
+    assert progress_bar(range(3), False).disable
+    assert progress_bar(range(3), True).disable == bool(os.environ.get("TQDM_DISABLE"))  # as tqdm was imported here
+    code = "from chameleon.training import progress_bar; print(progress_bar(range(3), True).disable)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TQDM_DISABLE": "1"},
+                         capture_output=True, text=True, check=True).stdout.split()[-1]
+    assert out == "True"
