@@ -33,8 +33,8 @@ from chameleon.regimes import REGIMES, conditioning_label
 RUN_KEYS = ("regime", "protocol", "conditioning", "dispatch", "score_from", "seed")  # what varies between the runs of one profile
 CHECKPOINT = "checkpoint.safetensors"  # weights, optimizer state and run metadata in one file
 CENTROIDS = "centroids.safetensors"  # the train split's k-means centroids
-METRICS = ("val_loss", "val_ppl", "val_loss_pad", "val_loss_real", "pad_share", "bleu", "rouge_l", "meteor",
-           "seconds",  # those a run may report
+EVAL_METRICS = ("val_loss", "val_ppl", "val_loss_pad", "val_loss_real", "pad_share")  # of every evaluation (training.evaluate)
+METRICS = (*EVAL_METRICS, "bleu", "rouge_l", "meteor", "seconds",  # those a run may report
            "passes", "dispatch_accuracy")  # SVF: forward passes per request; classifier == oracle share of batches
 
 
@@ -110,8 +110,7 @@ def read_centroids(run: Path) -> np.ndarray | None:
 
 def write_metrics(out: Path, result: dict) -> None:
     with open(out / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["epoch", "step", "train_loss", "val_loss", "val_ppl", "val_loss_pad",
-                                               "val_loss_real", "pad_share"], extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=["epoch", "step", "train_loss", *EVAL_METRICS], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result["history"])
     write_atomic(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))

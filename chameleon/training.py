@@ -36,8 +36,8 @@ from chameleon.generation import generation_metrics
 from chameleon.model import Adapted, build
 from chameleon.prepare import Split, load_split_texts, prepare
 from chameleon.regimes import REGIMES
-from chameleon.runs import (CHECKPOINT, finished, load_checkpoint, load_weights, read_checkpoint, run_dir, save_centroids,
-                            save_checkpoint, write_metrics)
+from chameleon.runs import (CHECKPOINT, EVAL_METRICS, finished, load_checkpoint, load_weights, read_checkpoint, run_dir,
+                            save_centroids, save_checkpoint, write_metrics)
 
 
 
@@ -223,7 +223,7 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         _check_val_loss(history, cfg, out)
         save_checkpoint(out, adapted, opt, history, epoch + 1, step, seconds)
     result = {"config": cfg.to_dict(), "trainable_params": adapted.trainable(), "history": history,
-              **{k: history[-1].get(k) for k in ("val_loss", "val_ppl", "val_loss_pad", "val_loss_real", "pad_share")},
+              **{k: history[-1].get(k) for k in EVAL_METRICS},
               "seconds": round(seconds, 2), "finished": True, **adapted.report(),
               **({"experts_from": shared.name} if shared is not None else {})}
     if cfg.task == "instructions":  # BLEU / ROUGE-L / METEOR of greedy outputs on the first n_generate examples
