@@ -44,8 +44,9 @@ class Adapted(nn.Module):
     def body(self, **kwargs):
         """The body's forward (`model.base_model`), with the selected SVF expert's W' in place of the
         adapted weights when there are experts: the model itself is never modified. With gradients on
-        (training z) each layer applies W' factored, x -> Vh x -> s' * -> U (svf.SVF.factored): about 2.5x
-        cheaper a step than rebuilding all W' from z; without, W' is built once per selection."""
+        (training z) each layer applies W' factored, x -> Vh x -> s' * -> U (svf.SVF.factored): about 2x
+        cheaper a step than rebuilding all W' from z (benchmarks/bench_svf.py); without, W' is built once
+        per selection."""
         if self.svf is None:
             return self.model.base_model(**kwargs)
         if torch.is_grad_enabled():

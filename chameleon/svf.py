@@ -169,22 +169,24 @@ class SVFMatrix(nn.Module):
         self.conv1d = False  # set by SVF.attach from the layer's type: GPT-2's Conv1D stores W' transposed
         self.enabled = True  # False: the layer sees its original weight (see SVF.disabled)
 
+    def _scales(self, z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """S * sigmoid(z) for `z` (default: this matrix's own z), and the factor that keeps sum(S)."""
+        s = self.S * torch.sigmoid(self.z if z is None else z)
+        return s, self.S.sum() / s.sum()
+
     def weight(self, z: torch.Tensor | None = None) -> torch.Tensor:
         """W' (out, in) for `z` (default: this matrix's own z)."""
-        z = self.z if z is None else z
-        s = self.S * torch.sigmoid(z)
-        # (U * s) @ Vh is U diag(s) Vh without the k x k diagonal; the factor keeps sum(S).
-        return (self.U * s) @ self.Vh * (self.S.sum() / s.sum())
+        s, keep = self._scales(z)
+        # (U * s) @ Vh is U diag(s) Vh without the k x k diagonal
+        return (self.U * s) @ self.Vh * keep
 
     def apply(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """x W'^T without forming W' (no bias): ((x Vh^T) * s') U^T, s' the rescaled singular values.
 
         Costs N k (in + out) multiply-adds for N rows of x, against out k in + N in out for building W'
         first: the cheaper way while training z on small batches (W' changes every step)."""
-        z = self.z if z is None else z
-        s = self.S * torch.sigmoid(z)
-        s = s * (self.S.sum() / s.sum())
-        U, s, Vh = (t.to(x.dtype) for t in (self.U, s, self.Vh))
+        s, keep = self._scales(z)
+        U, s, Vh = (t.to(x.dtype) for t in (self.U, s * keep, self.Vh))
         return ((x @ Vh.T) * s) @ U.T
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:

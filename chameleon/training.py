@@ -185,8 +185,9 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
     if not history:
         history.append({"epoch": 0, "step": 0, "train_loss": None, **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
     if shared is not None and start_epoch < cfg.epochs:  # the experts of the oracle run, evaluated under this dispatch
-        tensors, meta = read_checkpoint(shared, f"delete {shared} and train it again")
-        load_weights(adapted, tensors, shared, f"delete {shared} and train it again")
+        fix = f"delete {shared} and train it again"
+        tensors, meta = read_checkpoint(shared, fix)
+        load_weights(adapted, tensors, shared, fix)
         start_epoch, step, seconds = cfg.epochs, meta["step"], meta["seconds"]
         history.append({"epoch": cfg.epochs, "step": step, "train_loss": meta["history"][-1]["train_loss"],
                         **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
