@@ -78,9 +78,13 @@ def params(args) -> int:
 
 def train(args) -> int:
     cfg = _config(args)  # before the heavy imports: a bad option is refused at once
-    from chameleon.runs import run_dir
+    from chameleon.runs import plan, run_dir
     from chameleon.training import train as train_run
 
+    steps = plan(cfg)
+    for step in steps[:-1]:  # the runs this one depends on (experts under a dispatch chosen at inference)
+        print(f"first: {run_dir(step)}")
+        train_run(step, resume=args.resume)
     result = train_run(cfg, resume=args.resume)
     from chameleon.regimes import conditioning_label
 

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
+from chameleon.regimes import CONDITIONINGS
+
 
 def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
@@ -121,9 +123,9 @@ class ClusterBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 
 def condition_batches(batches: list[list[int]], conditioning: str) -> list[list[int]]:
-    """Which examples each batch's conditioning vector averages over: its own, or for the
-    `shuffled` control another batch's (half the epoch away, so mostly another cluster)."""
-    if conditioning != "shuffled":
+    """Which examples each batch's conditioning vector averages over: its own, or for a control that
+    conditions on another batch (`shuffled`) the batch half the epoch away (mostly another cluster)."""
+    if not CONDITIONINGS[conditioning].other_batch:
         return batches
     return [batches[(b + len(batches) // 2) % len(batches)] for b in range(len(batches))]
 

@@ -12,10 +12,10 @@ import pandas as pd
 from scipy import stats
 
 from chameleon.backbones import load_backbone
-from chameleon.config import PROTOCOLS, Config
+from chameleon.config import Config
 from chameleon.model import build, svf_parameters
-from chameleon.regimes import REGIMES
-from chameleon.runs import METRICS, result_row, results_folder
+from chameleon.regimes import CONDITIONINGS, PROTOCOLS, REGIMES
+from chameleon.runs import METRICS, plan, result_row, results_folder
 from chameleon.training import train
 
 # The paper's WikiText-2 table (GPT-2 124M, rank 4): parameters, validation loss and perplexity.
@@ -31,7 +31,8 @@ RUNS = {
     "lm": [("unadapted", "batch_mean"), ("lora", "batch_mean"), ("lora_matched", "batch_mean"),
            ("chameleon", "batch_mean"), ("chameleon", "prefix"), ("chameleon", "shuffled"),
            ("lora_full", "batch_mean"), ("chameleon_full", "batch_mean"),
-           ("svf", "batch_mean"), ("svf_experts", "oracle"), ("svf_experts", "classifier"), ("svf_experts", "cem")],
+           ("svf", "batch_mean"), ("svf_experts", "oracle"), ("svf_experts", "classifier"), ("svf_experts", "cem"),
+           ("lora_experts", "oracle"), ("lora_experts", "classifier")],
     "instructions": [("unadapted", "task"), ("lora", "task"), ("lora_matched", "task"), ("chameleon", "task"),
                      ("chameleon", "task_input"), ("chameleon", "batch_mean"), ("chameleon", "shuffled"),
                      ("svf", "task"), ("svf_experts", "oracle"), ("svf_experts", "classifier")],
@@ -53,7 +54,7 @@ KEYS = ["regime", "protocol", "conditioning", "scored"]
 
 
 def compare(cfg: Config, seeds: int = 1, runs: list[tuple[str, str]] | None = None,
-            protocols: tuple[str, ...] = PROTOCOLS, progress: bool = True, stem: str | None = None,
+            protocols: tuple[str, ...] = tuple(PROTOCOLS), progress: bool = True, stem: str | None = None,
             command: str | None = None) -> pd.DataFrame:
     """Train every (regime, conditioning) of `runs` under each protocol for seeds cfg.seed ...
     cfg.seed + seeds - 1, and write the per-run rows and the summary table.
@@ -80,15 +81,17 @@ def run_rows(cfg: Config, seeds: int, runs: list[tuple[str, str]], protocols: tu
     """One result row per run (see `compare`), baselines on the prefix's tokens included."""
     rows = []
     for protocol in protocols:
-        plan = [(regime, conditioning, 0) for regime, conditioning in runs]
-        if protocol == "causal" and any(c == "prefix" for _, c in runs):
-            plan += [(regime, conditioning, cfg.prefix_tokens) for regime, conditioning in runs
+        todo = [(regime, conditioning, 0) for regime, conditioning in runs]
+        if PROTOCOLS[protocol].scores == "all" and any(c in CONDITIONINGS and CONDITIONINGS[c].prefix for _, c in runs):
+            todo += [(regime, conditioning, cfg.prefix_tokens) for regime, conditioning in runs
                      if REGIMES[regime].frozen_body and not REGIMES[regime].conditioned]
-        for regime, conditioning, score_from in plan:
+        for regime, conditioning, score_from in todo:
             setting = {"dispatch": conditioning} if REGIMES[regime].experts else {"conditioning": conditioning}
             for seed in range(cfg.seed, cfg.seed + seeds):
                 run = cfg.replace(regime=regime, protocol=protocol, seed=seed, score_from=score_from, **setting)
-                rows.append(result_row(train(run, progress=progress)))
+                for step in plan(run):  # the runs it depends on first (finished ones are read back)
+                    result = train(step, progress=progress)
+                rows.append(result_row(result))
     return pd.DataFrame(rows)
 
 
@@ -273,7 +276,7 @@ def parameter_table(cfg: Config) -> pd.DataFrame:
     for name, regime in REGIMES.items():
         # only regimes that adapt the blocks change the backbone itself: they get a copy
         if regime.blocks == "svf":  # counted without the SVD: z has min(out, in) entries per matrix, per expert
-            count = (cfg.n_experts if regime.experts else 1) * svf_parameters(model)
+            count = (cfg.n_experts if regime.experts == "blocks" else 1) * svf_parameters(model)
         else:
             count = build(cfg.replace(regime=name), model if regime.frozen_body else copy.deepcopy(model)).trainable()
         rows.append({"regime": name, "trainable_params": count})

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chameleon.regimes import REGIMES
+from chameleon.regimes import CONDITIONINGS, DISPATCHES, MIXABLE_KINDS, PROTOCOLS, REGIMES
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: data/, results/, figures/ live here
 
@@ -35,9 +35,9 @@ class Config:
     max_eval_examples: int | None = None  # subsample the validation split (None: all of it)
     max_length: int = 256  # tokens per example; the paper right-pads every example to this length
     # --- protocol and regime ---
-    protocol: str = "causal"  # "authors" (the authors' code, exactly) or "causal" (corrected next-token loss)
+    protocol: str = "causal"  # a row of regimes.PROTOCOLS: "authors" (the authors' code, exactly) or "causal"
     regime: str = "chameleon"  # a row of chameleon.regimes.REGIMES: unadapted, lora, chameleon, lora_matched, ...
-    conditioning: str = "batch_mean"  # batch_mean | prefix | shuffled (lm); task | task_input too (instructions)
+    conditioning: str = "batch_mean"  # a row of regimes.CONDITIONINGS: batch_mean, prefix, shuffled, ...
     prefix_tokens: int = 16  # "prefix" conditioning: tokens the hypernetwork may see; loss starts after them
     score_from: int = 0  # tokens before this position are never scored, for every regime (0: all); compare sets it
     # to prefix_tokens for the baselines of a `prefix` row, so that both are scored on the same tokens
@@ -46,10 +46,10 @@ class Config:
     alpha: float = 1.0  # LoRA alpha: the update is scaled by alpha (authors) or alpha / r (causal)
     hyper_hidden: tuple[int, ...] = (64, 32)  # hypernetwork hidden widths, as in the paper
     hyper_dropout: float = 0.5  # hypernetwork dropout, as in the paper
-    # --- Transformer²'s SVF experts (regimes svf, svf_experts; see chameleon.svf) ---
-    n_experts: int = 3  # svf_experts: k of the coarse k-means on the examples' cluster embeddings, one expert per group
-    dispatch: str = "oracle"  # svf_experts, first pass at evaluation: "oracle" (the batch's true group: an upper
-    # bound), "classifier" (nearest group centroid of the prompt / first prefix_tokens tokens) or "cem" (few-shot mixture)
+    # --- experts (regimes svf, svf_experts, lora_experts; see model.Experts and chameleon.svf) ---
+    n_experts: int = 3  # *_experts: k of the coarse k-means on the examples' cluster embeddings, one expert per group
+    dispatch: str = "oracle"  # *_experts at evaluation, a row of regimes.DISPATCHES: "oracle" (the batch's true group:
+    # an upper bound), "classifier" (nearest group centroid of the prompt / first prefix_tokens tokens) or "cem"
     cem_shots: int = 4  # cem: held-out examples of the group (from the train split) that score a mixture
     cem_population: int = 32  # cem: candidates per iteration (the reference's 32; elite ratio 0.2)
     cem_iters: int = 2  # cem: iterations (kept small for a CPU: every candidate runs the shots through the body)
@@ -100,13 +100,16 @@ class Config:
                 for k, v in dataclasses.asdict(self).items()}
 
     def validated(self) -> "Config":
-        choices = {"task": TASKS, "protocol": PROTOCOLS, "regime": tuple(REGIMES),
-                   "conditioning": CONDITIONINGS[self.task] if self.task in TASKS else ()}
+        choices = {"task": TASKS, "protocol": tuple(PROTOCOLS), "regime": tuple(REGIMES),
+                   "conditioning": tuple(c for c, row in CONDITIONINGS.items() if self.task in row.tasks),
+                   "dispatch": tuple(DISPATCHES)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid here; choose one of {list(allowed)}")
-        if self.dispatch not in DISPATCHES:
-            raise ValueError(f"dispatch={self.dispatch!r} is not valid here; choose one of {list(DISPATCHES)}")
+        kind = REGIMES[self.regime].expert_kind
+        if kind and DISPATCHES[self.dispatch].mixes and kind not in MIXABLE_KINDS:
+            raise ValueError(f"dispatch={self.dispatch!r} mixes experts, and {self.regime}'s {kind} experts cannot be "
+                             f"mixed; choose one of {[d for d, row in DISPATCHES.items() if not row.mixes]}")
         for name in ("rank", "batch_size", "epochs", "n_experts", "cem_shots", "cem_population", "cem_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -119,7 +122,7 @@ class Config:
                              "choose 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         if not 0 <= self.score_from < self.max_length - 1:
             raise ValueError(f"score_from={self.score_from} must lie in [0, max_length - 1)")
-        if self.conditioning == "prefix" and not 1 <= self.prefix_tokens < self.max_length - 1:
+        if CONDITIONINGS[self.conditioning].prefix and not 1 <= self.prefix_tokens < self.max_length - 1:
             raise ValueError(f"prefix_tokens={self.prefix_tokens} must lie in [1, max_length - 1)")
         return self
 
@@ -130,17 +133,11 @@ class RunFailed(RuntimeError):
 
 
 TASKS = ("lm", "instructions")
-PROTOCOLS = ("authors", "causal")
 # Old names still accepted: "paper" once named the protocol, a profile and the publication's numbers at once.
 # Now "paper" is the publication alone; the protocol of the authors' code is "authors", their setting `hub`.
 RENAMED = {"protocol": {"paper": "authors"}, "profile": {"paper": "hub"}}
-DISPATCHES = ("oracle", "classifier", "cem")
 # Fields that only the SVF experts read: left out of other runs' names (runs.run_name), so they keep their folders.
 EXPERT_FIELDS = ("n_experts", "dispatch", "cem_shots", "cem_population", "cem_iters")
-# batch_mean_excl: the batch mean over the tokens that are never a scored target (a control for the leak of
-# `batch_mean`, whose mean contains the very tokens being scored; see prepare._encode)
-CONDITIONINGS = {"lm": ("batch_mean", "prefix", "shuffled", "batch_mean_excl"),
-                 "instructions": ("task", "task_input", "batch_mean", "shuffled")}
 
 # Profiles: plain overrides of the defaults above.
 PROFILES: dict[str, dict] = {

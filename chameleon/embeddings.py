@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from chameleon.data import tokenize
+from chameleon.regimes import PROTOCOLS, lookup
 
 
 def embedding_mask(attention_mask: torch.Tensor, protocol: str) -> torch.Tensor:
@@ -25,11 +26,9 @@ def embedding_mask(attention_mask: torch.Tensor, protocol: str) -> torch.Tensor:
         protocol: "authors" counts every position, padding included (as the authors' code
             does); "causal" counts real tokens only.
     """
-    if protocol == "authors":
+    if lookup(PROTOCOLS, protocol, "protocol").embeds_padding:
         return torch.ones_like(attention_mask)
-    if protocol == "causal":
-        return attention_mask
-    raise ValueError(f"protocol={protocol!r} is not valid here; choose 'authors' or 'causal'")
+    return attention_mask
 
 
 def _position_table(model: torch.nn.Module) -> torch.Tensor:

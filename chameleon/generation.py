@@ -90,12 +90,13 @@ def greedy(adapted, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int |
 
 
 def generate(adapted, tokenizer, prompts: list[str], cfg: Config, conds: torch.Tensor | None = None,
-             groups: list[int] | None = None) -> list[str]:
+             groups: list[int] | None = None, selections: list[int] | None = None) -> list[str]:
     """Greedy outputs (decoded, special tokens skipped) of `prompts`, decoded as one batch
-    (`batched_greedy`); a ChameleonLLM head conditions prompt i on conds[groups[i]]."""
+    (`batched_greedy`); prompt i's head is its group's: conds[groups[i]] conditions a ChameleonLLM head,
+    selections[groups[i]] picks a LoRA expert."""
     adapted.eval()
     tokens = batched_greedy(adapted, tokenize_prompts(tokenizer, prompts, cfg.max_length), cfg.max_new_tokens,
-                            tokenizer.eos_token_id, tokenizer.pad_token_id, conds, groups)
+                            tokenizer.eos_token_id, tokenizer.pad_token_id, conds, groups, selections)
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
 
@@ -111,37 +112,35 @@ def tokenize_prompts(tokenizer, prompts: list[str], max_length: int) -> list[lis
 class GroupedHead:
     """The head's logits for a batch whose rows are sorted by group: one low-rank update per group.
 
-    For a ChameleonLLM head the hypernetwork runs once, on the (G, d) group vectors, giving
-    A (G, r, d_in) and B (G, d_out, r); each step then adds scaling * (h @ A[g].T) @ B[g].T to
-    the base logits of group g's contiguous rows, in place. Other heads are called as they are.
+    For a ChameleonLLM head the hypernetwork runs once, on the (G, d) group vectors; LoRA experts give
+    each group's selected expert (`Adapted.group_adapters`): A (G, r, d_in) and B (G, d_out, r). Each
+    step then adds scaling * (h @ A[g].T) @ B[g].T to the base logits of group g's contiguous rows, in
+    place. Other heads are the same for every group and are called as they are.
     """
 
-    def __init__(self, adapted, conds: torch.Tensor | None, sizes: list[int]):
+    def __init__(self, adapted, conds: torch.Tensor | None, selections: list[int] | None, sizes: list[int]):
         self.adapted = adapted
-        if not adapted.conditioned:
-            return
-        if conds is None or len(conds) != len(sizes):
-            raise ValueError("a ChameleonLLM head needs one conditioning vector per group")
-        head = adapted.head
-        w = head.base.weight
-        self.A, self.B = head.generate_adapter(conds.to(w.device, w.dtype))
-        self.scaling = head.scaling
+        if any(x is not None and len(x) != len(sizes) for x in (conds, selections)):
+            raise ValueError(f"{len(sizes)} groups need one conditioning vector and one selection each")
+        self.adapters = adapted.group_adapters(conds, selections)
         bounds = np.cumsum([0, *sizes]).tolist()
         self.segments = [(g, s, e) for g, (s, e) in enumerate(zip(bounds, bounds[1:])) if e > s]
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, d_in) hidden states -> (n, vocab) logits."""
-        if not self.adapted.conditioned:
+        if self.adapters is None:
             return self.adapted.logits(hidden)
+        A, B, scaling = self.adapters
         out = self.adapted.head.base(hidden)
-        for g, s, e in self.segments:  # as ChameleonHead.forward with a (d,) cond, on rows s:e
-            out[s:e].addmm_(hidden[s:e] @ self.A[g].T * self.scaling, self.B[g].T)
+        for g, s, e in self.segments:  # as LoRA.forward with group g's A and B, on rows s:e
+            out[s:e].addmm_(hidden[s:e] @ A[g].T * scaling, B[g].T)
         return out
 
 
 @torch.no_grad()
 def batched_greedy(adapted, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None,
-                   pad_id: int, conds: torch.Tensor | None = None, groups: list[int] | None = None) -> list[list[int]]:
+                   pad_id: int, conds: torch.Tensor | None = None, groups: list[int] | None = None,
+                   selections: list[int] | None = None) -> list[list[int]]:
     """Greedy continuations of many prompts at once: the new token ids of each, EOS excluded.
 
     Token for token what `generation.greedy` gives one prompt at a time with cond=conds[groups[i]].
@@ -154,6 +153,7 @@ def batched_greedy(adapted, prompts: list[list[int]], max_new_tokens: int, eos_i
         pad_id: token fed to padding positions and to finished rows (never attended).
         conds: (G, d) conditioning vector of each group; needed by a ChameleonLLM head only.
         groups: group (0..G-1) of each prompt; None puts every prompt in group 0.
+        selections: the expert of each group, for LoRA experts (None: the one routed last, for every group).
     """
     n = len(prompts)
     if n == 0 or max_new_tokens < 1:
@@ -165,7 +165,7 @@ def batched_greedy(adapted, prompts: list[list[int]], max_new_tokens: int, eos_i
     order = sorted(range(n), key=lambda i: groups[i])  # stable: each group becomes one contiguous segment
     G = max(groups) + 1
     sizes = np.bincount(groups, minlength=G).tolist()
-    head = GroupedHead(adapted, conds, sizes)
+    head = GroupedHead(adapted, conds, selections, sizes)
 
     width = max(len(p) for p in prompts)
     ids = torch.full((n, width), pad_id, dtype=torch.long, device=dev)
@@ -271,14 +271,19 @@ def generation_metrics(adapted, split, cfg: Config, tokenizer, texts: dict | Non
     # each example is conditioned and dispatched as in evaluation, by its validation batch
     batches = [(batch, cond_batch) for batch, cond_batch in eval_batches(split.labels, cfg.batch_size, cfg.conditioning)
                if min(batch) < n]
-    # one decoding batch for all, one group per validation batch; SVF experts change the body per batch: one each
+    # one decoding batch for all, one group per validation batch (its conditioning vector, its expert); SVF
+    # changes the body per batch: one decoding batch each
     passes = [batches] if adapted.svf is None else [[b] for b in batches]
     outputs: list[str] = [""] * n
     for part in passes:
-        adapted.route(split, part[0][0])
+        selections = []
+        for batch, _ in part:
+            adapted.route(split, batch)
+            selections.append(adapted.experts.selection if adapted.experts is not None else 0)
         chosen = [(g, i) for g, (batch, _) in enumerate(part) for i in batch if i < n]
         conds = torch.stack([split.cond_emb[c].mean(0) for _, c in part]) if adapted.conditioned else None
-        answers = generate(adapted, tokenizer, [texts["prompt"][i] for _, i in chosen], cfg, conds, [g for g, _ in chosen])
+        answers = generate(adapted, tokenizer, [texts["prompt"][i] for _, i in chosen], cfg, conds,
+                           [g for g, _ in chosen], selections)
         for (_, i), answer in zip(chosen, answers):
             outputs[i] = answer
     refs = texts["response"][:n]

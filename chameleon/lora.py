@@ -5,7 +5,7 @@ differs from the base one from the first step, and the update is scaled by alpha
 "standard" is ordinary LoRA as in PEFT: A kaiming-uniform, B zero, scaled by alpha / r.
 
     freeze(model)
-    add_lora(model, "head", rank=4, alpha=1.0, flavour=FLAVOUR[cfg.protocol], generator=cfg.seed)
+    add_lora(model, "head", rank=4, alpha=1.0, flavour=PROTOCOLS[cfg.protocol].lora, generator=cfg.seed)
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-FLAVOUR = {"authors": "authors", "causal": "standard"}  # protocol -> LoRA flavour
 FLAVOURS = ("authors", "standard")
 WHERE = ("head", "blocks")
 

@@ -1,9 +1,14 @@
-"""The adapted model: a frozen backbone with the adapters of one regime (see `chameleon.regimes`).
+"""The adapted model: a frozen backbone and the adapter components of one regime (see `chameleon.regimes`).
 
-    adapted = build(cfg, model)        # cfg.regime, initialised from cfg.seed
-    adapted.bind(train_split, val_split)  # adapters that depend on the data (SVF experts' groups); else a no-op
-    adapted.route(split, batch)        # before a batch: the SVF experts pick theirs; else a no-op
+    adapted = build(cfg, model)           # cfg.regime's components, initialised from cfg.seed
+    adapted.bind(train_split, val_split)  # components that depend on the data (the experts' groups)
+    adapted.route(split, batch)           # before each batch: the experts pick theirs
     logits = adapted.logits(adapted.hidden(ids, attention), cond)
+
+The head is the frozen LM head, a `LoRA`, a `ChameleonHead` (LoRA written by the hypernetwork) or
+`LoRAExperts`; the body is frozen, carries block LoRA (in place), or runs under `SVFExperts`.
+Components that depend on the data answer the `Component` calls; `Experts` is the one mechanism for
+"one adapter per group of the data, picked per batch", whatever the adapter kind.
 """
 from __future__ import annotations
 
@@ -19,21 +24,269 @@ from chameleon.clustering import assign, eval_batches, kmeans, route_batch
 from chameleon.config import Config
 from chameleon.fused_loss import CHUNK, fused_loss_sum
 from chameleon.hypernetwork import ChameleonHead, HyperNetwork
-from chameleon.lora import FLAVOUR, LoRA, add_lora, dims, freeze, trainable_parameters
-from chameleon.regimes import REGIMES
+from chameleon.lora import LoRA, add_lora, dims, freeze, trainable_parameters
+from chameleon.prepare import trimmed
+from chameleon.regimes import DISPATCHES, PROTOCOLS, REGIMES
+
+
+class Component:
+    """What `Adapted` asks of an adapter component; the defaults: nothing depends on the data."""
+
+    def bind(self, adapted: "Adapted", train_split, val_split) -> None:
+        """Learn what depends on the data before training or evaluation (the experts' groups)."""
+
+    def route(self, adapted: "Adapted", split, batch: list[int]) -> None:
+        """Before each batch of `split` (training, evaluation, generation)."""
+
+    def report(self) -> dict:
+        """What a run records beyond its losses."""
+        return {}
+
+    def bound(self) -> dict[str, torch.Tensor]:
+        """What `bind` computed that serving needs, stored with the run (runs.save_centroids)."""
+        return {}
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take back what `bound` returned, for a run loaded without its data."""
+
+    def unservable(self) -> str:
+        """Why prompts cannot be served with this component ("": they can)."""
+        return ""
+
+
+class Experts(Component, nn.Module):
+    """K adapters of one kind (subclasses: SVF z vectors, head LoRAs), one per coarse group of the data, and
+    the dispatch (`regimes.DISPATCHES`, cfg.dispatch) that picks one, or a mixture, for each batch.
+
+    Groups (K > 1): a seeded k-means (k = cfg.n_experts) of the train split's cluster embeddings. A training
+    batch (drawn from one fine cluster) trains the expert of its examples' majority group, whatever the
+    dispatch: the dispatch is chosen at inference (runs.trained_by). At evaluation "oracle" takes the
+    majority of the validation examples' nearest group centroids (by their own full-text embedding: an
+    upper bound), "classifier" the group whose prompt centroid is nearest the batch's mean prompt embedding
+    (Split.prompt_emb: the first prefix_tokens tokens for lm, the prompt for instructions; no forward pass),
+    "cem" a mixture sum_k alpha_k of the experts whose alpha a CEM search (svf.cem_search) fits to the mean
+    log-likelihood of cfg.cem_shots train examples of the batch's true group.
+    """
+
+    def __init__(self, cfg: Config, k: int):
+        nn.Module.__init__(self)
+        self.cfg, self.k, self.dispatch = cfg, k, DISPATCHES[cfg.dispatch]
+        self.selection: int | tuple[float, ...] = 0
+        self.groups: dict[str, np.ndarray] = {}  # split name -> (N,) group of each example
+        self.prompt_centroids: torch.Tensor | None = None  # (K, d): what the classifier compares a batch with
+        self.accuracy: float | None = None
+        self.searching = False  # True while CEM scores candidates (a few shots: SVF applies z factored)
+        self._cem: dict[int, tuple[float, ...]] = {}  # group -> CEM mixing weights
+
+    def per_expert(self) -> int:
+        return trainable_parameters(self.experts[0])
+
+    def train(self, mode: bool = True) -> "Experts":
+        self._cem.clear()  # the experts are about to change
+        return nn.Module.train(self, mode)
+
+    def bind(self, adapted: "Adapted", train_split, val_split) -> None:
+        if self.k == 1:
+            self.groups = {s.name: np.zeros(len(s), dtype=np.int64) for s in (train_split, val_split)}
+            return
+        labels, centroids = kmeans(train_split.cluster_emb, self.k, self.cfg.seed)
+        self.groups = {"train": labels, "validation": assign(val_split.cluster_emb, centroids)}
+        prompt = train_split.prompt_emb
+        self.prompt_centroids = torch.stack([prompt[torch.from_numpy(labels == g)].mean(0) if (labels == g).any()
+                                             else torch.zeros(prompt.shape[1]) for g in range(self.k)])
+        rng = np.random.default_rng(self.cfg.seed)
+        self.shots = {}
+        for g in range(self.k):
+            members = np.flatnonzero(labels == g)
+            self.shots[g] = sorted(rng.choice(members, min(self.cfg.cem_shots, len(members)), replace=False).tolist())
+        self.train_split = train_split
+        batches = [b for b, _ in eval_batches(val_split.labels, self.cfg.batch_size, self.cfg.conditioning)]
+        hits = [self._by_oracle(adapted, val_split, b) == self._by_classifier(adapted, val_split, b) for b in batches]
+        self.accuracy = float(np.mean(hits)) if hits else None
+
+    def bound(self) -> dict[str, torch.Tensor]:
+        return {} if self.prompt_centroids is None else {"prompt_centroids": self.prompt_centroids.contiguous()}
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "prompt_centroids" in tensors:
+            self.prompt_centroids = tensors["prompt_centroids"]
+
+    def route(self, adapted: "Adapted", split, batch: list[int]) -> None:
+        if self.k == 1:
+            self.selection = 0
+        elif not self.groups:
+            raise RuntimeError(f"{self.cfg.regime} has no groups: call adapted.bind(train_split, val_split) first")
+        elif self.training or split.name == "train":  # training routes by the true group, whatever the dispatch
+            self.selection = self._by_oracle(adapted, split, batch)
+        else:
+            self.selection = getattr(self, f"_by_{self.dispatch.name}")(adapted, split, batch)
+
+    def _by_oracle(self, adapted: "Adapted", split, batch: list[int]) -> int:
+        """The majority group of the batch's examples."""
+        return int(np.bincount(self.groups[split.name][batch], minlength=self.k).argmax())
+
+    def _by_classifier(self, adapted: "Adapted", split, batch: list[int]) -> int:
+        return self.choose(split.prompt_emb[batch])
+
+    def choose(self, prompt_emb: torch.Tensor) -> int:
+        """The classifier dispatch of a batch of prompts: the group whose prompt centroid is nearest their
+        mean prompt embedding."""
+        if self.k == 1:
+            return 0
+        if self.prompt_centroids is None:
+            raise RuntimeError(f"{self.cfg.regime} has no prompt centroids: bind it to its data, or load a run "
+                               "trained by this version of the kit")
+        return route_batch(prompt_emb, self.prompt_centroids)
+
+    @torch.no_grad()
+    def _by_cem(self, adapted: "Adapted", split, batch: list[int]) -> tuple[float, ...]:
+        """Mixing weights for the batch's true group, by CEM on the mean log-likelihood of its few train
+        shots (searched once per group until the next train() call)."""
+        group = self._by_oracle(adapted, split, batch)
+        if group in self._cem:
+            return self._cem[group]
+        shots = self.shots[group]
+        dev = next(adapted.parameters()).device
+        ids, attention, target = (t.to(dev) for t in trimmed(self.train_split, shots))
+        scored = target != objectives.IGNORE
+
+        def score(alpha: torch.Tensor) -> float:
+            self.selection = tuple(alpha.tolist())
+            hidden = adapted.hidden(ids, attention)
+            return -F.cross_entropy(adapted.logits(hidden[scored]).float(), target[scored]).item()
+
+        self.searching = True
+        try:
+            alpha = svf_lib.cem_search(score, self.k, population=self.cfg.cem_population, elite_ratio=0.2,
+                                       iters=self.cfg.cem_iters, seed=self.cfg.seed + group)
+        finally:
+            self.searching = False
+        self._cem[group] = tuple(alpha.tolist())
+        return self._cem[group]
+
+    def report(self) -> dict:
+        # one forward pass per request: the classifier reads the embedding table, CEM searches once per group
+        out = {"params_per_expert": self.per_expert(), "n_experts": self.k, "passes": 1}
+        if self.k > 1:
+            out["dispatch"] = self.dispatch.name
+            if self.dispatch.mixes:
+                out["cem_shots"] = self.cfg.cem_shots
+                out["search_forwards"] = self.cfg.cem_population * self.cfg.cem_iters  # per group, on the shots
+            if self.accuracy is not None:
+                out["dispatch_accuracy"] = self.accuracy  # classifier == oracle, share of validation batches
+        return out
+
+    def unservable(self) -> str:
+        if self.k > 1 and self.dispatch.uses_truth:
+            return (f"dispatch {self.dispatch.name!r} reads the true group of validation examples, which a served "
+                    f"prompt does not have; serve the run with dispatch='classifier' (Adapter.from_run(run, "
+                    f"dispatch='classifier')): the experts are the same")
+        return ""
+
+
+class LoRAExperts(Experts):
+    """One head LoRA per group (the regime `lora_experts`): the "multiple expert models" the paper avoids.
+    The active expert's LoRA is the head; the experts cannot be mixed (regimes.MIXABLE_KINDS)."""
+
+    def __init__(self, cfg: Config, base: nn.Module, k: int, rank: int, alpha: float, flavour: str):
+        super().__init__(cfg, k)
+        self.base = base.requires_grad_(False)
+        self.experts = nn.ModuleList(LoRA(base, rank, alpha, flavour, generator=cfg.seed * 1000 + j) for j in range(k))
+        self.scaling = self.experts[0].scaling
+
+    @property
+    def active(self) -> LoRA:
+        return self.experts[self.selection]
+
+    def factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.active.factors(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.active(x)
+
+    def generate_adapter(self, selections: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G, r, d_in) and (G, d_out, r): the A and B of each group's expert (as ChameleonHead.generate_adapter)."""
+        return (torch.stack([self.experts[s].A for s in selections]),
+                torch.stack([self.experts[s].B for s in selections]))
+
+
+class SVFExperts(Experts):
+    """Transformer²'s SVF on a frozen body: K vectors z (one per expert) over one cached SVD.
+
+    Expert k turns every adapted matrix W = U diag(S) Vh into U diag(S sigmoid(z_k)) Vh * sum S / sum(S
+    sigmoid(z_k)) (`svf.SVF`). The model's own weights are never touched. Two ways to apply it: with
+    gradients on (training z) or while CEM scores a few shots, each layer computes x W'^T factored
+    (svf.SVF.factored, about 2x cheaper a step than rebuilding every W'; benchmarks/bench_svf.py);
+    otherwise W' is built once per selection and the body runs on it through torch.func.functional_call.
+    """
+
+    def __init__(self, cfg: Config, model: nn.Module, k: int):
+        super().__init__(cfg, k)
+        self.svf = svf_lib.SVF(svf_lib.decompose(model, "mlp", cfg.cache_dir))
+        self.names = self.svf.names
+        prefix = model.base_model_prefix + "."
+        self.keys = {n: (n[len(prefix):] if n.startswith(prefix) else n) + ".weight" for n in self.names}
+        for key in self.keys.values():  # a name that missed the body would be ignored by functional_call: refuse it
+            model.base_model.get_parameter(key)
+        self.conv1d = {n: isinstance(model.get_submodule(n), Conv1D) for n in self.names}
+        self.dtype = model.get_submodule(self.names[0]).weight.dtype
+        self.experts = nn.ModuleList()
+        for j in range(k):  # the reference's init, 0.1 + N(0, 0.01^2), drawn per expert on the CPU
+            g = torch.Generator().manual_seed(cfg.seed * 1000 + j)
+            self.experts.append(nn.ParameterDict({
+                svf_lib.SVF.slot(n): nn.Parameter((0.1 + 0.01 * torch.randn(self.svf[n].S.shape, generator=g))
+                                                  .to(self.svf[n].S.device)) for n in self.names}))
+        self._weights: dict = {}  # (selection, version of the z's) -> W', built without gradients
+
+    def expert(self, k: int) -> dict[str, torch.Tensor]:
+        """Expert k as {layer name: z} (the trained Parameters themselves)."""
+        return {n: self.experts[k][svf_lib.SVF.slot(n)] for n in self.names}
+
+    def zs(self) -> dict[str, torch.Tensor]:
+        """The selected expert's z, or the mixture of a CEM selection."""
+        if isinstance(self.selection, int):
+            return self.expert(self.selection)
+        return svf_lib.mix([self.expert(k) for k in range(self.k)], list(self.selection))
+
+    def body(self, model: nn.Module, **kwargs):
+        """model.base_model(**kwargs) with the selected expert applied."""
+        if torch.is_grad_enabled() or self.searching:
+            with self.svf.factored(model, self.zs()):
+                return model.base_model(**kwargs)
+        return functional_call(model.base_model, self.weights(), args=(), kwargs=kwargs)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """{body parameter name: W'} for the current selection, in the layers' orientation and dtype; kept
+        until a z changes (the key holds the z's version counters, which every in-place update bumps)."""
+        key = (self.selection, sum(p._version for p in self.experts.parameters()))
+        if key not in self._weights:
+            if len(self._weights) >= self.k:
+                self._weights.clear()
+            self._weights[key] = {self.keys[n]: (w.T if self.conv1d[n] else w).to(self.dtype)
+                                  for n, w in ((n, self.svf.weight(n, z)) for n, z in self.zs().items())}
+        return self._weights[key]
 
 
 class Adapted(nn.Module):
-    """A frozen causal LM whose head is replaced by `head`, optionally with LoRA in its blocks.
+    """A frozen causal LM whose head is replaced by `head`, optionally with LoRA in its blocks or SVF experts.
 
     The body gives the final hidden states; the head turns the scored ones into logits, so a
     head-only regime can run on hidden states computed once (see training.scored_rows).
     """
 
-    def __init__(self, model: nn.Module, head: nn.Module, blocks_adapted: bool, svf: "SVFExperts | None" = None):
+    def __init__(self, model: nn.Module, head: nn.Module, blocks_adapted: bool, svf: SVFExperts | None = None):
         super().__init__()
         self.model, self.head, self.blocks_adapted, self.svf = model, head, blocks_adapted, svf
         self.conditioned = isinstance(head, ChameleonHead)
+
+    @property
+    def components(self) -> list[Component]:
+        return [m for m in (self.head, self.svf) if isinstance(m, Component)]
+
+    @property
+    def experts(self) -> Experts | None:
+        """The experts component (head or body), if the regime has one."""
+        return next((c for c in self.components if isinstance(c, Experts)), None)
 
     def train(self, mode: bool = True) -> "Adapted":
         super().train(mode)
@@ -42,36 +295,47 @@ class Adapted(nn.Module):
         return self
 
     def body(self, **kwargs):
-        """The body's forward (`model.base_model`), with the selected SVF expert's W' in place of the
-        adapted weights when there are experts: the model itself is never modified. With gradients on
-        (training z) each layer applies W' factored, x -> Vh x -> s' * -> U (svf.SVF.factored): about 2x
-        cheaper a step than rebuilding all W' from z (benchmarks/bench_svf.py); without, W' is built once
-        per selection."""
-        if self.svf is None:
-            return self.model.base_model(**kwargs)
-        if torch.is_grad_enabled():
-            with self.svf.svf.factored(self.model, self.svf.zs()):
-                return self.model.base_model(**kwargs)
-        return functional_call(self.model.base_model, self.svf.weights(), args=(), kwargs=kwargs)
+        """The body's forward (`model.base_model`), with the selected SVF expert applied if there is one."""
+        return self.model.base_model(**kwargs) if self.svf is None else self.svf.body(self.model, **kwargs)
 
     def hidden(self, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """(B, L, d) final hidden states (after the last layer norm)."""
         return self.body(input_ids=input_ids, attention_mask=attention).last_hidden_state
 
     def bind(self, train_split, val_split) -> None:
-        """Give data-dependent adapters their data (the SVF experts' groups); a no-op otherwise."""
-        if self.svf is not None:
-            self.svf.bind(self, train_split, val_split)
+        for c in self.components:
+            c.bind(self, train_split, val_split)
 
     def route(self, split, batch: list[int]) -> None:
-        """Called before each batch (training, evaluation, generation): the SVF experts select the
-        expert (or mixture) of the batch, the first of Transformer²'s two passes; a no-op otherwise."""
-        if self.svf is not None:
-            self.svf.route(self, split, batch)
+        for c in self.components:
+            c.route(self, split, batch)
 
     def report(self) -> dict:
-        """What a run records beyond its losses (SVF: parameters per expert, passes, dispatch accuracy)."""
-        return {} if self.svf is None else self.svf.report()
+        return {k: v for c in self.components for k, v in c.report().items()}
+
+    def bound(self) -> dict[str, torch.Tensor]:
+        return {k: v for c in self.components for k, v in c.bound().items()}
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        for c in self.components:
+            c.restore(tensors)
+
+    def unservable(self) -> str:
+        return next((why for c in self.components if (why := c.unservable())), "")
+
+    def group_adapters(self, conds: torch.Tensor | None, selections: list[int] | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """One head update per group of a decoding batch, (A (G, r, d_in), B (G, d_out, r), scaling): a
+        ChameleonHead's for each group's conditioning vector, LoRA experts' for each group's selection;
+        None where the head is the same for every group (LoRA experts without selections: the one routed)."""
+        if self.conditioned:
+            if conds is None:
+                raise ValueError("a ChameleonLLM head needs one conditioning vector per group")
+            w = self.head.base.weight
+            return (*self.head.generate_adapter(conds.to(w.device, w.dtype)), self.head.scaling)
+        if isinstance(self.head, LoRAExperts) and selections is not None:
+            return (*self.head.generate_adapter(selections), self.head.scaling)
+        return None
 
     def logits(self, hidden: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(hidden, cond) if self.conditioned else self.head(hidden)
@@ -109,182 +373,28 @@ def svf_parameters(model: nn.Module) -> int:
     return sum(min(svf_lib.matrix(layer).shape) for layer in svf_lib.target_layers(model, "mlp").values())
 
 
-class SVFExperts(nn.Module):
-    """Transformer²'s SVF experts on a frozen body: K vectors z (one per expert) over one cached SVD.
-
-    Expert k turns every adapted matrix W = U diag(S) Vh into U diag(S sigmoid(z_k)) Vh * sum S / sum(S
-    sigmoid(z_k)) (`svf.SVFMatrix.weight`); `Adapted.body` runs the body with those W' through
-    torch.func.functional_call, so the model's own weights are never touched (nothing to restore).
-    With gradients on, W' is applied factored (never formed); without (evaluation, generation), W' is
-    built once per selection and kept until the next train() call.
-
-    Groups (K > 1): a coarse k-means (k = cfg.n_experts, seeded) of the train split's cluster
-    embeddings. A training batch (drawn from one fine cluster) trains the expert of its examples'
-    majority group (oracle routing). At evaluation cfg.dispatch picks: "oracle" the majority of the
-    validation examples' nearest coarse centroids (by their own embedding), "classifier" the group
-    centroid nearest the batch's mean prompt embedding (Split.prompt_emb: the first prefix_tokens
-    tokens for lm, the prompt for instructions), "cem" a mixture sum_k alpha_k z_k whose alpha a CEM
-    search (svf.cem_search) fits to the mean log-likelihood of cfg.cem_shots train examples of the
-    batch's (true) group.
-    """
-
-    def __init__(self, cfg: Config, model: nn.Module):
-        super().__init__()
-        self.cfg, self.k = cfg, cfg.n_experts if REGIMES[cfg.regime].experts else 1
-        self.svf = svf_lib.SVF(svf_lib.decompose(model, "mlp", cfg.cache_dir), generator=cfg.seed)
-        self.svf.requires_grad_(False)  # holds U, S, Vh; the trained z's are in self.experts
-        self.names = self.svf.names
-        prefix = model.base_model_prefix + "."
-        self.keys = {n: (n[len(prefix):] if n.startswith(prefix) else n) + ".weight" for n in self.names}
-        for key in self.keys.values():  # a name that missed the body would be ignored by functional_call: refuse it
-            model.base_model.get_parameter(key)
-        self.conv1d = {n: isinstance(model.get_submodule(n), Conv1D) for n in self.names}
-        self.dtype = svf_lib.original_weight(model.get_submodule(self.names[0])).dtype
-        self.experts = nn.ModuleList()
-        for k in range(self.k):  # the reference's init, 0.1 + N(0, 0.01^2), drawn per expert
-            g = torch.Generator().manual_seed(cfg.seed * 1000 + k)
-            self.experts.append(nn.ParameterDict({
-                svf_lib.SVF._slot(n): nn.Parameter((0.1 + 0.01 * torch.randn(self.svf[n].S.shape, generator=g))
-                                                   .to(self.svf[n].S.device)) for n in self.names}))
-        self.selection: int | tuple[float, ...] = 0
-        self._cache: dict = {}  # selection -> W' (no-grad, eval mode only)
-        self._cem: dict[int, tuple[float, ...]] = {}  # group -> CEM mixing weights
-        self.groups: dict[str, np.ndarray] = {}
-        self.accuracy: float | None = None
-
-    def train(self, mode: bool = True) -> "SVFExperts":
-        self._cache.clear()  # z is about to change
-        self._cem.clear()
-        return super().train(mode)
-
-    def per_expert(self) -> int:
-        return sum(self.svf[n].S.numel() for n in self.names)
-
-    def expert(self, k: int) -> dict[str, torch.Tensor]:
-        """Expert k as {layer name: z} (the trained Parameters themselves)."""
-        return {n: self.experts[k][svf_lib.SVF._slot(n)] for n in self.names}
-
-    def zs(self) -> dict[str, torch.Tensor]:
-        if isinstance(self.selection, int):
-            return self.expert(self.selection)
-        return svf_lib.mix([self.expert(k) for k in range(self.k)], list(self.selection))
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        """{body parameter name: W'} for the current selection, in the layers' orientation and dtype."""
-        key = self.selection
-        if not torch.is_grad_enabled() and key in self._cache:
-            return self._cache[key]
-        out = self._build()
-        if not torch.is_grad_enabled() and not self.training:
-            if len(self._cache) >= self.k:
-                self._cache.clear()
-            self._cache[key] = out
-        return out
-
-    def _build(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for n, z in self.zs().items():
-            w = self.svf.weight(n, z)
-            out[self.keys[n]] = (w.T if self.conv1d[n] else w).to(self.dtype)
-        return out
-
-    def bind(self, adapted: Adapted, train_split, val_split) -> None:
-        if self.k == 1:
-            self.groups = {s.name: np.zeros(len(s), dtype=np.int64) for s in (train_split, val_split)}
-            return
-        labels, centroids = kmeans(train_split.cluster_emb, self.k, self.cfg.seed)
-        self.groups = {"train": labels, "validation": assign(val_split.cluster_emb, centroids)}
-        prompt = train_split.prompt_emb
-        self.prompt_centroids = torch.stack([prompt[torch.from_numpy(labels == g)].mean(0) if (labels == g).any()
-                                             else torch.zeros(prompt.shape[1]) for g in range(self.k)])
-        self.val_prompt_emb = val_split.prompt_emb
-        rng = np.random.default_rng(self.cfg.seed)
-        self.shots = {}
-        for g in range(self.k):
-            members = np.flatnonzero(labels == g)
-            self.shots[g] = sorted(rng.choice(members, min(self.cfg.cem_shots, len(members)), replace=False).tolist())
-        self.train_split = train_split
-        batches = [b for b, _ in eval_batches(val_split.labels, self.cfg.batch_size, self.cfg.conditioning)]
-        hits = [self.oracle("validation", b) == self.classify(b) for b in batches]
-        self.accuracy = float(np.mean(hits)) if hits else None
-
-    def oracle(self, split_name: str, batch: list[int]) -> int:
-        """The majority group of the batch's examples."""
-        return int(np.bincount(self.groups[split_name][batch], minlength=self.k).argmax())
-
-    def classify(self, batch: list[int]) -> int:
-        """The group whose prompt centroid is nearest the batch's mean prompt embedding."""
-        return route_batch(self.val_prompt_emb[batch], self.prompt_centroids)
-
-    def route(self, adapted: Adapted, split, batch: list[int]) -> None:
-        if self.k == 1:
-            self.selection = 0
-        elif not self.groups:
-            raise RuntimeError("svf_experts has no groups: call adapted.bind(train_split, val_split) first")
-        elif self.training or split.name == "train" or self.cfg.dispatch == "oracle":
-            self.selection = self.oracle(split.name, batch)
-        elif self.cfg.dispatch == "classifier":
-            self.selection = self.classify(batch)
-        else:
-            self.selection = self.cem_alpha(adapted, self.oracle(split.name, batch))
-
-    @torch.no_grad()
-    def cem_alpha(self, adapted: Adapted, group: int) -> tuple[float, ...]:
-        """Mixing weights for `group`, by CEM on the mean log-likelihood of its few train shots
-        (searched once per group until the next train() call)."""
-        memo = self._cem
-        if group in memo:
-            return memo[group]
-        split, shots = self.train_split, self.shots[group]
-        dev = self.svf[self.names[0]].S.device
-        target = split.targets[shots]
-        end = int((target != objectives.IGNORE).any(0).nonzero().max()) + 1
-        ids, attention, target = split.input_ids[shots, :end].to(dev), split.attention[shots, :end].to(dev), target[:, :end].to(dev)
-        scored = target != objectives.IGNORE
-
-        def score(alpha: torch.Tensor) -> float:
-            self.selection = tuple(alpha.tolist())
-            # factored: a few shots are far fewer rows than W' has columns, so building the 90 W' would cost more
-            with self.svf.factored(adapted.model, self.zs()):
-                hidden = adapted.model.base_model(input_ids=ids, attention_mask=attention).last_hidden_state
-            return -F.cross_entropy(adapted.logits(hidden[scored]).float(), target[scored]).item()
-
-        alpha = svf_lib.cem_search(score, self.k, population=self.cfg.cem_population, elite_ratio=0.2,
-                                   iters=self.cfg.cem_iters, seed=self.cfg.seed + group)
-        memo[group] = tuple(alpha.tolist())
-        return memo[group]
-
-    def report(self) -> dict:
-        out = {"params_per_expert": self.per_expert(), "n_experts": self.k,
-               "passes": REGIMES[self.cfg.regime].passes}
-        if self.k > 1:
-            out["dispatch"] = self.cfg.dispatch
-            if self.cfg.dispatch == "cem":
-                out["cem_shots"] = self.cfg.cem_shots
-            if self.accuracy is not None:
-                out["dispatch_accuracy"] = self.accuracy  # classifier == oracle, share of validation batches
-        return out
-
-
 def build(cfg: Config, model: nn.Module) -> Adapted:
     """Freeze `model` and attach the adapters of cfg.regime (a row of `regimes.REGIMES`), initialised from cfg.seed.
 
     The authors' protocol uses the authors' LoRA flavour (A, B ~ N(0, 0.01^2), scale alpha);
     the causal protocol uses ordinary LoRA (B = 0, scale alpha / r).
     """
-    flavour, regime = FLAVOUR[cfg.protocol], REGIMES[cfg.regime]
+    regime, flavour = REGIMES[cfg.regime], PROTOCOLS[cfg.protocol].lora
+    k = {part: cfg.n_experts if regime.experts == part else 1 for part in ("head", "blocks")}
     freeze(model)
     torch.manual_seed(cfg.seed)  # the hypernetwork draws from the global RNG
     if regime.blocks == "lora":
         add_lora(model, "blocks", cfg.rank, cfg.alpha, flavour, generator=cfg.seed + 1)
-    experts = SVFExperts(cfg, model) if regime.blocks == "svf" else None
+    svf = SVFExperts(cfg, model, k["blocks"]) if regime.blocks == "svf" else None
     base = model.get_output_embeddings()
     if regime.head == "base":
         head = base
+    elif regime.head == "lora" and k["head"] > 1:
+        head = LoRAExperts(cfg, base, k["head"], cfg.rank, cfg.alpha, flavour)
     elif regime.head == "lora":
         rank = matched_rank(cfg, model) if regime.matched_rank else cfg.rank
         head = LoRA(base, rank, cfg.alpha, flavour, generator=cfg.seed)
     else:
         head = ChameleonHead(base, model.get_input_embeddings().embedding_dim, cfg.rank, cfg.alpha, flavour,
                              cfg.hyper_hidden, cfg.hyper_dropout)
-    return Adapted(model, head, blocks_adapted=not regime.frozen_body, svf=experts)
+    return Adapted(model, head, blocks_adapted=not regime.frozen_body, svf=svf)

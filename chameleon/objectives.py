@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from chameleon.data import tokenize
 from chameleon.instructions import response_start
+from chameleon.regimes import PROTOCOLS, lookup
 
 IGNORE = -100
 PAPER_IGNORE_ID = 0  # the authors' ignore_index and attention-mask test: token 0, not the pad token
@@ -26,7 +27,7 @@ PAPER_IGNORE_ID = 0  # the authors' ignore_index and attention-mask test: token 
 
 def attention_mask(input_ids: torch.Tensor, real: torch.Tensor, protocol: str) -> torch.Tensor:
     """What the backbone attends to: `input_ids != 0` (authors) or the real tokens (causal)."""
-    return (input_ids != PAPER_IGNORE_ID).long() if protocol == "authors" else real
+    return (input_ids != PAPER_IGNORE_ID).long() if lookup(PROTOCOLS, protocol, "protocol").attends_nonzero else real
 
 
 def targets(input_ids: torch.Tensor, real: torch.Tensor, protocol: str,
@@ -40,19 +41,16 @@ def targets(input_ids: torch.Tensor, real: torch.Tensor, protocol: str,
         loss_from: (N,) first token index that may be a target (e.g. where the response of an
             instruction starts, or after a conditioning prefix); None: from the start.
     """
+    row = lookup(PROTOCOLS, protocol, "protocol")
     n, length = input_ids.shape
-    position = torch.arange(length).expand(n, length)
     out = torch.full_like(input_ids, IGNORE)
-    if protocol == "authors":
+    if row.scores == "last":  # the token at the last position itself (target_offset 0), unless it is token 0
         last = input_ids[:, -1]
         out[:, -1] = torch.where(last == PAPER_IGNORE_ID, IGNORE, last)
-    elif protocol == "causal":
+    else:  # every real token, predicted from the position before it
         out[:, :-1] = torch.where(real[:, 1:].bool(), input_ids[:, 1:], IGNORE)
-    else:
-        raise ValueError(f"protocol={protocol!r} is not valid here; choose 'authors' or 'causal'")
-    if loss_from is not None:
-        # the target of position t is token t (authors) or t + 1 (causal)
-        token = position if protocol == "authors" else position + 1
+    if loss_from is not None:  # the target of position t is token t + target_offset
+        token = torch.arange(length).expand(n, length) + row.target_offset
         out = torch.where(token >= loss_from[:, None], out, IGNORE)
     return out
 
@@ -61,10 +59,9 @@ def target_tokens(targets: torch.Tensor, protocol: str) -> torch.Tensor:
     """(N, L) bool: the input positions whose token is some position's scored target (position t
     under "authors", t + 1 under "causal"); the `batch_mean_excl` conditioning averages over the rest."""
     scored = targets != IGNORE
-    if protocol == "authors":
-        return scored
+    shift = lookup(PROTOCOLS, protocol, "protocol").target_offset
     out = torch.zeros_like(scored)
-    out[:, 1:] = scored[:, :-1]
+    out[:, shift:] = scored[:, :scored.shape[1] - shift]
     return out
 
 
@@ -100,7 +97,7 @@ def scored_tokens(prompt: str, response: str, tokenizer, max_length: int) -> pd.
     show = lambda ids: [repr(tokenizer.decode([i])) for i in ids]  # noqa: E731
     tokens = show(enc["input_ids"][0].tolist())
     cols = {}
-    for protocol in ("causal", "authors"):
+    for protocol in ("causal", "authors"):  # the columns of the table, in this order
         t = targets(enc["input_ids"], enc["attention_mask"], protocol, start)[0]
         cols[protocol] = ["" if v == IGNORE else s for v, s in zip(t.tolist(), show(t.clamp(min=0).tolist()))]
     rows = [{"position": i, "token": tokens[i], "causal target": cols["causal"][i],

@@ -21,7 +21,7 @@ from chameleon.clustering import assign, default_k, kmeans
 from chameleon.config import Config
 from chameleon.data import load_instructions, load_lm_corpus, subsample, tokenize
 from chameleon.embeddings import embedding_mask, mean_embeddings
-from chameleon.regimes import REGIMES
+from chameleon.regimes import CONDITIONINGS, REGIMES
 
 
 @dataclass
@@ -100,6 +100,12 @@ def prepare(cfg: Config, model, tokenizer, raw: dict | None = None) -> tuple[Spl
     return splits[0], splits[1], centroids
 
 
+def prompt_prefix(cfg: Config) -> int | None:
+    """How much of a text the experts' classifier dispatch reads: an instruction's whole prompt (None),
+    or the first cfg.prefix_tokens tokens of a line (a language-modelling text has no separate prompt)."""
+    return None if cfg.task == "instructions" else cfg.prefix_tokens
+
+
 def _encode(cfg: Config, model, tokenizer, split: str, texts: dict) -> dict:
     if "prompt" in texts:  # instructions: the response ends in EOS, so a tuned model learns to stop
         texts = {**texts, "full": [t + tokenizer.eos_token for t in texts["full"]]}
@@ -107,10 +113,12 @@ def _encode(cfg: Config, model, tokenizer, split: str, texts: dict) -> dict:
     ids, real = enc["input_ids"], enc["attention_mask"]
     # instructions: the loss is taken on the response tokens alone
     loss_from = instructions.response_start(texts["prompt"], tokenizer) if "prompt" in texts else None
-    if cfg.conditioning == "prefix":  # the hypernetwork sees the first P tokens; the loss starts after them
-        loss_from = torch.full((len(ids),), cfg.prefix_tokens) if loss_from is None else loss_from.clamp(min=cfg.prefix_tokens)
-    if cfg.score_from:  # every regime scored on the same tokens as a `prefix` run with prefix_tokens = score_from
-        loss_from = torch.full((len(ids),), cfg.score_from) if loss_from is None else loss_from.clamp(min=cfg.score_from)
+    conditioning = CONDITIONINGS[cfg.conditioning]  # read by every regime: a `prefix` run's baselines score alike
+    # a `prefix` conditioning's tokens are seen by the hypernetwork, so never scored; score_from scores every
+    # regime on the same tokens as a `prefix` run with prefix_tokens = score_from
+    for start in (cfg.prefix_tokens if conditioning.prefix else 0, cfg.score_from):
+        if start:
+            loss_from = torch.full((len(ids),), start) if loss_from is None else loss_from.clamp(min=start)
     target = objectives.targets(ids, real, cfg.protocol, loss_from)
     key = dict(backbone=cfg.backbone, task=cfg.task, data=cfg.corpus if cfg.task == "lm" else cfg.instructions,
                split=split, n=len(ids), data_seed=cfg.data_seed, max_length=cfg.max_length, protocol=cfg.protocol,
@@ -129,20 +137,28 @@ def _encode(cfg: Config, model, tokenizer, split: str, texts: dict) -> dict:
         return cached({**key, "kind": kind}, cfg.cache_dir / "embeddings", compute, expect_shape=(len(ids), width))
 
     cluster_key = "prompt" if "prompt" in texts else "full"
-    cond = {"batch_mean": ("full", "full"), "shuffled": (cluster_key, cluster_key),
-            "task": ("task", "task"), "task_input": ("prompt", "prompt")}
-    if cfg.conditioning == "prefix":
-        cond_emb = embed(f"prefix{cfg.prefix_tokens}", "full", cfg.prefix_tokens)
-    elif cfg.conditioning == "batch_mean_excl":  # the full text without any token that is a scored target
-        cond_emb = embed(f"excl{int(loss_from[0]) if loss_from is not None else 0}", "full",
+    text = cluster_key if conditioning.text == "cluster" else conditioning.text
+    if conditioning.prefix:
+        cond_emb = embed(f"prefix{cfg.prefix_tokens}", text, cfg.prefix_tokens)
+    elif conditioning.exclude_targets:
+        cond_emb = embed(f"excl{int(loss_from[0]) if loss_from is not None else 0}", text,
                          exclude=objectives.target_tokens(target, cfg.protocol))
     else:
-        kind, text_key = cond[cfg.conditioning]
-        cond_emb = embed(kind, text_key)
+        cond_emb = embed(text, text)
     prompt_emb = None
-    if REGIMES[cfg.regime].experts:
-        prompt_emb = embed(cluster_key, cluster_key) if "prompt" in texts else \
-            embed(f"prefix{cfg.prefix_tokens}", "full", cfg.prefix_tokens)
+    if REGIMES[cfg.regime].experts:  # what the classifier dispatch reads: never the continuation
+        prefix = prompt_prefix(cfg)
+        prompt_emb = embed(f"prefix{prefix}" if prefix else cluster_key, cluster_key, prefix)
     return dict(input_ids=ids, attention=objectives.attention_mask(ids, real, cfg.protocol), prompt_emb=prompt_emb,
                 targets=target,
                 cluster_emb=embed(cluster_key, cluster_key), cond_emb=cond_emb)
+
+
+def trimmed(split: Split, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens, attention and targets of a batch, cut after its last scored position: with causal
+    attention later positions never influence it, so the trailing padding of the corrected
+    protocol is skipped exactly (the authors' protocol scores the last position and keeps all)."""
+    target = split.targets[batch]
+    scored = (target != objectives.IGNORE).any(0).nonzero()
+    end = int(scored.max()) + 1 if len(scored) else 1
+    return split.input_ids[batch, :end], split.attention[batch, :end], target[:, :end]

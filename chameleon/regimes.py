@@ -1,8 +1,10 @@
-"""Regimes: where the adapters go, described once, as data.
+"""The axes of the experiment, described once, as data: regimes, protocols, conditionings, dispatches.
 
-Everything that depends on the regime reads this table: config validation, `model.build`, the
-parameter table, the colours of the figures and the conventions of the results tables. Adding a
-regime is one row here and, if it needs a new kind of adapter, its case in `model.build`.
+Everything that depends on an axis reads its table: config validation, `model.build`, the
+objectives, the embeddings, the parameter table, the colours and styles of the figures and the
+labels of the results tables. Adding a regime is one row here and, if it needs a new kind of
+adapter, its component in `chameleon.model`; adding a conditioning is one row here, and a new
+way of embedding its text in `prepare._encode` if no row's fields describe it.
 
 This module imports nothing heavy, so a bad `--regime` is refused before torch is loaded.
 """
@@ -20,7 +22,8 @@ class Regime:
     colour: str  # its colour in every figure (Okabe-Ito, colour-blind safe)
     about: str  # one line for tables and the README
     matched_rank: bool = False  # head LoRA rank chosen so that its parameters match the hypernetwork's
-    experts: bool = False  # svf: one expert per coarse group of the data (cfg.n_experts), picked per batch by cfg.dispatch
+    experts: str = ""  # "head" or "blocks": that adapter is held once per coarse group of the data (cfg.n_experts),
+    # and cfg.dispatch picks one per batch at inference (model.Experts); "": one adapter for all data
 
     @property
     def conditioned(self) -> bool:
@@ -28,14 +31,14 @@ class Regime:
         return self.head == "hyper"
 
     @property
+    def expert_kind(self) -> str:
+        """The kind of adapter held once per group ("svf", "lora"), or "" without experts."""
+        return {"head": self.head, "blocks": self.blocks}.get(self.experts, "")
+
+    @property
     def frozen_body(self) -> bool:
         """Nothing in the transformer blocks trains: the body's hidden states can be computed once."""
         return self.blocks == "frozen"
-
-    @property
-    def passes(self) -> int:
-        """Forward passes per request at inference: 2 when a first pass picks the expert (Transformer²'s dispatch)."""
-        return 2 if self.experts else 1
 
 
 REGIMES: dict[str, Regime] = {r.name: r for r in [
@@ -51,14 +54,122 @@ REGIMES: dict[str, Regime] = {r.name: r for r in [
     Regime("svf", "base", "svf", "#CC79A7",
            "Transformer²'s SVF: one expert z rescales the singular values of every MLP matrix, trained on all data"),
     Regime("svf_experts", "base", "svf", "#000000",
-           "Transformer²: one SVF expert per coarse k-means group, chosen per batch by a first pass (cfg.dispatch)",
-           experts=True),
+           "Transformer²: one SVF expert per coarse k-means group, chosen per batch (cfg.dispatch)",
+           experts="blocks"),
+    Regime("lora_experts", "lora", "frozen", "#882255",
+           "the 'multiple expert models' the paper avoids: one head LoRA per coarse k-means group, chosen per batch "
+           "(cfg.dispatch)", experts="head"),
 ]}
 
 
 def conditioning_label(regime: str, conditioning: str, dispatch: str | None = None) -> str:
     """The conditioning as results tables show it: "-" for regimes without a hypernetwork; for
-    SVF experts, how the expert is dispatched ("dispatch=oracle", ...)."""
+    experts, how the expert is dispatched ("dispatch=oracle", ...)."""
     if REGIMES[regime].experts:
-        return f"dispatch={dispatch or 'oracle'}"
-    return conditioning if REGIMES[regime].conditioned else "-"
+        return f"dispatch={dispatch or TRAINING_DISPATCH}"
+    return conditioning_of(regime, conditioning).name
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a run is scored: the authors' code, exactly, or the corrected next-token loss (chameleon.objectives)."""
+    name: str
+    scores: str  # "last": the last position alone, padded to max_length (authors); "all": every real token
+    target_offset: int  # the target of position t is token t + offset: 0 (the token itself, authors) or 1 (next)
+    embeds_padding: bool  # example embeddings average every position, padding included (authors) or real tokens
+    attends_nonzero: bool  # the backbone attends to `input_ids != 0` (authors' test of token 0) or to real tokens
+    lora: str  # LoRA flavour (chameleon.lora): "authors" (A, B ~ N(0, 0.01^2), scale alpha) or "standard" (PEFT's)
+    linestyle: str  # its line style in figures
+    about: str
+
+    @property
+    def scores_padding(self) -> bool:
+        """A padded example's scored target is the pad token (the authors' last position)."""
+        return self.scores == "last"
+
+
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
+    Protocol("authors", "last", 0, True, True, "authors", "--",
+             "the authors' code: the last of max_length right-padded positions, scored against the token there"),
+    Protocol("causal", "all", 1, False, False, "standard", "-",
+             "next-token loss on every real token, padding masked out of attention, loss and embeddings"),
+]}
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the hypernetwork's batch vector averages (chameleon.prepare computes it from these fields)."""
+    name: str
+    tasks: tuple[str, ...]  # the tasks it applies to
+    text: str  # which text is embedded: "full" (what the backbone reads), "cluster" (what k-means sees: the
+    # prompt for instructions), "task" (the instruction alone) or "prompt" (instruction + input)
+    prefix: bool  # only the first cfg.prefix_tokens tokens are embedded, and no run scores them
+    exclude_targets: bool  # tokens that are some position's scored target are left out of the mean
+    other_batch: bool  # a batch is conditioned on another batch's examples (a control: the batch's own
+    # content removed, the parametrisation kept)
+    leaks: bool  # the vector can contain the very tokens being scored
+    hatch: str  # bar hatch in figures
+    linestyle: str | tuple  # line style in loss curves
+    marker: str  # marker in loss curves
+    about: str
+
+
+CONDITIONINGS: dict[str, Conditioning] = {c.name: c for c in [
+    Conditioning("batch_mean", ("lm", "instructions"), "full", False, False, False, True, "", "-", "o",
+                 "the paper: the batch's mean embedding, targets included"),
+    Conditioning("prefix", ("lm",), "full", True, False, False, False, "//", "--", "s",
+                 "leak-free: the first prefix_tokens tokens of each text; the loss starts after them"),
+    Conditioning("shuffled", ("lm", "instructions"), "cluster", False, False, True, False, "xx", ":", "^",
+                 "control: another batch's mean embedding (half an epoch away, mostly another cluster)"),
+    Conditioning("batch_mean_excl", ("lm",), "full", False, True, False, False, "..", "-.", "P",
+                 "control for the leak: the batch mean without any token that is a scored target"),
+    Conditioning("task", ("instructions",), "task", False, False, False, False, "\\\\", (0, (6, 2, 1, 2, 1, 2)), "D",
+                 "the batch's instructions alone (never a response)"),
+    Conditioning("task_input", ("instructions",), "prompt", False, False, False, False, "++", "-.", "v",
+                 "the batch's instructions and inputs (never a response)"),
+]}
+NO_CONDITIONING = Conditioning("-", ("lm", "instructions"), "full", False, False, False, False, "", "-", "o",
+                               "a regime without a hypernetwork")
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """How an experts regime picks its expert for a batch at inference. Training always routes a batch to
+    its true group's expert, so runs that differ in the dispatch alone share their trained experts: they
+    evaluate the weights of the run whose dispatch `trains` (runs.trained_by)."""
+    name: str
+    trains: bool  # the dispatch the experts are trained under (the true group)
+    uses_truth: bool  # reads the batch's true group: an upper bound, not a deployable dispatch
+    mixes: bool  # combines the experts (sum_k alpha_k z_k): only for experts that can be mixed (SVF's z)
+    about: str
+
+
+DISPATCHES: dict[str, Dispatch] = {d.name: d for d in [
+    Dispatch("oracle", True, True, False, "the batch's true group (an upper bound)"),
+    Dispatch("classifier", False, False, False,
+             "the group centroid nearest the batch's mean prompt embedding: a lookup in the embedding table, "
+             "no forward pass"),
+    Dispatch("cem", False, True, True,
+             "a mixture whose weights a few-shot CEM search fits on cfg.cem_shots train examples of the batch's "
+             "true group (population x iterations forward passes of the shots, once per group)"),
+]}
+
+
+# Expert kinds a mixture dispatch can combine: SVF's z vectors mix linearly (Transformer²'s CEM); LoRA's do not
+# (a mix of the factors A and B is not the mix of the updates B A).
+MIXABLE_KINDS = ("svf",)
+
+
+def lookup(table: dict, name: str, what: str):
+    """table[name], or a ValueError that names the choices."""
+    if name not in table:
+        raise ValueError(f"{what}={name!r} is not valid here; choose one of {list(table)}")
+    return table[name]
+
+
+TRAINING_DISPATCH = next(d.name for d in DISPATCHES.values() if d.trains)
+
+
+def conditioning_of(regime: str, conditioning: str) -> Conditioning:
+    """The conditioning row a run uses: NO_CONDITIONING for regimes without a hypernetwork."""
+    return CONDITIONINGS[conditioning] if REGIMES[regime].conditioned else NO_CONDITIONING

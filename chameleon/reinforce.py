@@ -1,14 +1,16 @@
 """REINFORCE for Transformer²'s SVF experts on the instruction task: the reward is the ROUGE-L of a sampled answer.
 
-    history = reinforce(model, svf, tokenizer, prompts, references, steps=8, batch_size=4, max_new_tokens=16)
+    adapted = build(cfg.replace(regime="svf"), model)     # one SVF expert (model.SVFExperts)
+    history = reinforce(adapted, tokenizer, prompts, references, steps=8, batch_size=4, max_new_tokens=16)
     python -m chameleon reinforce --profile smoke   # one expert; writes results/smoke/instructions/reinforce-seed0.*
 
 A step draws `batch_size` prompts (a new shuffle for every pass over them), samples one answer to
-each with the expert merged (no grad), scores it by its ROUGE-L F against the reference (0-1), then
-computes log p(answer | prompt) with SVF attached, so that gradients reach z, and makes one
-`svf.reinforce_step`. The reference's settings (lr 2e-3, max_grad_norm 1e-3, temperature 1, KL 0)
-are the defaults; its batch (256) and steps (2,000) are far beyond a CPU, and `reinforce_step`
-subtracts the batch's mean reward where the reference uses raw rewards.
+each with the expert's W' built once (no grad), scores it by its ROUGE-L F against the reference
+(0-1), then computes log p(answer | prompt) with the expert applied factored, so that gradients
+reach z, and makes one `svf.reinforce_step` (the two ways `model.SVFExperts` applies an expert).
+The reference's settings (lr 2e-3, max_grad_norm 1e-3, temperature 1, KL 0) are the defaults; its
+batch (256) and steps (2,000) are far beyond a CPU, and `reinforce_step` subtracts the batch's mean
+reward where the reference uses raw rewards.
 """
 from __future__ import annotations
 
@@ -25,9 +27,9 @@ from chameleon.backbones import device as resolve_device, load_backbone
 from chameleon.cache import write_atomic
 from chameleon.config import Config, RunFailed
 from chameleon.generation import decode, generate, rouge_l, rouge_l_scores
-from chameleon.model import Adapted
+from chameleon.model import Adapted, build
 from chameleon.prepare import load_split_texts
-from chameleon.svf import SVF, answer_kl, reinforce_step, sequence_log_probs
+from chameleon.svf import answer_kl, reinforce_step, sequence_log_probs
 from chameleon.training import progress_bar
 
 # steps and batch size per profile; any other profile gets the reference's, meant for a GPU
@@ -49,18 +51,20 @@ def pack(prompts: list[list[int]], answers: list[list[int]], pad_id: int
     return ids, attention, answer
 
 
-def reinforce(model, svf: SVF, tokenizer, prompts: list[str], references: list[str], steps: int, batch_size: int,
+def reinforce(adapted: Adapted, tokenizer, prompts: list[str], references: list[str], steps: int, batch_size: int,
               lr: float = 2e-3, max_grad_norm: float = 1e-3, temperature: float = 1.0, max_new_tokens: int = 100,
               kl_coef: float = 0.0, seed: int = 0, max_prompt_tokens: int | None = None, progress: bool = True,
               reward: Callable[[list[str], list[str]], list[float]] = rouge_l_scores) -> list[dict]:
-    """Train svf's current expert (z only) with REINFORCE; the backbone stays frozen and unchanged.
+    """Train the selected SVF expert of `adapted` (z only) with REINFORCE; the backbone stays frozen and unchanged.
 
     Args:
-        model: the causal LM svf was decomposed from, on svf's device.
-        svf: the adapter, detached; its z's are trained in place.
+        adapted: `build` of an `svf` (or `svf_experts`) config around the backbone; its `svf.selection`
+            is the expert trained.
+        tokenizer: the backbone's tokenizer.
         prompts, references: the task's prompts and their reference answers.
         steps, batch_size: updates, and answers sampled for each (one per prompt).
-        lr, max_grad_norm, kl_coef: Adam's learning rate, the gradient clip and the KL coefficient.
+        lr, max_grad_norm, kl_coef: Adam's learning rate, the gradient clip and the KL coefficient (the KL
+            is to the unadapted backbone).
         temperature: of the sampling. The log-probs are the model's own (temperature 1): at another
             temperature the answers come from another policy than the one updated.
         max_new_tokens: answer length limit. An answer that stopped at EOS is scored with its EOS
@@ -75,34 +79,37 @@ def reinforce(model, svf: SVF, tokenizer, prompts: list[str], references: list[s
     """
     if not prompts or len(prompts) != len(references):
         raise ValueError(f"need as many references as prompts, got {len(prompts)} prompts, {len(references)} references")
-    model.requires_grad_(False)
-    svf.requires_grad_(True)
-    optimizer = torch.optim.Adam(svf.parameters(), lr=lr)
-    policy = Adapted(model, model.get_output_embeddings(), blocks_adapted=False)
-    dev, eos, g = next(svf.buffers()).device, tokenizer.eos_token_id, torch.Generator().manual_seed(seed)
+    experts, model = adapted.svf, adapted.model
+    if experts is None:
+        raise ValueError("REINFORCE trains an SVF expert: build the adapted model from an svf or svf_experts config")
+    z = list(experts.expert(experts.selection).values())
+    optimizer = torch.optim.Adam(z, lr=lr)
+    dev, eos, g = z[0].device, tokenizer.eos_token_id, torch.Generator().manual_seed(seed)
     ids = [tokenizer(p)["input_ids"][-max_prompt_tokens:] if max_prompt_tokens else tokenizer(p)["input_ids"]
            for p in prompts]
     order, history, start = [], [], time.perf_counter()
+    adapted.eval()  # the backbone as it was loaded: no dropout in the sampling or the log-probs
     bar = progress_bar(range(steps), progress, desc="REINFORCE")
     for _ in bar:
         while len(order) < batch_size:
             order += torch.randperm(len(prompts), generator=g).tolist()
         batch, order = order[:batch_size], order[batch_size:]
-        with svf.merged(model):
-            answers = [decode(policy, torch.tensor(ids[i]), max_new_tokens, eos, temperature=temperature, generator=g)
-                       for i in batch]
+        # no grad: W' is built once for the step's sampling (model.SVFExperts.weights)
+        answers = [decode(adapted, torch.tensor(ids[i]), max_new_tokens, eos, temperature=temperature, generator=g)
+                   for i in batch]
         texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
         rewards = torch.tensor(reward(texts, [references[i] for i in batch]))
         actions = [a + [eos] if len(a) < max_new_tokens else a for a in answers]
         input_ids, attention, mask = (t.to(dev) for t in pack([ids[i] for i in batch], actions, tokenizer.pad_token_id))
-        with svf.attached(model):
+        kl = None
+        if kl_coef > 0:
+            with torch.no_grad():  # the reference policy: the unadapted backbone
+                _, ref = sequence_log_probs(model, input_ids, attention, mask)
+        with experts.svf.factored(model, experts.zs()):
             log_probs, logp = sequence_log_probs(model, input_ids, attention, mask)
-            kl = None
-            if kl_coef > 0:
-                with torch.no_grad(), svf.disabled():
-                    _, ref = sequence_log_probs(model, input_ids, attention, mask)
-                kl = answer_kl(logp, ref, mask)
-            stats = reinforce_step(optimizer, log_probs, rewards, kl, kl_coef, max_grad_norm)
+        if kl_coef > 0:
+            kl = answer_kl(logp, ref, mask)
+        stats = reinforce_step(optimizer, log_probs, rewards, kl, kl_coef, max_grad_norm)
         if kl is not None:
             stats["kl"] = kl.mean().item()
         stats.update(answer_tokens=sum(map(len, actions)) / len(actions), seconds=time.perf_counter() - start)
@@ -139,32 +146,30 @@ def run(cfg: Config, steps: int, batch_size: int, lr: float = 2e-3, max_grad_nor
     model, tokenizer = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cfg.cache_dir)
     dev = resolve_device(cfg.device)
     model.to(dev)
-    svf = SVF.from_model(model, "mlp", cfg.cache_dir, generator=cfg.seed)
+    adapted = build(cfg.replace(regime="svf"), model).to(dev).eval()
+    experts = adapted.svf
     n = min(cfg.n_generate, len(val["prompt"]))
     prompts, refs = val["prompt"][:n], val["response"][:n]
-    policy = Adapted(model, model.get_output_embeddings(), blocks_adapted=False)
-    unadapted = generate(policy, tokenizer, prompts, cfg)
-    with svf.merged(model):
-        before = generate(policy, tokenizer, prompts, cfg)
-    init = svf.expert()
-    history = reinforce(model, svf, tokenizer, train["prompt"], train["response"], steps, batch_size, lr=lr,
+    unadapted = generate(Adapted(model, model.get_output_embeddings(), blocks_adapted=False), tokenizer, prompts, cfg)
+    before = generate(adapted, tokenizer, prompts, cfg)
+    init = {name: z.detach().clone() for name, z in experts.expert(0).items()}
+    history = reinforce(adapted, tokenizer, train["prompt"], train["response"], steps, batch_size, lr=lr,
                         max_grad_norm=max_grad_norm, temperature=temperature, max_new_tokens=cfg.max_new_tokens,
                         kl_coef=kl_coef, seed=cfg.seed, max_prompt_tokens=cfg.max_length)
     if not all(math.isfinite(h["loss"]) for h in history):
         raise RunFailed(f"REINFORCE diverged (losses {[h['loss'] for h in history]}); try a smaller --lr")
-    with svf.merged(model):
-        after = generate(policy, tokenizer, prompts, cfg)
+    after = generate(adapted, tokenizer, prompts, cfg)
     result = {"command": command, "device": str(dev), "seconds": time.perf_counter() - start,
               "settings": dict(steps=steps, batch_size=batch_size, lr=lr, max_grad_norm=max_grad_norm,
                                temperature=temperature, kl_coef=kl_coef, train_prompts=len(train["prompt"])),
               "rouge_l": {"unadapted": rouge_l(unadapted, refs), "before": rouge_l(before, refs),
                           "after": rouge_l(after, refs), "n": n},
-              "z_change": max((z - init[name]).abs().max().item() for name, z in svf.expert().items()),
+              "z_change": max((z - init[name]).abs().max().item() for name, z in experts.expert(0).items()),
               "history": history, "config": cfg.to_dict(),
               "generations": [dict(prompt=p, reference=r, before=b, after=a)
                               for p, r, b, a in zip(prompts, refs, before, after)]}
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: z.cpu().contiguous() for name, z in svf.expert().items()}
+    tensors = {name: z.detach().cpu().contiguous() for name, z in experts.expert(0).items()}
     write_atomic(paths["safetensors"], lambda tmp: save_file(tensors, tmp, metadata={"backbone": cfg.backbone,
                                                                                       "targets": "mlp"}))
     write_atomic(paths["md"], lambda tmp: Path(tmp).write_text(to_markdown(result)))

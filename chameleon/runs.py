@@ -28,7 +28,7 @@ from chameleon.cache import write_atomic
 from chameleon.config import EXPERT_FIELDS, Config
 from chameleon.data import fingerprint
 from chameleon.model import build
-from chameleon.regimes import REGIMES, conditioning_label
+from chameleon.regimes import CONDITIONINGS, DISPATCHES, PROTOCOLS, REGIMES, TRAINING_DISPATCH, conditioning_label
 
 RUN_KEYS = ("regime", "protocol", "conditioning", "dispatch", "score_from", "seed")  # what varies between the runs of one profile
 CHECKPOINT = "checkpoint.safetensors"  # weights, optimizer state and run metadata in one file
@@ -49,6 +49,22 @@ def run_name(cfg: Config) -> str:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     condition = cfg.dispatch if REGIMES[cfg.regime].experts else cfg.conditioning
     return f"{cfg.regime}-{cfg.protocol}-{condition}-seed{cfg.seed}-{digest}"
+
+
+def trained_by(cfg: Config) -> Config | None:
+    """The run whose trained weights cfg's run evaluates, or None when it trains its own. Experts are
+    trained under the training dispatch (regimes.Dispatch.trains: each batch to its true group's expert)
+    whatever cfg.dispatch says, so a run under another dispatch evaluates that run's experts: as in
+    Transformer², experts are trained once and the dispatch is a choice made at inference."""
+    if REGIMES[cfg.regime].experts and not DISPATCHES[cfg.dispatch].trains:
+        return cfg.replace(dispatch=TRAINING_DISPATCH)
+    return None
+
+
+def plan(cfg: Config) -> list[Config]:
+    """The runs that cfg's run needs, in the order to run them, cfg's own last."""
+    source = trained_by(cfg)
+    return ([] if source is None else plan(source)) + [cfg]
 
 
 def results_folder(cfg: Config) -> Path:
@@ -97,15 +113,17 @@ def read_config(run: Path) -> Config:
         raise ValueError(f"{path} does not describe a valid configuration ({err})") from None
 
 
-def save_centroids(out: Path, centroids: np.ndarray) -> None:
-    """The train split's k-means centroids: serving routes new prompts to them."""
-    write_atomic(out / CENTROIDS, lambda tmp: save_file({"centroids": torch.from_numpy(centroids).contiguous()}, tmp))
+def save_centroids(out: Path, centroids: np.ndarray, bound: dict[str, torch.Tensor] | None = None) -> None:
+    """The train split's k-means centroids, which serving routes new prompts to, and what the adapter
+    components computed from the data (`Adapted.bound`: the experts' prompt centroids)."""
+    tensors = {"centroids": torch.from_numpy(centroids).contiguous(), **(bound or {})}
+    write_atomic(out / CENTROIDS, lambda tmp: save_file(tensors, tmp))
 
 
-def read_centroids(run: Path) -> np.ndarray | None:
-    """The centroids `train` stored in a run folder, or None (runs of older versions of the kit)."""
+def read_centroids(run: Path) -> dict[str, torch.Tensor]:
+    """What `save_centroids` stored in a run folder; {} for runs of older versions of the kit."""
     path = Path(run) / CENTROIDS
-    return load_file(path)["centroids"].numpy() if path.is_file() else None
+    return load_file(path) if path.is_file() else {}
 
 
 def write_metrics(out: Path, result: dict) -> None:
@@ -191,6 +209,7 @@ def load_trained(cfg: Config, model, run: Path | None = None):
     adapted, fix = build(cfg, model), f"delete {run} and train the run again"
     if any(p.requires_grad for p in adapted.parameters()):  # `unadapted` trains nothing, writes no checkpoint
         load_weights(adapted, read_checkpoint(run, fix)[0], run, fix)
+    adapted.restore(read_centroids(run))  # what the components learnt from the data (experts: prompt centroids)
     return adapted.eval()
 
 
@@ -218,9 +237,9 @@ def result_row(result: dict) -> dict:
 def scored_label(c: dict) -> str:
     """Which positions a run scores, as tables show it: "last" (the authors' protocol's one position),
     "all", or "from P" (score_from, or a `prefix` run's first P tokens left out)."""
-    if c["protocol"] == "authors":
+    if PROTOCOLS[c["protocol"]].scores == "last":
         return "last"
-    start = max(c.get("score_from", 0), c["prefix_tokens"] if c["conditioning"] == "prefix" else 0)
+    start = max(c.get("score_from", 0), c["prefix_tokens"] if CONDITIONINGS[c["conditioning"]].prefix else 0)
     return f"from {start}" if start else "all"
 
 

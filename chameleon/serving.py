@@ -20,7 +20,14 @@ A group's conditioning vector is the mean of its prompts' embeddings, the same r
 centroid: a centroid averages training texts and, under `batch_mean` conditioning, their
 continuations too. Under `prefix` conditioning only the first cfg.prefix_tokens prompt
 tokens count, as in training; `shuffled` (a training control) is served with the group's
-own vector. Regimes without a hypernetwork (`unadapted`, `lora*`) ignore the groups.
+own vector. Experts regimes (`lora_experts`, `svf_experts`) pick each group's expert as evaluation
+does under the `classifier` dispatch: the group centroid nearest the group's mean prompt embedding
+(the first cfg.prefix_tokens tokens of a line, or an instruction's prompt), with the prompt centroids
+stored in the run folder. `oracle` and `cem` read the true group of a validation batch, which a
+served prompt does not have: load such a run with dispatch="classifier" (the experts are the same).
+LoRA experts differ in the head alone, so a mixed batch decodes together with one expert per group;
+SVF experts change the body, so their batch is decoded group by group. Other regimes (`unadapted`,
+`lora`, ...) ignore the groups.
 
 Decoding is batched greedy decoding (`generation.batched_greedy`): left-padded prompts, position ids
 counted over real tokens, the body's KV cache, ONE body forward per step for the whole
@@ -51,7 +58,8 @@ from chameleon.config import Config
 from chameleon.embeddings import embedding_mask, mean_embeddings
 from chameleon.generation import batched_greedy, tokenize_prompts
 from chameleon.model import Adapted
-from chameleon.prepare import prepare
+from chameleon.prepare import prepare, prompt_prefix
+from chameleon.regimes import CONDITIONINGS
 from chameleon.runs import load_trained, read_centroids, read_config
 
 GROUPINGS = ("route", "kmeans", "single")
@@ -65,6 +73,7 @@ class Result:
     group: int  # route: the training cluster; kmeans: the cluster within this batch; single: 0
     group_size: int  # prompts of this batch in the same group (they share one adapter)
     stopped: bool  # True when the model chose EOS, False when max_new_tokens ran out
+    expert: int | None = None  # experts regimes: the expert its group was dispatched to
 
 
 def prompt_embeddings(model, tokenizer, prompts: list[str], cfg: Config, prefix: int | None = None) -> torch.Tensor:
@@ -97,7 +106,8 @@ class Adapter:
         self.device = next(adapted.parameters()).device
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto", cache_dir: str | Path | None = None) -> "Adapter":
+    def from_run(cls, run_dir: str | Path, device: str = "auto", cache_dir: str | Path | None = None,
+                 dispatch: str | None = None) -> "Adapter":
         """Load a finished training run (a folder written by `training.train`).
 
         Args:
@@ -105,17 +115,25 @@ class Adapter:
             device: "auto" (CUDA when present), "cpu" or "cuda".
             cache_dir: where the converted backbone lives; None: the run's cfg.cache_dir if it
                 holds the backbone, else the checkout's data/cache.
+            dispatch: experts regimes: serve under this dispatch instead of the run's ("classifier" serves
+                an `oracle` run's experts; the experts are the same, see runs.trained_by).
         """
         run = Path(run_dir)
         if not run.is_dir():
             raise ValueError(f"{run} is not a run folder; pass a folder under results/<profile>/<task>/runs/ "
                              f"(`python -m chameleon train` prints it)")
         cfg = read_config(run)
+        cfg = cfg if dispatch is None else cfg.replace(dispatch=dispatch)
         model, tokenizer = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=_backbone_cache(cfg, cache_dir))
         adapted = load_trained(cfg, model, run).to(resolve_device(device))
-        centroids = read_centroids(run)
-        if centroids is None:  # a run of an older kit: k-means is seeded, so prepare gives the same centroids
-            centroids = prepare(cfg, adapted.model, tokenizer)[2]
+        stored = read_centroids(run)
+        experts = adapted.experts
+        if "centroids" not in stored or (experts is not None and experts.k > 1 and experts.prompt_centroids is None):
+            # a run of an older kit: k-means is seeded, so prepare and bind give what training computed
+            train_split, val_split, centroids = prepare(cfg, adapted.model, tokenizer)
+            adapted.bind(train_split, val_split)
+        else:
+            centroids = stored["centroids"].numpy()
         return cls(adapted, tokenizer, cfg, centroids)
 
     def embed(self, prompts: list[str], prefix: int | None = None) -> torch.Tensor:
@@ -141,7 +159,7 @@ class Adapter:
 
     def conditions(self, prompts: list[str], labels: np.ndarray, emb: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Each group's conditioning vector: the mean of its prompts' conditioning embeddings."""
-        prefix = self.cfg.prefix_tokens if self.cfg.conditioning == "prefix" else None
+        prefix = self.cfg.prefix_tokens if CONDITIONINGS[self.cfg.conditioning].prefix else None
         if emb is None or prefix is not None:
             emb = self.embed(prompts, prefix)
         return {int(g): emb[torch.from_numpy(labels == g)].mean(0) for g in np.unique(labels)}
@@ -160,6 +178,8 @@ class Adapter:
         """
         if group not in GROUPINGS:
             raise ValueError(f"group={group!r} is not valid; choose one of {list(GROUPINGS)}")
+        if why := self.adapted.unservable():
+            raise ValueError(f"{self.cfg.regime} cannot be served as loaded: {why}")
         if not prompts:
             return []
         max_new_tokens = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -169,13 +189,29 @@ class Adapter:
         conds = self.conditions(prompts, labels, emb)
         ids = list(conds)  # the groups present, relabelled 0..G-1 for the decoder
         index = {g: i for i, g in enumerate(ids)}
+        experts = self.adapted.experts
+        selections = None
+        if experts is not None:  # each group's expert, as the classifier dispatch picks a validation batch's
+            dispatch_emb = self.embed(prompts, prompt_prefix(self.cfg))
+            selections = [experts.choose(dispatch_emb[torch.from_numpy(labels == g)]) for g in ids]
         stacked = torch.stack([conds[g] for g in ids]).to(self.device) if self.adapted.conditioned else None
-        tokens = batched_greedy(self.adapted, tokenize_prompts(self.tokenizer, prompts, self.cfg.max_length),
-                                max_new_tokens, eos, self.tokenizer.pad_token_id,
-                                stacked, [index[int(g)] for g in labels])
+        prompt_ids = tokenize_prompts(self.tokenizer, prompts, self.cfg.max_length)
+        if self.adapted.svf is not None and self.adapted.svf.k > 1:  # the body differs per group: one batch each
+            tokens: list[list[int]] = [[] for _ in prompts]
+            for g, selection in zip(ids, selections):
+                rows = np.flatnonzero(labels == g).tolist()
+                self.adapted.svf.selection = selection
+                out = batched_greedy(self.adapted, [prompt_ids[i] for i in rows], max_new_tokens, eos,
+                                     self.tokenizer.pad_token_id)
+                for i, t in zip(rows, out):
+                    tokens[i] = t
+        else:
+            tokens = batched_greedy(self.adapted, prompt_ids, max_new_tokens, eos, self.tokenizer.pad_token_id,
+                                    stacked, [index[int(g)] for g in labels], selections)
         sizes = np.bincount(labels)
         return [Result(prompt=p, text=self.tokenizer.decode(t, skip_special_tokens=True).strip(), tokens=t,
-                       group=int(g), group_size=int(sizes[g]), stopped=eos is not None and len(t) < max_new_tokens)
+                       group=int(g), group_size=int(sizes[g]), stopped=eos is not None and len(t) < max_new_tokens,
+                       expert=None if selections is None else selections[index[int(g)]])
                 for p, t, g in zip(prompts, tokens, labels)]
 
     def adapter_bytes(self) -> dict[str, int]:

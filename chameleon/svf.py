@@ -10,12 +10,12 @@ are trained by REINFORCE (the reference) or by next-token loss; at inference a d
 (a classifier, the true group as an oracle) or mixes them, z' = sum_k alpha_k z_k, with alpha found
 by a few-shot CEM search.
 
-    svf = SVF(decompose(model, "mlp", cfg.cache_dir), generator=cfg.seed)
-    svf.attach(model)                # W' computed from z in every forward: train z
-    train_expert(model, svf, batches)
-    svf.detach(model)                # the original weight Parameters are back
-    with svf.merged(model):          # W' swapped in once, no grad: fast evaluation, generation
-        model.generate(...)
+    svf = SVF(decompose(model, "mlp", cfg.cache_dir))   # the frozen SVDs; an expert is {layer name: z}
+    with svf.factored(model, z):     # x W'^T computed factored, never forming W': train z
+        loss = model(...).loss
+    svf.weight(name, z)              # W' itself, built once for evaluation (model.SVFExperts)
+
+`model.SVFExperts` holds the experts' z and applies them to a model in exactly these two ways.
 
 The reference code (github.com/SakanaAI/self-adaptive-llms, Apache-2.0) was read for its
 conventions; none of it is copied here.
@@ -28,17 +28,15 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D
 
-from chameleon.clustering import assign
 from chameleon.cache import write_atomic
 
 # Which submodules are adapted: a layer is a target when one of its parents has one of these names.
@@ -68,17 +66,9 @@ def target_layers(model: nn.Module, targets: str = "mlp") -> dict[str, nn.Module
     return layers
 
 
-def original_weight(layer: nn.Module) -> torch.Tensor:
-    """The layer's own weight, also while SVF is attached (parametrize keeps it as `.original`)."""
-    if parametrize.is_parametrized(layer, "weight"):
-        return layer.parametrizations.weight.original
-    return layer.weight
-
-
 def matrix(layer: nn.Module) -> torch.Tensor:
     """The layer's weight as the (out, in) matrix of y = W x. GPT-2's Conv1D stores it as (in, out)."""
-    w = original_weight(layer)
-    return w.T if isinstance(layer, Conv1D) else w
+    return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
 
 
 def _key(layers: dict[str, nn.Module], targets: str) -> str:
@@ -136,7 +126,7 @@ def decompose(model: nn.Module, targets: str = "mlp", cache_dir: Path | None = N
     model there first: the SVDs run on the weights' device.
     """
     layers = target_layers(model, targets)
-    device = original_weight(next(iter(layers.values()))).device
+    device = next(iter(layers.values())).weight.device
     path = None
     if cache_dir is not None:
         key = _key(layers, targets)
@@ -154,33 +144,26 @@ def decompose(model: nn.Module, targets: str = "mlp", cache_dir: Path | None = N
 # ---------------------------------------------------------------------------- the adapter
 
 class SVFMatrix(nn.Module):
-    """One adapted matrix: the frozen U, S, Vh and its trainable z.
+    """One adapted matrix: its frozen U, S, Vh, and W' for a given z."""
 
-    It is also the parametrization registered on the layer's weight by `SVF.attach`, so the layer's
-    forward computes W' from z every time (gradients reach z, the original weight is untouched).
-    """
-
-    def __init__(self, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, z: torch.Tensor):
+    def __init__(self, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor):
         super().__init__()
         self.register_buffer("U", U)
         self.register_buffer("S", S)
         self.register_buffer("Vh", Vh)
-        self.z = nn.Parameter(z)
-        self.conv1d = False  # set by SVF.attach from the layer's type: GPT-2's Conv1D stores W' transposed
-        self.enabled = True  # False: the layer sees its original weight (see SVF.disabled)
 
-    def _scales(self, z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """S * sigmoid(z) for `z` (default: this matrix's own z), and the factor that keeps sum(S)."""
-        s = self.S * torch.sigmoid(self.z if z is None else z)
+    def _scales(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """S * sigmoid(z), and the factor that keeps sum(S)."""
+        s = self.S * torch.sigmoid(z)
         return s, self.S.sum() / s.sum()
 
-    def weight(self, z: torch.Tensor | None = None) -> torch.Tensor:
-        """W' (out, in) for `z` (default: this matrix's own z)."""
+    def weight(self, z: torch.Tensor) -> torch.Tensor:
+        """W' (out, in) for `z`."""
         s, keep = self._scales(z)
         # (U * s) @ Vh is U diag(s) Vh without the k x k diagonal
         return (self.U * s) @ self.Vh * keep
 
-    def apply(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """x W'^T without forming W' (no bias): ((x Vh^T) * s') U^T, s' the rescaled singular values.
 
         Costs N k (in + out) multiply-adds for N rows of x, against out k in + N in out for building W'
@@ -189,73 +172,35 @@ class SVFMatrix(nn.Module):
         U, s, Vh = (t.to(x.dtype) for t in (self.U, s * keep, self.Vh))
         return ((x @ Vh.T) * s) @ U.T
 
-    def forward(self, original: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return original
-        w = self.weight()
-        return (w.T if self.conv1d else w).to(original.dtype)
-
     def extra_repr(self) -> str:
-        return f"out={self.U.shape[0]}, in={self.Vh.shape[1]}, k={self.S.numel()}, conv1d={self.conv1d}"
+        return f"out={self.U.shape[0]}, in={self.Vh.shape[1]}, k={self.S.numel()}"
 
 
 class SVF(nn.Module):
-    """The SVF adapter of one backbone: frozen SVDs and one z per adapted matrix (the current expert).
+    """The frozen SVDs of one backbone's adapted matrices. An expert is a plain dict {layer name: z} (z of
+    length min(out, in) per matrix); `mix()` combines several. The model is never modified: `factored`
+    replaces the adapted layers' forwards for a block, `weight` gives W' to run the body on."""
 
-    An expert is a plain dict {layer name: z}; `expert()` reads the current one, `load_expert()` sets it,
-    `mix()` combines several. The model is never copied: `attach` computes W' in the forward (for
-    training z), `merged` swaps W' in for a block of no-grad code and puts the original weights back.
-    """
-
-    def __init__(self, svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], init: float = 0.1,
-                 noise: float = 0.01, generator: torch.Generator | int | None = None):
+    def __init__(self, svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         """
         Args:
             svd: name -> (U, S, Vh), from `decompose`.
-            init, noise: z = init + N(0, noise^2), the reference's policy init (0.1, 0.01).
-            generator: torch.Generator or int seed for the noise; None uses torch's global RNG.
         """
         super().__init__()
-        g = torch.Generator().manual_seed(generator) if isinstance(generator, int) else generator
         self.names = list(svd)
-        self.matrices = nn.ModuleDict()
-        for name, (U, S, Vh) in svd.items():
-            # drawn on the CPU so that one seed gives the same expert on every device
-            z = init + noise * torch.randn(S.shape, generator=g)
-            self.matrices[self._slot(name)] = SVFMatrix(U, S, Vh, z.to(S.device))
-
-    @classmethod
-    def from_model(cls, model: nn.Module, targets: str = "mlp", cache_dir: Path | None = None, **kwargs) -> "SVF":
-        """`SVF(decompose(model, targets, cache_dir), **kwargs)`: init, noise, generator."""
-        return cls(decompose(model, targets, cache_dir), **kwargs)
+        self.matrices = nn.ModuleDict({self.slot(name): SVFMatrix(U, S, Vh) for name, (U, S, Vh) in svd.items()})
 
     @staticmethod
-    def _slot(name: str) -> str:
+    def slot(name: str) -> str:
         return name.replace(".", "-")  # module names may not contain "."; "-" never occurs in one
 
     def __getitem__(self, name: str) -> SVFMatrix:
-        return self.matrices[self._slot(name)]
+        return self.matrices[self.slot(name)]
 
-    def weight(self, name: str, z: torch.Tensor | None = None) -> torch.Tensor:
-        """W' (out, in) of layer `name` for `z` (default: the current expert's)."""
+    def weight(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        """W' (out, in) of layer `name` for `z`."""
         return self[name].weight(z)
 
-    # --- experts
-    def expert(self) -> dict[str, torch.Tensor]:
-        """A detached copy of the current z's: {layer name: z}."""
-        return {name: self[name].z.detach().clone() for name in self.names}
-
-    @torch.no_grad()
-    def load_expert(self, expert: dict[str, torch.Tensor]) -> "SVF":
-        """Set every z from `expert` (same names and lengths as this adapter)."""
-        if set(expert) != set(self.names):
-            raise ValueError(f"expert has layers {sorted(set(expert) ^ set(self.names))[:3]}... that differ "
-                             "from this adapter's: was it trained on another backbone or targets?")
-        for name in self.names:
-            self[name].z.copy_(expert[name])
-        return self
-
-    # --- applying it to the model
     def _layers(self, model: nn.Module) -> dict[str, nn.Module]:
         layers = {name: model.get_submodule(name) for name in self.names}
         for name, layer in layers.items():
@@ -264,63 +209,12 @@ class SVF(nn.Module):
                                  f"{(self[name].U.shape[0], self[name].Vh.shape[1])} in the SVD")
         return layers
 
-    def attach(self, model: nn.Module) -> "SVF":
-        """Make every adapted layer compute its weight as W' from z in its forward (torch parametrize).
-
-        The original weight Parameter is kept (as `layer.parametrizations.weight.original`) and frozen;
-        biases are untouched. The z's become parameters of the model too (the matrices are registered
-        as parametrizations), so `trainable_parameters(model)` counts them and `model.to()` moves them;
-        but the model's state_dict then holds the SVD buffers too, and it cannot be deep-copied or
-        pickled: detach first. W' is recomputed in every forward; for generation while attached,
-        `with torch.no_grad(), parametrize.cached():` computes it once. Attaching twice is a no-op.
-        """
-        for name, layer in self._layers(model).items():
-            if parametrize.is_parametrized(layer, "weight"):
-                if any(p is self[name] for p in layer.parametrizations.weight):
-                    continue
-                raise ValueError(f"{name}.weight already has another parametrization")
-            layer.weight.requires_grad_(False)
-            self[name].conv1d = isinstance(layer, Conv1D)
-            parametrize.register_parametrization(layer, "weight", self[name], unsafe=True)
-        return self
-
-    def detach(self, model: nn.Module) -> "SVF":
-        """Undo `attach`: each layer gets its original weight Parameter back (the same object)."""
-        for layer in self._layers(model).values():
-            if parametrize.is_parametrized(layer, "weight"):
-                parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
-        return self
-
     @contextlib.contextmanager
-    def attached(self, model: nn.Module):
-        """`attach` for a block; detaches on exit only if it was not attached before."""
-        was = all(parametrize.is_parametrized(layer, "weight") for layer in self._layers(model).values())
-        self.attach(model)
-        try:
-            yield model
-        finally:
-            if not was:
-                self.detach(model)
-
-    @contextlib.contextmanager
-    def disabled(self):
-        """While attached, let the layers see their original weights: the reference policy for a KL term."""
-        for m in self.matrices.values():
-            m.enabled = False
-        try:
-            yield self
-        finally:
-            for m in self.matrices.values():
-                m.enabled = True
-
-    @contextlib.contextmanager
-    def factored(self, model: nn.Module, zs: dict[str, torch.Tensor] | None = None):
-        """For a block, every adapted layer computes x W'^T + b as `SVFMatrix.apply` (for `zs`, default
-        the current expert), never forming W': the fast way to train z. Nothing is copied; each layer's
-        own forward is back on exit (the graph built inside stays valid for backward)."""
+    def factored(self, model: nn.Module, zs: dict[str, torch.Tensor]):
+        """For a block, every adapted layer computes x W'^T + b as `SVFMatrix.apply` for the expert `zs`,
+        never forming W'. Nothing is copied; each layer's own forward is back on exit (the graph built
+        inside stays valid for backward)."""
         layers = self._layers(model)
-        if any(parametrize.is_parametrized(layer, "weight") for layer in layers.values()):
-            raise ValueError("SVF is attached to this model: detach it before using the factored forward")
 
         def forward(m: SVFMatrix, z, bias, x):
             y = m.apply(x, z)
@@ -328,34 +222,11 @@ class SVF(nn.Module):
 
         try:
             for name, layer in layers.items():
-                layer.forward = functools.partial(forward, self[name], None if zs is None else zs[name], layer.bias)
+                layer.forward = functools.partial(forward, self[name], zs[name], layer.bias)
             yield model
         finally:
             for layer in layers.values():
                 layer.__dict__.pop("forward", None)
-
-    @contextlib.contextmanager
-    def merged(self, model: nn.Module):
-        """Swap W' in as the layers' weights for a block of no-grad code, then put the originals back.
-
-        W' is computed once (not in every forward), so this is the fast way to evaluate or generate.
-        The original Parameter objects are held and re-registered on exit: bit-exact, and optimisers
-        or tied references that hold them see no change.
-        """
-        layers = self._layers(model)
-        if any(parametrize.is_parametrized(layer, "weight") for layer in layers.values()):
-            raise ValueError("SVF is attached to this model: detach it before merging")
-        originals = {name: layer.weight for name, layer in layers.items()}
-        try:
-            with torch.no_grad():
-                for name, layer in layers.items():
-                    w = self[name].weight()
-                    w = w.T if isinstance(layer, Conv1D) else w
-                    layer.weight = nn.Parameter(w.to(originals[name].dtype).contiguous(), requires_grad=False)
-            yield model
-        finally:
-            for name, layer in layers.items():
-                layer.weight = originals[name]
 
 
 # ---------------------------------------------------------------------------- mixing and dispatch
@@ -376,18 +247,6 @@ def mix(experts: Sequence[dict[str, torch.Tensor]], alpha: Sequence[float] | tor
         raise ValueError(f"alpha must hold {len(experts)} non-negative weights, got {a.tolist()}")
     a = a / a.sum() if a.sum() > 0 else torch.full_like(a, 1 / len(a))
     return {name: sum(w * e[name] for w, e in zip(a.tolist(), experts)) for name in experts[0]}
-
-
-def classify(prompt_emb: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Dispatch by the nearest group centroid of each prompt's mean embedding: expert index per prompt.
-
-    The `oracle` dispatch is the true group itself; the CEM dispatch is `cem_search` + `mix`.
-
-    Args:
-        prompt_emb: (N, d) prompt embeddings (chameleon.embeddings).
-        centroids: (K, d) one centroid per expert's training group.
-    """
-    return torch.from_numpy(assign(prompt_emb, centroids))
 
 
 def cem_search(score_fn: Callable[[torch.Tensor], float | tuple], n_experts: int, population: int = 32,
@@ -461,8 +320,8 @@ def reinforce_step(optimizer: torch.optim.Optimizer, log_probs: torch.Tensor, re
                    baseline: bool = True) -> dict[str, float]:
     """One REINFORCE update of the z's: loss = -mean((r - b) * log p(answer)) + kl_coef * mean(kl).
 
-    Sample the answers first (e.g. `with svf.merged(model): model.generate(...)`), score them with
-    the task's reward, then compute `log_probs` with SVF attached so that gradients reach z.
+    Sample the answers first (without gradients), score them with the task's reward, then compute
+    `log_probs` with the expert applied factored, so that gradients reach z.
 
     Args:
         optimizer: over the z's, e.g. Adam(svf.parameters(), lr=2e-3) (the reference's lr).
@@ -487,41 +346,3 @@ def reinforce_step(optimizer: torch.optim.Optimizer, log_probs: torch.Tensor, re
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     return {"reward": rewards.mean().item(), "loss": loss.item(), "grad_norm": norm.item()}
-
-
-def train_expert(model: nn.Module, svf: SVF, batches: Iterable[dict[str, torch.Tensor]], epochs: int = 1,
-                 lr: float = 2e-3, max_grad_norm: float | None = None) -> list[float]:
-    """Train the current expert (z only) with the ordinary causal LM loss on a group's batches.
-
-    The backbone is frozen here (requires_grad False on every parameter but the z's), SVF is attached
-    for the duration, and each batch goes through Hugging Face's own shifted loss.
-
-    Args:
-        model: the causal LM svf was decomposed from.
-        svf: the adapter; its z's are trained in place (read them with svf.expert()).
-        batches: dicts with input_ids, attention_mask and optionally labels (default: input_ids with
-            padding set to -100); a list, so that every epoch sees them again.
-        epochs: passes over `batches`.
-        lr: Adam learning rate.
-        max_grad_norm: optional gradient-norm clip.
-
-    Returns:
-        The loss of every step.
-    """
-    model.requires_grad_(False)
-    svf.requires_grad_(True)
-    optimizer = torch.optim.Adam(svf.parameters(), lr=lr)
-    dev, losses = next(svf.buffers()).device, []
-    with svf.attached(model):
-        for _ in range(epochs):
-            for batch in batches:
-                ids, attention = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-                labels = batch.get("labels", ids.masked_fill(attention == 0, -100)).to(dev)
-                loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(svf.parameters(), max_grad_norm)
-                optimizer.step()
-                losses.append(loss.item())
-    return losses

@@ -34,10 +34,10 @@ from chameleon.clustering import ClusterBatchSampler, condition_batches, eval_ba
 from chameleon.config import Config, RunFailed
 from chameleon.generation import generation_metrics
 from chameleon.model import Adapted, build
-from chameleon.prepare import Split, load_split_texts, prepare
-from chameleon.regimes import REGIMES
+from chameleon.prepare import Split, load_split_texts, prepare, trimmed
+from chameleon.regimes import PROTOCOLS
 from chameleon.runs import (CHECKPOINT, EVAL_METRICS, finished, load_checkpoint, load_weights, read_checkpoint, run_dir,
-                            save_centroids, save_checkpoint, write_metrics)
+                            save_centroids, save_checkpoint, trained_by, write_metrics)
 
 
 
@@ -84,16 +84,6 @@ def scored_rows(adapted: Adapted, split: Split, cache: bool, cache_dir: Path, ch
     return rows
 
 
-def trimmed(split: Split, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tokens, attention and targets of a batch, cut after its last scored position: with causal
-    attention later positions never influence it, so the trailing padding of the corrected
-    protocol is skipped exactly (the authors' protocol scores the last position and keeps all)."""
-    target = split.targets[batch]
-    scored = (target != objectives.IGNORE).any(0).nonzero()
-    end = int(scored.max()) + 1 if len(scored) else 1
-    return split.input_ids[batch, :end], split.attention[batch, :end], target[:, :end]
-
-
 def batch_loss(adapted: Adapted, split: Split, rows: Rows, batch: list[int], cond_batch: list[int],
                dev: torch.device) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the batch's scored positions, and how many there are."""
@@ -111,7 +101,7 @@ def batch_loss(adapted: Adapted, split: Split, rows: Rows, batch: list[int], con
 def pad_examples(split: Split, rows: Rows, protocol: str) -> torch.Tensor:
     """(N,) bool: examples whose scored target is the pad token. Only the authors' protocol scores a
     padded position (its one last position); under "causal" no target is padding."""
-    if protocol != "authors" or split.pad_id is None:
+    if not PROTOCOLS[protocol].scores_padding or split.pad_id is None:
         return torch.zeros(len(split), dtype=torch.bool)
     first = rows.start[:-1].clamp(max=max(len(rows.target) - 1, 0))
     return (rows.start[1:] > rows.start[:-1]) & (rows.target[first] == split.pad_id)
@@ -162,7 +152,10 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         return done
     if out.exists() and not resume:
         warnings.warn(f"{out.name}: an unfinished run is there; starting it over (pass resume=True / --resume to continue it)")
-    shared = _experts_run(cfg, progress)  # SVF experts under a non-oracle dispatch: the trained oracle run
+    shared = trained_by(cfg)  # a step of the run plan: the run whose trained weights this one evaluates
+    if shared is not None and finished(shared) is None:
+        raise RunFailed(f"{out.name} evaluates the trained experts of {run_dir(shared)}, which is not finished: run "
+                        f"the plan in order (runs.plan(cfg); `python -m chameleon train` and compare do)")
     # what can be wrong with the corpus or the device is found before the model loads
     dev = resolve_device(cfg.device)
     raw = {s: load_split_texts(cfg, s) for s in ("train", "validation")}
@@ -170,24 +163,25 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         model, tokenizer = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cfg.cache_dir)
     train_split, val_split, centroids = prepare(cfg, model, tokenizer, raw)
     adapted = build(cfg, model).to(dev)
-    adapted.bind(train_split, val_split)  # SVF experts: their groups and dispatch (a no-op for the other regimes)
+    adapted.bind(train_split, val_split)  # the experts' groups and dispatch (a no-op for the other regimes)
     cache = cfg.cache_body and not adapted.blocks_adapted
     rows = {s.name: scored_rows(adapted, s, cache, cfg.cache_dir) for s in (train_split, val_split)}
     params = [p for p in adapted.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    save_centroids(out, centroids)
+    save_centroids(out, centroids, adapted.bound())
 
     history, start_epoch, step, seconds = [], 0, 0, 0.0
     if resume and (out / CHECKPOINT).exists():
         history, start_epoch, step, seconds = load_checkpoint(out, adapted, opt)
     if not history:
         history.append({"epoch": 0, "step": 0, "train_loss": None, **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
-    if shared is not None and start_epoch < cfg.epochs:  # the experts of the oracle run, evaluated under this dispatch
-        fix = f"delete {shared} and train it again"
-        tensors, meta = read_checkpoint(shared, fix)
-        load_weights(adapted, tensors, shared, fix)
+    if shared is not None and start_epoch < cfg.epochs:  # the other run's weights, evaluated here
+        source = run_dir(shared)
+        fix = f"delete {source} and train it again"
+        tensors, meta = read_checkpoint(source, fix)
+        load_weights(adapted, tensors, source, fix)
         start_epoch, step, seconds = cfg.epochs, meta["step"], meta["seconds"]
         history.append({"epoch": cfg.epochs, "step": step, "train_loss": meta["history"][-1]["train_loss"],
                         **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
@@ -226,23 +220,11 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
     result = {"config": cfg.to_dict(), "trainable_params": adapted.trainable(), "history": history,
               **{k: history[-1].get(k) for k in EVAL_METRICS},
               "seconds": round(seconds, 2), "finished": True, **adapted.report(),
-              **({"experts_from": shared.name} if shared is not None else {})}
+              **({"experts_from": run_dir(shared).name} if shared is not None else {})}
     if cfg.task == "instructions":  # BLEU / ROUGE-L / METEOR of greedy outputs on the first n_generate examples
         result.update(generation_metrics(adapted, val_split, cfg, tokenizer))
     write_metrics(out, result)
     return result
-
-
-def _experts_run(cfg: Config, progress: bool) -> Path | None:
-    """For SVF experts under a dispatch other than "oracle": the folder of the oracle run, trained first
-    if need be, whose experts this run evaluates. Training routes every batch to its own group's
-    expert whatever the dispatch (model.SVFExperts.route), so the experts are the same: as in
-    Transformer², they are trained once and the dispatch is a choice made at inference."""
-    if not REGIMES[cfg.regime].experts or cfg.dispatch == "oracle":
-        return None
-    oracle = cfg.replace(dispatch="oracle")
-    train(oracle, progress=progress)
-    return run_dir(oracle)
 
 
 def _check_val_loss(history: list[dict], cfg: Config, out: Path) -> None:

@@ -4,11 +4,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.pytorch_utils import Conv1D
 
+from chameleon import Config
 from chameleon.lora import trainable_parameters
-from chameleon.svf import (SVF, answer_kl, cem_search, classify, decompose, matrix, mix, reinforce_step,
-                           sequence_log_probs, target_layers, train_expert)
+from chameleon.model import SVFExperts
+from chameleon.svf import (SVF, answer_kl, cem_search, decompose, matrix, mix, reinforce_step, sequence_log_probs,
+                           target_layers)
 
 
 def tiny_llama():
@@ -17,9 +18,21 @@ def tiny_llama():
                                         num_attention_heads=2, num_key_value_heads=1)).eval()
 
 
-def random_z(svf, seed=1):
+def random_z(svf: SVF, seed=1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    svf.load_expert({n: 2 * torch.randn(z.shape, generator=g) for n, z in svf.expert().items()})
+    return {n: 2 * torch.randn(svf[n].S.shape, generator=g) for n in svf.names}
+
+
+def experts(model, tmp_path, k=1) -> SVFExperts:
+    """The kit's SVF component on `model`, as `build` makes it for the svf regimes."""
+    return SVFExperts(Config.from_profile("smoke", backbone="gpt2-tiny", regime="svf", data_dir=tmp_path), model, k)
+
+
+def forward(model, e: SVFExperts, ids, path: str):
+    """Logits with the selected expert applied one of the two ways `SVFExperts.body` has: factored, with
+    gradients (training), or W' built once, without (evaluation)."""
+    with torch.set_grad_enabled(path == "factored"):
+        return model.lm_head(e.body(model, input_ids=ids).last_hidden_state)
 
 
 def test_targets_and_svd_round_trip(tiny_gpt2):
@@ -37,115 +50,117 @@ def test_targets_and_svd_round_trip(tiny_gpt2):
 
 
 def test_rescaling_formula_against_a_float64_reference(tiny_gpt2):
-    svf = SVF(decompose(tiny_gpt2), generator=0)
-    random_z(svf)
-    for name, z in svf.expert().items():
+    svf = SVF(decompose(tiny_gpt2))
+    for name, z in random_z(svf).items():
         U, S, Vh = (t.double() for t in (svf[name].U, svf[name].S, svf[name].Vh))
         m = torch.sigmoid(z.double())
         reference = U @ torch.diag(S * m) @ Vh * (S.sum() / (S * m).sum())
-        assert torch.allclose(svf.weight(name).double(), reference, atol=1e-6)
+        assert torch.allclose(svf.weight(name, z).double(), reference, atol=1e-6)
 
 
-def test_init_and_trainable_parameter_count(tiny_gpt2):
-    svf = SVF.from_model(tiny_gpt2, generator=0)
-    z = torch.cat(list(svf.expert().values()))
-    assert abs(z.mean() - 0.1) < 0.005 and 0.005 < z.std() < 0.015  # 0.1 + N(0, 0.01^2)
+def test_init_and_trainable_parameter_count(tiny_gpt2, tmp_path):
+    e = experts(tiny_gpt2, tmp_path, k=2)
+    for k in range(2):
+        z = torch.cat(list(e.expert(k).values()))
+        assert abs(z.mean() - 0.1) < 0.005 and 0.005 < z.std() < 0.015  # 0.1 + N(0, 0.01^2)
+    assert not torch.equal(*(torch.cat(list(e.expert(k).values())) for k in range(2)))  # drawn per expert
     expected = sum(min(matrix(m).shape) for m in target_layers(tiny_gpt2).values())
-    assert trainable_parameters(svf) == expected == 2 * (32 + 32)
-    model = copy.deepcopy(tiny_gpt2).requires_grad_(False)
-    svf.attach(model)
-    assert trainable_parameters(model) == expected  # the z's are counted once, inside the model too
+    assert e.per_expert() == expected == 2 * (32 + 32) and trainable_parameters(e) == 2 * expected
 
 
 @pytest.mark.parametrize("make", ["gpt2", "llama"])
-def test_constant_mask_gives_the_original_weights_and_logits(tiny_gpt2, make):
-    model = tiny_gpt2 if make == "gpt2" else tiny_llama()
+def test_constant_mask_gives_the_original_weights_and_logits(tiny_gpt2, tmp_path, make):
+    model = (tiny_gpt2 if make == "gpt2" else tiny_llama()).requires_grad_(False)
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         base = model(ids).logits
-    svf = SVF.from_model(model)
-    svf.load_expert({n: torch.full_like(z, 3.7) for n, z in svf.expert().items()})
-    for name in svf.names:
-        assert torch.allclose(svf.weight(name), matrix(model.get_submodule(name)), atol=1e-6)
-    with torch.no_grad(), svf.attached(model):
-        assert torch.allclose(model(ids).logits, base, atol=1e-5)
+    e = experts(model, tmp_path)
+    with torch.no_grad():
+        for z in e.expert(0).values():
+            z.fill_(3.7)
+    for name, z in e.expert(0).items():
+        assert torch.allclose(e.svf.weight(name, z), matrix(model.get_submodule(name)), atol=1e-6)
+    for path in ("factored", "built"):
+        assert torch.allclose(forward(model, e, ids, path), base, atol=1e-5)
 
 
-def test_conv1d_forward_equals_a_manual_computation(tiny_gpt2):
-    """The attached GPT-2 MLP equals gelu(x W_fc'^T + b) W_proj'^T + b, with W' (out, in) built by hand."""
-    svf = SVF.from_model(tiny_gpt2)
-    random_z(svf)
+@pytest.mark.parametrize("path", ["factored", "built"])
+def test_conv1d_forward_equals_a_manual_computation(tiny_gpt2, tmp_path, path):
+    """The adapted GPT-2 MLP equals gelu(x W_fc'^T + b) W_proj'^T + b, with W' (out, in) built by hand."""
+    e = experts(tiny_gpt2.requires_grad_(False), tmp_path)
+    with torch.no_grad():
+        for name, z in e.expert(0).items():
+            z.copy_(random_z(e.svf)[name])
     mlp = tiny_gpt2.transformer.h[0].mlp
     x = torch.randn(3, 5, 32)
 
     def adapted(name):  # by hand from the layer's stored (in, out) weight, in float64
         W = mlp.get_submodule(name).weight.detach().double().T  # (out, in)
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        m = torch.sigmoid(svf.expert()[f"transformer.h.0.mlp.{name}"].double())
+        m = torch.sigmoid(e.expert(0)[f"transformer.h.0.mlp.{name}"].detach().double())
         return U @ torch.diag(S * m) @ Vh * (S.sum() / (S * m).sum())
 
     h = torch.nn.functional.gelu(x.double() @ adapted("c_fc").T + mlp.c_fc.bias.double(), approximate="tanh")
     manual = h @ adapted("c_proj").T + mlp.c_proj.bias.double()
     with torch.no_grad():
         plain = mlp(x).double()
-        with svf.attached(tiny_gpt2):
-            assert torch.allclose(mlp(x).double(), manual, atol=1e-5)
+    if path == "factored":
+        with torch.no_grad(), e.svf.factored(tiny_gpt2, e.zs()):
+            out = mlp(x).double()
+    else:  # the W' that SVFExperts.weights builds for the body, keyed by body parameter name
+        with torch.no_grad():
+            w = {k.split("h.0.mlp.")[1]: v for k, v in e.weights().items() if "h.0.mlp." in k}
+            out = torch.func.functional_call(mlp, w, (x,)).double()
+    assert torch.allclose(out, manual, atol=1e-5)
     assert not torch.allclose(plain, manual, atol=1e-3)  # the z's do change the MLP
 
 
 @pytest.mark.parametrize("make", ["gpt2", "llama"])
-def test_factored_forward_equals_the_attached_one_in_values_and_gradients(tiny_gpt2, make):
-    """x -> Vh x -> s' * -> U, never forming W': same logits and z-gradients as rebuilding W' (Conv1D and Linear),
-    and every layer has its own forward back afterwards, also after an exception."""
+def test_the_two_paths_agree_in_values_and_gradients(tiny_gpt2, tmp_path, make):
+    """Factored (x -> Vh x -> s' * -> U, never forming W') against W' built from z and run with
+    functional_call: same logits and z-gradients for Conv1D and Linear; every layer has its own forward
+    back afterwards, also after an exception, and the model's weights are the same objects, unchanged."""
     model = (tiny_gpt2 if make == "gpt2" else tiny_llama()).requires_grad_(False)
+    weights = {n: (m.weight, m.weight.detach().clone(), m.bias) for n, m in target_layers(model).items()}
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         base = model(ids).logits
-    svf = SVF.from_model(model)
-    random_z(svf)
-    grads = {}
-    for mode in ("attached", "factored"):
-        svf.zero_grad()
-        with getattr(svf, mode)(model):
-            logits = model(ids).logits
-        logits.pow(2).mean().backward()  # after the block: the graph outlives it
-        grads[mode] = (logits.detach(), {n: svf[n].z.grad.clone() for n in svf.names})
-    assert torch.allclose(grads["factored"][0], grads["attached"][0], atol=1e-5)
-    for n in svf.names:
-        assert torch.allclose(grads["factored"][1][n], grads["attached"][1][n], rtol=1e-4, atol=1e-7)
-    with pytest.raises(RuntimeError, match="boom"), svf.factored(model):
+    e = experts(model, tmp_path)
+    with torch.no_grad():
+        for name, z in e.expert(0).items():
+            z.copy_(random_z(e.svf)[name])
+    factored = forward(model, e, ids, "factored")
+    factored.pow(2).mean().backward()  # after the block: the graph outlives it
+    grads = {n: z.grad.clone() for n, z in e.expert(0).items()}
+    e.zero_grad()
+    built = torch.func.functional_call(model.base_model, {e.keys[n]: (e.svf.weight(n, z).T if e.conv1d[n] else
+                                                                     e.svf.weight(n, z)) for n, z in e.zs().items()},
+                                       args=(), kwargs={"input_ids": ids}).last_hidden_state
+    model.lm_head(built).pow(2).mean().backward()
+    assert torch.allclose(factored, forward(model, e, ids, "built"), atol=1e-5)
+    for n, z in e.expert(0).items():
+        assert torch.allclose(grads[n], z.grad, rtol=1e-4, atol=1e-7)
+    with pytest.raises(RuntimeError, match="boom"), e.svf.factored(model, e.zs()):
         raise RuntimeError("boom")
     assert all("forward" not in layer.__dict__ for layer in target_layers(model).values())
     with torch.no_grad():
         assert torch.equal(model(ids).logits, base)
-    with svf.attached(model), pytest.raises(ValueError, match="detach it"), svf.factored(model):
-        pass
+    for name, layer in target_layers(model).items():
+        w, value, b = weights[name]
+        assert layer.weight is w and torch.equal(w, value) and layer.bias is b
 
 
-def test_attach_merge_and_restore_are_exact_and_leave_biases_alone(tiny_gpt2):
-    ids = torch.randint(0, 50_257, (2, 7))
-    layers = target_layers(tiny_gpt2)
-    weights = {n: m.weight for n, m in layers.items()}
-    values = {n: m.weight.detach().clone() for n, m in layers.items()}
-    biases = {n: m.bias for n, m in layers.items()}
-    bias_values = {n: m.bias.detach().clone() for n, m in layers.items()}
-    svf = SVF.from_model(tiny_gpt2)
-    random_z(svf)
+def test_built_weights_are_rebuilt_when_z_changes(tiny_gpt2, tmp_path):
+    """W' is kept per selection, and an in-place update of z (an optimiser step) is never served stale."""
+    e = experts(tiny_gpt2.requires_grad_(False), tmp_path)
+    ids = torch.randint(0, 64, (2, 7))
+    before = forward(tiny_gpt2, e, ids, "built")
+    assert e.weights() is e.weights()  # built once
     with torch.no_grad():
-        base = tiny_gpt2(ids).logits
-        with svf.attached(tiny_gpt2):
-            attached = tiny_gpt2(ids).logits
-            with svf.disabled():  # the reference policy for a KL term sees the original weights
-                assert torch.equal(tiny_gpt2(ids).logits, base)
-        with svf.merged(tiny_gpt2):
-            assert torch.allclose(tiny_gpt2(ids).logits, attached, atol=1e-5)
-            assert not torch.allclose(attached, base, atol=1e-3)
-        with pytest.raises(RuntimeError, match="boom"), svf.merged(tiny_gpt2):
-            raise RuntimeError("boom")  # an exception inside must restore as well
-        assert torch.equal(tiny_gpt2(ids).logits, base)
-    for name, layer in layers.items():
-        assert type(layer) is Conv1D and layer.weight is weights[name] and torch.equal(layer.weight, values[name])
-        assert layer.bias is biases[name] and torch.equal(layer.bias, bias_values[name])
+        for name, z in e.expert(0).items():
+            z.copy_(random_z(e.svf)[name])
+    assert torch.allclose(forward(tiny_gpt2, e, ids, "built"), forward(tiny_gpt2, e, ids, "factored"), atol=1e-5)
+    assert not torch.allclose(forward(tiny_gpt2, e, ids, "built"), before, atol=1e-3)
 
 
 def test_cache_is_keyed_checked_and_rebuilt(tiny_gpt2, tmp_path, monkeypatch):
@@ -192,11 +207,6 @@ def test_mix_normalises_alpha():
         mix([a, b], [1.0, -1.0])
 
 
-def test_classify_picks_the_nearest_centroid():
-    centroids = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    assert classify(torch.tensor([[0.9, 0.1], [0.2, 0.7]]), centroids).tolist() == [0, 1]
-
-
 def test_cem_finds_a_known_maximum():
     target = torch.tensor([0.2, 0.9, 0.5])
     calls = []
@@ -216,15 +226,16 @@ def test_cem_breaks_ties_by_log_likelihood():
     assert torch.allclose(best, target, atol=0.05)
 
 
-def test_reinforce_raises_the_expected_reward(tiny_gpt2):
+def test_reinforce_raises_the_expected_reward(tiny_gpt2, tmp_path):
     """Policy: tiny GPT-2 with SVF picks one of 4 answer tokens after a fixed prompt; answer 2 is rewarded."""
     model = tiny_gpt2.requires_grad_(False)
     prompt, answers = torch.tensor([[11, 22, 33]]), torch.tensor([5, 6, 7, 8])
-    svf = SVF.from_model(model, generator=0).attach(model)
-    opt = torch.optim.Adam(svf.parameters(), lr=0.05)
+    e = experts(model, tmp_path)
+    opt = torch.optim.Adam(e.parameters(), lr=0.05)
 
     def answer_logits():
-        return model(prompt).logits[0, -1, answers]
+        with e.svf.factored(model, e.zs()):
+            return model(prompt).logits[0, -1, answers]
 
     def expected_reward():
         with torch.no_grad():
@@ -241,29 +252,17 @@ def test_reinforce_raises_the_expected_reward(tiny_gpt2):
     assert expected_reward() > before + 0.02
 
 
-def test_sequence_log_probs_and_kl(tiny_gpt2):
+def test_sequence_log_probs_and_kl(tiny_gpt2, tmp_path):
     ids = torch.tensor([[1, 2, 3, 4, 50256], [5, 6, 7, 8, 9]])
     attention = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
     answer = torch.tensor([[0, 0, 1, 1, 0], [0, 0, 0, 1, 1]])
-    svf = SVF.from_model(tiny_gpt2)
-    random_z(svf)
-    with torch.no_grad(), svf.attached(tiny_gpt2):
-        lp, logp = sequence_log_probs(tiny_gpt2, ids, attention, answer)
-        with svf.disabled():
-            _, ref = sequence_log_probs(tiny_gpt2, ids, attention, answer)
-        logits = tiny_gpt2(ids, attention_mask=attention).logits.log_softmax(-1)
+    e = experts(tiny_gpt2.requires_grad_(False), tmp_path)
+    z = random_z(e.svf)
+    with torch.no_grad():
+        _, ref = sequence_log_probs(tiny_gpt2, ids, attention, answer)  # the unadapted backbone
+        with e.svf.factored(tiny_gpt2, z):
+            lp, logp = sequence_log_probs(tiny_gpt2, ids, attention, answer)
+            logits = tiny_gpt2(ids, attention_mask=attention).logits.log_softmax(-1)
     assert torch.allclose(lp[0], logits[0, 1, 3] + logits[0, 2, 4], atol=1e-5)  # tokens 3 and 4 of row 0
     kl = answer_kl(logp, ref, answer)
     assert (kl > 0).all() and torch.allclose(answer_kl(ref, ref, answer), torch.zeros(2), atol=1e-6)
-
-
-def test_next_token_training_lowers_the_loss_and_trains_z_only(tiny_gpt2):
-    g = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(0, 1000, (4, 12), generator=g),
-                "attention_mask": torch.ones(4, 12, dtype=torch.long)} for _ in range(2)]
-    before = {n: p.detach().clone() for n, p in tiny_gpt2.named_parameters()}
-    svf = SVF.from_model(tiny_gpt2, generator=0)
-    losses = train_expert(tiny_gpt2, svf, batches, epochs=8, lr=0.05)
-    assert losses[-2:] < losses[:2] and sum(losses[-2:]) < sum(losses[:2]) - 0.01
-    assert all(torch.equal(p, before[n]) for n, p in tiny_gpt2.named_parameters())  # detached, backbone untouched
-    assert not torch.allclose(torch.cat(list(svf.expert().values())), torch.tensor(0.1), atol=0.05)
