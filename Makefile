@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh clone:
 #   make reproduce   set up .venv and run every notebook in order (PROFILE=cpu by default)
-#   make test        set up .venv and run the test suite, notebooks included (what CI runs)
+#   make test        set up .venv, lint, and run the test suite, notebooks included (what CI runs)
 # and one opens the notebooks to step through them:
 #   make lab         set up .venv, register its Jupyter kernel, start JupyterLab on notebooks/
 PROFILE ?= cpu
@@ -25,8 +25,9 @@ export PYTHONHASHSEED := 0
 # must print what is committed; numbers a model computes are checked by assertion cells instead,
 # since another CPU changes their last digits. The results and figures the notebooks write go to a
 # temporary folder (CHAMELEON_OUTPUTS), so that `make test` changes no tracked file, and tqdm is
-# silenced (TQDM_DISABLE) as in the committed outputs.
+# silenced (TQDM_DISABLE) as in the committed outputs. The linter runs first (ruff.toml), in seconds.
 test: .venv/.installed
+	$(PY) -m ruff check .
 	out=$$(mktemp -d) && CHAMELEON_OUTPUTS=$$out TQDM_DISABLE=1 CHAMELEON_PROFILE=smoke \
 		$(PY) -m pytest -q --durations=15 tests notebooks \
 		--nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg; rc=$$?; rm -rf $$out; exit $$rc

@@ -1,10 +1,33 @@
+"""Shared fixtures, and `tiny`, the tests' one config factory. A test file binds the defaults it needs,
+    import conftest  # pytest puts tests/ on sys.path
+    tiny = functools.partial(conftest.tiny, epochs=2)
+and calls tiny(tmp_path, regime=..., ...) as before."""
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from chameleon import Config
+from chameleon.backbones import load_backbone
+
+
+def tiny(tmp_path, **overrides) -> Config:
+    """The smoke profile on gpt2-tiny (GPT-2's real tokenizer and Conv1D blocks, 2 layers), reading and writing
+    under tmp_path, on a small slice of the data: a run takes seconds. Overrides go through Config.from_profile,
+    so a task's overrides (e.g. max_length 48 for instructions) still apply. Run names hash the whole config:
+    a file that needs other defaults passes them, rather than this function changing them."""
+    return Config.from_profile("smoke", **{"backbone": "gpt2-tiny", "data_dir": tmp_path,
+                                           "results_dir": tmp_path / "results", "epochs": 1,
+                                           "max_train_examples": 32, "max_eval_examples": 16, **overrides})
+
+
+@pytest.fixture(scope="module")
+def gpt2_tiny():
+    """(model, tokenizer) of load_backbone("gpt2-tiny"), loaded once per test module: 2 layers, width 64."""
+    return load_backbone("gpt2-tiny")
+
 
 @pytest.fixture
 def tiny_gpt2():
-    """A 2-layer GPT-2 with GPT-2's real vocabulary (50,257) and Conv1D blocks, seeded."""
+    """A 2-layer GPT-2 with GPT-2's real vocabulary (50,257) and Conv1D blocks, seeded; width 32, fresh per test."""
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64)).eval()

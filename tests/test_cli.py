@@ -10,7 +10,7 @@ def test_doctor_finds_every_asset(capsys):
     out = capsys.readouterr().out
     assert "torch" in out and "Hugging Face hub" in out
     for key, asset in ASSETS.items():
-        line = next((l for l in out.splitlines() if l.split()[1:2] == [key]), None)
+        line = next((row for row in out.splitlines() if row.split()[1:2] == [key]), None)
         assert line is not None, f"doctor does not mention {key}:\n{out}"
         assert line.split()[0] == "found", line
         assert str(asset.path()) in line

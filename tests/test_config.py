@@ -1,4 +1,5 @@
 """Config: profiles, task overrides and validation of every choice."""
+import json
 import re
 import subprocess
 import sys
@@ -6,17 +7,17 @@ import sys
 import pytest
 
 from chameleon.__main__ import _config, build_parser
-from chameleon.config import CONDITIONINGS, PROFILES, PROTOCOLS, Config
+from chameleon.config import CONDITIONINGS, PROFILES, PROTOCOLS, TASKS, Config
 from chameleon.regimes import REGIMES
+from chameleon.runs import read_config
 
 
+@pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("name", ["smoke", "cpu", "study", "hub"])
-def test_profiles_load(name):
-    cfg = Config.from_profile(name)
-    assert cfg.profile == name
-    for key, value in PROFILES[name].items():
-        assert getattr(cfg, key) == value
-    assert cfg.to_dict()["profile"] == name
+def test_every_profile_is_valid_for_every_task_and_reads_back_from_a_run_folder(tmp_path, name, task):
+    cfg = Config.from_profile(name, task=task)  # validated: a profile that breaks a rule raises here
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))  # what training writes
+    assert read_config(tmp_path) == cfg  # what serving and `generate` read back
 
 
 def test_hub_profile_is_the_papers_setting():

@@ -3,13 +3,13 @@ import re
 import subprocess
 import sys
 import warnings
+from functools import partial
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from chameleon import Config
 from chameleon import __main__ as cli
 from chameleon import backbones, training
 from chameleon.backbones import load_backbone
@@ -20,17 +20,9 @@ from chameleon.model import build
 from chameleon.runs import CHECKPOINT, load_checkpoint, run_dir, save_checkpoint
 from chameleon.training import TrainingDiverged, scored_rows, train
 
+import conftest
 
-def tiny(tmp_path, **overrides) -> Config:
-    """gpt2-tiny on a small slice of the smoke data: each run takes a few seconds."""
-    return Config.from_profile("smoke", backbone="gpt2-tiny", data_dir=tmp_path, results_dir=tmp_path / "results",
-                               **{"regime": "lora", "epochs": 1, "max_train_examples": 32, "max_eval_examples": 16,
-                                  **overrides})
-
-
-@pytest.fixture(scope="module")
-def gpt2_tiny():
-    return load_backbone("gpt2-tiny")
+tiny = partial(conftest.tiny, regime="lora")  # one epoch of LoRA on 32 examples: each run takes a few seconds
 
 
 def _lines(n):

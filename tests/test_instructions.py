@@ -2,19 +2,21 @@
 the embedded Alpaca stand-in, bad input, and training + generation end to end on GPT-2 tiny."""
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
 
 from chameleon import instructions, prepare as prepare_module
 from chameleon.backbones import load_backbone
-from chameleon.config import Config
 from chameleon.data import SPLITS, load_instructions
 from chameleon.instructions import WIKI_TEMPLATES, prompt, wiki_tasks
 from chameleon.objectives import IGNORE
 from chameleon.prepare import prepare
 from chameleon.runs import finished
 from chameleon.training import train
+
+import conftest
 
 
 def _records(n=80, output=lambda i: f"Answer number {i} is {i * 7 % 13}."):
@@ -28,9 +30,8 @@ def _jsonl(path, records):
     return str(path)
 
 
-def _cfg(tmp_path, **overrides):
-    return Config.from_profile("smoke", **{"backbone": "gpt2-tiny", "task": "instructions", "data_dir": tmp_path,
-                                           "results_dir": tmp_path / "results", **overrides})
+# the smoke profile's epochs and sizes; max_length 48, its instruction-task override, comes with the task
+tiny = partial(conftest.tiny, task="instructions", epochs=2, max_train_examples=64, max_eval_examples=32)
 
 
 # --- prompt format ---
@@ -44,14 +45,9 @@ def test_prompt_format_has_input_block_only_when_given():
 
 # --- targets: the response (and its EOS) alone ---
 
-@pytest.fixture(scope="module")
-def gpt2_tiny():
-    return load_backbone("gpt2-tiny")
-
-
 def test_causal_targets_are_the_response_tokens_and_eos(tmp_path, gpt2_tiny):
     model, tok = gpt2_tiny
-    cfg = _cfg(tmp_path, instructions=_jsonl(tmp_path / "i.jsonl", _records()), protocol="causal",
+    cfg = tiny(tmp_path, instructions=_jsonl(tmp_path / "i.jsonl", _records()), protocol="causal",
                conditioning="task", max_length=48)
     train_split, _, _ = prepare(cfg, model, tok)
     texts = prepare_module.load_split_texts(cfg, "train")
@@ -69,7 +65,7 @@ def test_causal_targets_are_the_response_tokens_and_eos(tmp_path, gpt2_tiny):
 
 def test_paper_targets_score_only_the_last_position(tmp_path, gpt2_tiny):
     model, tok = gpt2_tiny
-    cfg = _cfg(tmp_path, instructions=_jsonl(tmp_path / "i.jsonl", _records()), protocol="authors",
+    cfg = tiny(tmp_path, instructions=_jsonl(tmp_path / "i.jsonl", _records()), protocol="authors",
                conditioning="task", max_length=48)
     train_split, _, _ = prepare(cfg, model, tok)
     scored = train_split.targets != IGNORE
@@ -88,7 +84,7 @@ def test_task_conditioning_ignores_the_responses(tmp_path, gpt2_tiny):
     for conditioning in ("task", "task_input", "batch_mean"):
         for name, path in (("a", a), ("b", b)):
             # the embedding cache is keyed by the file name, so each file gets its own folder
-            cfg = _cfg(tmp_path / name, instructions=path, conditioning=conditioning)
+            cfg = tiny(tmp_path / name, instructions=path, conditioning=conditioning)
             split, _, _ = prepare(cfg, model, tok)
             emb[conditioning, name] = (split.cond_emb, split.cluster_emb, split.labels)
     for conditioning in ("task", "task_input"):
@@ -164,7 +160,7 @@ def fast_data(monkeypatch, embedded):
                                                   ("chameleon", "task_input"), ("lora_matched", "task"),
                                                   ("svf", "task"), ("svf_experts", "task")])
 def test_instruction_regimes_train_and_generate(tmp_path, fast_data, regime, conditioning):
-    cfg = _cfg(tmp_path, regime=regime, conditioning=conditioning, protocol="causal", max_train_examples=48,
+    cfg = tiny(tmp_path, regime=regime, conditioning=conditioning, protocol="causal", max_train_examples=48,
                max_new_tokens=8, n_generate=3, **({"dispatch": "classifier"} if regime == "svf_experts" else {}))
     result = train(cfg, progress=False)
     history = result["history"]
@@ -192,7 +188,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(tmp_path, fast_data, reg
     from chameleon.generation import generation_metrics, greedy
     from chameleon.model import build
 
-    cfg = _cfg(tmp_path, regime=regime, conditioning="task", protocol="causal", max_train_examples=48,
+    cfg = tiny(tmp_path, regime=regime, conditioning="task", protocol="causal", max_train_examples=48,
                max_new_tokens=4, n_generate=16, dispatch="oracle")
     model, tok = load_backbone(cfg.backbone, seed=0)
     train_split, val_split, _ = prepare(cfg, model, tok)

@@ -1,21 +1,21 @@
 """What is scored, and how the loss splits by target kind (issue 10), on a 2-layer GPT-2."""
 import math
+from functools import partial
 
 import pandas as pd
 import pytest
 import torch
 
-from chameleon import Config, objectives
+from chameleon import objectives
 from chameleon.backbones import load_backbone
 from chameleon.compare import paired_differences, run_rows
 from chameleon.embeddings import mean_embeddings
 from chameleon.prepare import prepare
 from chameleon.training import train
 
+import conftest
 
-def tiny(tmp_path, **overrides) -> Config:
-    return Config.from_profile("smoke", backbone="gpt2-tiny", data_dir=tmp_path, results_dir=tmp_path / "results",
-                               **{"epochs": 1, **overrides})
+tiny = partial(conftest.tiny, max_train_examples=64, max_eval_examples=32)  # the smoke profile's sizes
 
 
 def test_paper_loss_is_the_mixture_of_its_pad_and_real_parts(tmp_path):

@@ -1,10 +1,10 @@
 """The method end to end on a 2-layer GPT-2 with GPT-2's real tokenizer (the smoke profile's data)."""
 import math
 import os
+from functools import partial
 
 import pytest
 
-from chameleon import Config
 from chameleon import objectives, training
 from chameleon.__main__ import main
 from chameleon.compare import PAPER_TABLE
@@ -14,11 +14,9 @@ from chameleon.regimes import REGIMES
 from chameleon.runs import run_dir
 from chameleon.training import TrainingDiverged, train
 
+import conftest
 
-def tiny(tmp_path, **overrides) -> Config:
-    """gpt2-tiny (GPT-2's real vocabulary and Conv1D blocks) on half the smoke data: seconds per run."""
-    return Config.from_profile("smoke", backbone="gpt2-tiny", data_dir=tmp_path, results_dir=tmp_path / "results",
-                               **{"epochs": 2, "max_train_examples": 32, "max_eval_examples": 16, **overrides})
+tiny = partial(conftest.tiny, epochs=2)  # two epochs: a loss falls from the first to the last
 
 
 def test_params_prints_the_papers_three_numbers(capsys):
