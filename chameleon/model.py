@@ -256,14 +256,18 @@ class SVFExperts(Experts):
         return functional_call(model.base_model, self.weights(), args=(), kwargs=kwargs)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """{body parameter name: W'} for the current selection, in the layers' orientation and dtype; kept
-        until a z changes (the key holds the z's version counters, which every in-place update bumps)."""
+        """{body parameter name: W'} for the current selection, in the layers' orientation and dtype. Built
+        without gradients, it is kept until a z changes (the key holds the z's version counters, which
+        every in-place update bumps); with gradients on, built anew (its graph is the caller's)."""
         key = (self.selection, sum(p._version for p in self.experts.parameters()))
-        if key not in self._weights:
+        if torch.is_grad_enabled() or key not in self._weights:
+            out = {self.keys[n]: (w.T if self.conv1d[n] else w).to(self.dtype)
+                   for n, w in ((n, self.svf.weight(n, z)) for n, z in self.zs().items())}
+            if torch.is_grad_enabled():
+                return out
             if len(self._weights) >= self.k:
                 self._weights.clear()
-            self._weights[key] = {self.keys[n]: (w.T if self.conv1d[n] else w).to(self.dtype)
-                                  for n, w in ((n, self.svf.weight(n, z)) for n, z in self.zs().items())}
+            self._weights[key] = out
         return self._weights[key]
 
 

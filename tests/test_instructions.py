@@ -13,7 +13,7 @@ from chameleon.data import SPLITS, load_instructions
 from chameleon.instructions import WIKI_TEMPLATES, prompt, wiki_tasks
 from chameleon.objectives import IGNORE
 from chameleon.prepare import prepare
-from chameleon.runs import finished
+from chameleon.runs import finished, plan
 from chameleon.training import train
 
 import conftest
@@ -162,7 +162,8 @@ def fast_data(monkeypatch, embedded):
 def test_instruction_regimes_train_and_generate(tmp_path, fast_data, regime, conditioning):
     cfg = tiny(tmp_path, regime=regime, conditioning=conditioning, protocol="causal", max_train_examples=48,
                max_new_tokens=8, n_generate=3, **({"dispatch": "classifier"} if regime == "svf_experts" else {}))
-    result = train(cfg, progress=False)
+    for step in plan(cfg):  # svf_experts under the classifier: its oracle run first
+        result = train(step, progress=False)
     history = result["history"]
     assert all(math.isfinite(h["val_loss"]) for h in history)
     if regime == "svf_experts":  # a classifier run evaluates the experts its oracle run trained
@@ -180,10 +181,10 @@ def test_instruction_regimes_train_and_generate(tmp_path, fast_data, regime, con
     assert saved["generations"] == result["generations"]
 
 
-@pytest.mark.parametrize("regime", ["chameleon", "svf_experts"])
+@pytest.mark.parametrize("regime", ["chameleon", "svf_experts", "lora_experts"])
 def test_batched_generation_equals_one_prompt_at_a_time(tmp_path, fast_data, regime):
     """generation_metrics decodes its examples in batches; each output is what `greedy` gives the prompt alone,
-    conditioned (ChameleonLLM) or dispatched (SVF experts) by the example's own validation batch."""
+    conditioned (ChameleonLLM) or dispatched (experts) by the example's own validation batch."""
     from chameleon.clustering import eval_batches
     from chameleon.generation import generation_metrics, greedy
     from chameleon.model import build
@@ -194,17 +195,19 @@ def test_batched_generation_equals_one_prompt_at_a_time(tmp_path, fast_data, reg
     train_split, val_split, _ = prepare(cfg, model, tok)
     adapted = build(cfg, model).eval()
     adapted.bind(train_split, val_split)
-    if regime == "svf_experts":  # distinct experts, so that a wrong dispatch would change the outputs
+    if adapted.experts is not None:  # distinct experts, so that a wrong dispatch would change the outputs
         with torch.no_grad():
-            for k in range(adapted.svf.k):
-                for z in adapted.svf.expert(k).values():
-                    z.copy_(3 * torch.randn(z.shape, generator=torch.Generator().manual_seed(k)))
+            for k, expert in enumerate(adapted.experts.experts):
+                g = torch.Generator().manual_seed(k)
+                for p in expert.parameters():
+                    if p.requires_grad:
+                        p.copy_(3 * torch.randn(p.shape, generator=g))
     result = generation_metrics(adapted, val_split, cfg, tok)
     prompts = prepare_module.load_split_texts(cfg, "validation")["prompt"]
     selections = set()
     for batch, cond_batch in eval_batches(val_split.labels, cfg.batch_size, cfg.conditioning):
         adapted.route(val_split, batch)
-        selections.add(adapted.svf.selection if adapted.svf else None)
+        selections.add(adapted.experts.selection if adapted.experts else None)
         cond = val_split.cond_emb[cond_batch].mean(0) if adapted.conditioned else None
         for i in (i for i in batch if i < 16):
             ids = torch.tensor(tok(prompts[i])["input_ids"][-cfg.max_length:])

@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.nn.utils import parametrize
 
 from chameleon.__main__ import main
 from chameleon.backbones import gpt2_tokenizer, load_backbone
 from chameleon.generation import decode, greedy, rouge_l, rouge_l_scores
-from chameleon.model import Adapted
+from chameleon import Config
+from chameleon.model import Adapted, build
 from chameleon.reinforce import pack, reinforce
-from chameleon.svf import SVF, sequence_log_probs
+from chameleon.svf import sequence_log_probs, target_layers
 
 PROMPTS = ["### Instruction:\nName a colour.\n### Response:\n", "### Instruction:\nSay hello.\n### Response:\n",
            "### Instruction:\nCount to three.\n### Response:\n"]
@@ -52,20 +52,20 @@ def test_sampling_is_seeded_and_greedy_at_a_low_temperature(tiny_gpt2):
 
 
 @pytest.mark.parametrize("kl_coef", [0.0, 0.1])
-def test_reinforce_trains_z_only_and_reports_every_step(tiny_gpt2, kl_coef):
+def test_reinforce_trains_z_only_and_reports_every_step(tiny_gpt2, tmp_path, kl_coef):
     tok = gpt2_tokenizer()
     before = {n: p.detach().clone() for n, p in tiny_gpt2.named_parameters()}
-    svf = SVF.from_model(tiny_gpt2, generator=0)
-    z0 = torch.cat(list(svf.expert().values()))
+    adapted = build(Config.from_profile("smoke", backbone="gpt2-tiny", regime="svf", data_dir=tmp_path), tiny_gpt2)
+    z0 = torch.cat([z.detach().clone() for z in adapted.svf.expert(0).values()])
     # a random model never matches a reference: a reward that varies between answers (their length) has a gradient
-    history = reinforce(tiny_gpt2, svf, tok, PROMPTS, REFERENCES, steps=3, batch_size=2, max_new_tokens=4,
+    history = reinforce(adapted, tok, PROMPTS, REFERENCES, steps=3, batch_size=2, max_new_tokens=4,
                         kl_coef=kl_coef, progress=False, reward=lambda outs, refs: [len(o) / 10 for o in outs])
     assert len(history) == 3
     assert all(math.isfinite(v) for h in history for v in h.values())
     assert ("kl" in history[0]) == (kl_coef > 0)
-    assert not torch.equal(torch.cat(list(svf.expert().values())), z0)
+    assert not torch.equal(torch.cat(list(adapted.svf.expert(0).values())), z0)
     assert all(torch.equal(p, before[n]) for n, p in tiny_gpt2.named_parameters())
-    assert not any(parametrize.is_parametrized(m) for m in tiny_gpt2.modules())  # detached again
+    assert all("forward" not in m.__dict__ for m in target_layers(tiny_gpt2).values())  # the layers' own forwards
 
 
 def test_the_command_writes_its_files_and_never_overwrites_them_silently(tmp_path, capsys):
@@ -78,7 +78,8 @@ def test_the_command_writes_its_files_and_never_overwrites_them_silently(tmp_pat
     result = json.loads((folder / "reinforce-seed0.json").read_text())
     assert len(result["history"]) == 2 and set(result["rouge_l"]) == {"unadapted", "before", "after", "n"}
     assert result["command"].startswith("python -m chameleon reinforce") and result["config"]["backbone"] == "gpt2-tiny"
-    SVF.from_model(load_backbone("gpt2-tiny")[0]).load_expert(load_file(folder / "reinforce-seed0.safetensors"))
+    z = load_file(folder / "reinforce-seed0.safetensors")
+    assert z.keys() == target_layers(load_backbone("gpt2-tiny")[0]).keys()  # one z per adapted matrix
     written = {p.name: p.read_bytes() for p in folder.iterdir()}
     capsys.readouterr()
     assert main(argv) == 2
