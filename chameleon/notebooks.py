@@ -109,10 +109,11 @@ def cluster_examples(texts: list[str], labels, per_cluster: int = 2, width: int 
 
 def beside_paper(table: pd.DataFrame, protocol: str) -> pd.DataFrame:
     """The paper's table beside this kit's rows of one protocol (a compare() table; batch_mean
-    conditioning for the hypernetwork)."""
+    conditioning for the hypernetwork: the rows whose conditioning plots.UNNAMED_CONDITIONINGS leaves unnamed)."""
     from chameleon.compare import PAPER_TABLE
+    from chameleon.plots import UNNAMED_CONDITIONINGS
 
-    ours = table[(table["protocol"] == protocol) & table["conditioning"].isin(["-", "batch_mean"])]
+    ours = table[(table["protocol"] == protocol) & table["conditioning"].isin(UNNAMED_CONDITIONINGS)]
     ours = ours[["regime", "trainable_params", "val_loss", "val_ppl"]]
     return PAPER_TABLE.merge(ours, on="regime", how="outer", suffixes=(f" {PUBLISHED}", " (kit)"))
 
@@ -157,10 +158,13 @@ def generations(runs: list[dict], n: int = 3) -> pd.DataFrame:
 
 def side_by_side(gens: pd.DataFrame, width: int = 100) -> str:
     """A plain-text block per example: its instruction, input and reference, then the output of
-    every run (regime / conditioning / protocol), wrapped to `width` characters."""
+    every run (regime (conditioning) / protocol, the conditioning named as in the figures:
+    plots.run_name), wrapped to `width` characters."""
     def wrap(label: str, text: str, indent: int) -> str:
         return textwrap.fill(text or "(empty)", width, initial_indent=f"{label:<{indent}}",
                              subsequent_indent=" " * indent, replace_whitespace=True)
+
+    from chameleon.plots import run_name
 
     blocks = []
     for example, part in gens.groupby("example", sort=True):
@@ -169,8 +173,7 @@ def side_by_side(gens: pd.DataFrame, width: int = 100) -> str:
         if first["input"]:
             lines.append(wrap("input:", first["input"], 13))
         lines.append(wrap("reference:", first["reference"], 13))
-        tags = [f"{r.regime}{'' if r.conditioning == '-' else f' ({r.conditioning})'} / {r.protocol}"
-                for r in part.itertuples()]
+        tags = [f"{run_name(r.regime, r.conditioning)} / {r.protocol}" for r in part.itertuples()]
         pad = max(len(t) for t in tags) + 4  # "  " + tag + ":" + " "
         lines += [wrap(f"  {t}:", out, pad) for t, out in zip(tags, part["output"])]
         blocks.append("\n".join(lines))
