@@ -15,8 +15,8 @@ import pandas as pd
 matplotlib.use("Agg")
 
 from chameleon import plots  # noqa: E402
-from chameleon.hypernetwork import adapter_stats  # noqa: E402
-from chameleon.notebooks import cluster_examples, notebook_paths  # noqa: E402
+from chameleon.analysis import adapter_stats, cluster_examples  # noqa: E402
+from chameleon.notebooks import notebook_paths  # noqa: E402
 
 
 def test_notebooks_are_numbered_and_have_one_parameters_cell():
@@ -97,7 +97,7 @@ def test_cluster_examples_takes_the_first_of_each_cluster():
 
 
 def test_generations_line_up_the_runs_of_each_example():
-    from chameleon.notebooks import generations, side_by_side
+    from chameleon.analysis import generations, side_by_side
 
     g = [{"instruction": "Name it.", "input": "", "reference": "X", "output": o} for o in ("a", "b")]
     runs = [{"config": {"regime": "lora", "protocol": "causal", "conditioning": "task"}, "generations": g},
@@ -110,9 +110,9 @@ def test_generations_line_up_the_runs_of_each_example():
 
 
 def test_scored_tokens_causal_scores_the_response_paper_the_last_position():
+    from chameleon.analysis import scored_tokens
     from chameleon.backbones import load_backbone
     from chameleon.config import Config
-    from chameleon.objectives import scored_tokens
 
     cfg = Config.from_profile("smoke")
     _, tok = load_backbone(cfg.backbone, seed=0, cache_dir=cfg.cache_dir)
@@ -123,7 +123,7 @@ def test_scored_tokens_causal_scores_the_response_paper_the_last_position():
 
 
 def test_tidy_prints_integers_mean_std_and_dashes():
-    from chameleon.notebooks import tidy
+    from chameleon.analysis import tidy
 
     table = pd.DataFrame({"regime": ["lora", "chameleon"], "trainable_params": [198912.0, np.nan], "seeds": [3, 3],
                           "val_loss": [3.64654, np.nan], "val_loss_std": [0.062, np.nan]})
