@@ -205,3 +205,30 @@ def test_quiet_leaves_progress_bars_on_for_interactive_use(monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     quiet()
     assert "TQDM_DISABLE" not in os.environ
+
+
+def test_plots_draw_every_protocol_and_conditioning_of_the_tables(tmp_path, monkeypatch):
+    """Every row of regimes.PROTOCOLS and CONDITIONINGS (and the "-" / dispatch labels of regimes
+    without a hypernetwork) is drawn with its row's style: panels in PROTOCOLS order."""
+    from chameleon.regimes import CONDITIONINGS, NO_CONDITIONING, PROTOCOLS
+
+    monkeypatch.setattr(plots, "ROOT", tmp_path)
+    labels = [*CONDITIONINGS, NO_CONDITIONING.name, "dispatch=oracle"]
+    rows = [plots.conditioning_row(c) for c in labels]
+    assert rows[:len(CONDITIONINGS)] == list(CONDITIONINGS.values()) and set(rows[len(CONDITIONINGS):]) == {NO_CONDITIONING}
+    history = pd.DataFrame([{"regime": "chameleon", "protocol": p, "conditioning": c, "epoch": e, "val_loss": 3.0 - e / 10}
+                            for p in reversed(PROTOCOLS) for c in labels for e in (0, 1)])
+    fig = plots.loss_curves(history, "unit", "curves")
+    assert [ax.get_title() for ax in fig.axes] == [f"{p} protocol" for p in PROTOCOLS]
+    for ax in fig.axes:
+        lines = ax.get_lines()
+        assert len(lines) == len(labels)
+        assert [(line.get_marker(), line.get_label()) for line in lines] == [
+            (row.marker, plots.run_name("chameleon", c)) for c, row in zip(labels, rows)]
+    table = pd.DataFrame([{"regime": "chameleon", "protocol": p, "conditioning": c, "val_loss": 3.0, "val_ppl": 20.0}
+                          for p in PROTOCOLS for c in labels])
+    fig = plots.results_bars(table, "unit")
+    for ax, protocol in zip(fig.axes[::2], PROTOCOLS):
+        after = [plots.conditioning_row(c).prefix and PROTOCOLS[protocol].scores == "all" for c in labels]
+        drawn = [c for c, a in zip(labels, after) if not a] + [c for c, a in zip(labels, after) if a]
+        assert [bar.get_hatch() or "" for bar in ax.patches] == [plots.conditioning_row(c).hatch for c in drawn]
