@@ -99,7 +99,8 @@ def train(args) -> int:
 
 def compare(args) -> int:
     cfg = _config(args)
-    from chameleon.compare import SVF_RUNS, _command, compare as compare_runs, heads, paper_length, to_markdown
+    from chameleon.compare import SVF_RUNS, _command, compare as compare_runs, heads, paper_length
+    from chameleon.report import to_markdown
     from chameleon.runs import results_folder
 
     svf = functools.partial(compare_runs, runs=SVF_RUNS[cfg.task], stem=f"svf-seeds{args.seeds}",
@@ -116,8 +117,8 @@ def notebooks(args) -> int:
     """Run every notebook in order on the profile into runs/<profile>/ (or, with --in-place, over the
     committed notebooks: how their smoke outputs are refreshed), then print the results table."""
     cfg = _config(args)  # before the heavy imports: a bad option is refused at once
-    from chameleon.compare import summary, to_markdown
     from chameleon.notebooks import NOTEBOOKS, notebook_paths, run_notebooks
+    from chameleon.report import summary, to_markdown
     from chameleon.runs import finished_runs
 
     chosen = [p for p in notebook_paths() if not args.only or any(p.name.startswith(o) for o in args.only)]

@@ -1,21 +1,21 @@
-"""Every regime under both protocols, side by side with the paper's table.
+"""The experiment plans (which runs make which table: RUNS, SVF_RUNS, PAPER_LENGTH_RUNS, HEAD_RUNS,
+beside the paper's table) and the functions that run them; chameleon.report summarises and writes
+the tables.
 
     table = compare(Config.from_profile("cpu"), seeds=3)   # also written as CSV and Markdown
 """
 from __future__ import annotations
 
 import copy
-import math
-from pathlib import Path
 
 import pandas as pd
-from scipy import stats
 
 from chameleon.backbones import load_backbone
 from chameleon.config import Config
 from chameleon.model import build, svf_parameters
 from chameleon.regimes import CONDITIONINGS, PROTOCOLS, REGIMES
-from chameleon.runs import METRICS, plan, result_row, results_folder
+from chameleon.report import KEYS, paired_differences, summarise, write_tables
+from chameleon.runs import plan, result_row
 from chameleon.training import train
 
 # The paper's WikiText-2 table (GPT-2 124M, rank 4): parameters, validation loss and perplexity.
@@ -48,9 +48,6 @@ WIKITEXT2_PAD_SHARE_256 = 0.94
 # Does batch-aware adaptation help? (compare --experiment heads, the `study` profile): causal protocol.
 HEAD_RUNS = [("unadapted", "batch_mean"), ("lora", "batch_mean"), ("lora_matched", "batch_mean"),
              ("chameleon", "batch_mean"), ("chameleon", "shuffled"), ("chameleon", "prefix")]
-# Conditioning only matters to the hypernetwork; other regimes are labelled "-" in tables (regimes.conditioning_label).
-# `scored`: which positions count ("last" under the authors' protocol, "all", or "from P", see runs.scored_label).
-KEYS = ["regime", "protocol", "conditioning", "scored"]
 
 
 def compare(cfg: Config, seeds: int = 1, runs: list[tuple[str, str]] | None = None,
@@ -72,7 +69,7 @@ def compare(cfg: Config, seeds: int = 1, runs: list[tuple[str, str]] | None = No
     per_run = run_rows(cfg, seeds, runs or RUNS[cfg.task], protocols, progress)
     table = summarise(per_run)
     command = command or f"python -m chameleon compare --profile {cfg.profile} --task {cfg.task} --seeds {seeds}"
-    _write(cfg, stem or f"compare-seeds{seeds}", per_run, table, command, seeds)
+    write_tables(cfg, stem or f"compare-seeds{seeds}", per_run, table, command, seeds)
     return table
 
 
@@ -102,18 +99,6 @@ def _command(cfg: Config, experiment: str, seeds: int) -> str:
                       if v != base[k] and k not in ("data_dir", "results_dir", "device"))
     return (f"python -m chameleon compare --profile {cfg.profile} --task {cfg.task} --experiment {experiment} "
             f"--seeds {seeds}{changed}")
-
-
-def _write(cfg: Config, name: str, per_run: pd.DataFrame, table: pd.DataFrame, command: str, seeds: int,
-           extra: str = "") -> Path:
-    out = results_folder(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    per_run.to_csv(out / f"{name}-runs.csv", index=False)
-    table.to_csv(out / f"{name}.csv", index=False)
-    (out / f"{name}.md").write_text(
-        f"Produced by `{command}`: mean ± standard deviation over seeds {cfg.seed}..{cfg.seed + seeds - 1}; "
-        f"seconds = training wall time on the machine that ran it.\n\n{to_markdown(table)}\n{extra}")
-    return out / f"{name}.md"
 
 
 def padded_shares(cfg: Config, lengths: tuple[int, ...] = (32, 64, 96, 128, 160, 192, 256)) -> pd.DataFrame:
@@ -173,7 +158,7 @@ def paper_length(cfg: Config, lengths: tuple[int, ...] = (160, 256), seeds: int 
                   "the hub is unreachable):\n\n" + arithmetic.to_markdown(index=False, floatfmt=".4f") + "\n")
     command = _command(cfg, "paper-length", seeds) + ("" if tuple(lengths) == (160, 256) else
                                                       f" --lengths {','.join(map(str, lengths))}")
-    shares.to_csv(_write(cfg, name, per_run, table, command, seeds, extra).parent / f"{name}-shares.csv", index=False)
+    shares.to_csv(write_tables(cfg, name, per_run, table, command, seeds, extra).parent / f"{name}-shares.csv", index=False)
     return table
 
 
@@ -192,80 +177,8 @@ def heads(cfg: Config, seeds: int = 3, progress: bool = True) -> pd.DataFrame:
              "with 95% t-intervals over the seeds; significant: the interval excludes 0 (negative = lower "
              "loss than the reference):\n\n" + show.to_markdown(index=False) + "\n")
     command = _command(cfg, "heads", seeds)
-    paired.to_csv(_write(cfg, name, per_run, table, command, seeds, extra).parent / f"{name}-paired.csv", index=False)
+    paired.to_csv(write_tables(cfg, name, per_run, table, command, seeds, extra).parent / f"{name}-paired.csv", index=False)
     return table
-
-
-def summary(runs: list[dict]) -> pd.DataFrame:
-    """`summarise` of finished runs (runs.finished_runs): mean and std per regime x protocol x conditioning."""
-    per_run = pd.DataFrame([result_row(r) for r in runs])
-    return per_run if per_run.empty else summarise(per_run)
-
-
-def summarise(per_run: pd.DataFrame, keys: list[str] = KEYS) -> pd.DataFrame:
-    """Mean and standard deviation over seeds, in the order the runs were made."""
-    metrics = [c for c in METRICS if c in per_run]
-    keys = [k for k in keys if k in per_run]
-    grouped = per_run.groupby(keys, sort=False, dropna=False)
-    table = grouped.agg(trainable_params=("trainable_params", "first"), seeds=("seed", "count"),
-                        **{m: (m, "mean") for m in metrics}, **{f"{m}_std": (m, "std") for m in metrics})
-    return table.reset_index()
-
-
-def to_markdown(table: pd.DataFrame, digits: int = 4) -> str:
-    """A Markdown table; "mean ± std" where there is more than one seed; "-" where a metric does
-    not apply (e.g. the loss on pad targets where none is scored)."""
-    metrics = [c for c in METRICS if c in table]
-    keys = [k for k in table.columns if k not in metrics and k not in ("trainable_params", "seeds")
-            and not k.endswith("_std")]
-    header = keys + ["trainable params"] + [m.replace("_", " ") for m in metrics]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, row in table.iterrows():
-        cells = [str(row[k]) for k in keys] + [f"{int(row['trainable_params']):,}"]
-        for m in metrics:
-            std = row.get(f"{m}_std")
-            if pd.isna(row[m]):
-                cells.append("-")
-                continue
-            cells.append(f"{row[m]:.{digits}g}" + (f" ± {std:.2g}" if row["seeds"] > 1 and pd.notna(std) else ""))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def paired_differences(per_run: pd.DataFrame, reference: dict, metric: str = "val_loss",
-                       level: float = 0.95) -> pd.DataFrame:
-    """Per-seed differences of every run group against a reference group, with a t-interval.
-
-    Runs are paired by seed within the same protocol and scored positions (and max_length, when
-    present): difference = metric(run) - metric(reference), one per seed; the interval is
-    mean ± t_{(1+level)/2, n-1} * sd / sqrt(n). A difference is `significant` when the interval
-    excludes 0. Groups without a reference run on the same seeds are left out.
-
-    Args:
-        per_run: one row per run (compare's *-runs.csv): KEYS, seed and the metric.
-        reference: the reference group, e.g. {"regime": "lora_matched"} or
-            {"regime": "chameleon", "conditioning": "shuffled"}.
-    """
-    strata = [k for k in ("protocol", "scored", "max_length") if k in per_run]
-    keys = [k for k in KEYS + ["max_length"] if k in per_run]
-    is_ref = pd.Series(True, index=per_run.index)
-    for k, v in reference.items():
-        is_ref &= per_run[k] == v
-    ref = per_run[is_ref].set_index(strata + ["seed"])[metric]
-    rows = []
-    for key, group in per_run[~is_ref].groupby(keys, sort=False, dropna=False):
-        group = group.set_index(strata + ["seed"])[metric]
-        paired = group.index.intersection(ref.index)
-        if len(paired) < 2:
-            continue
-        diff = (group[paired] - ref[paired]).to_numpy(dtype=float)
-        n, mean = len(diff), float(diff.mean())
-        sd = float(diff.std(ddof=1))
-        half = float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
-        rows.append({**dict(zip(keys, key)), "reference": " / ".join(str(v) for v in reference.values()),
-                     "seeds": n, "difference": mean, "low": mean - half, "high": mean + half,
-                     "per_seed": " ".join(f"{d:+.4f}" for d in diff), "significant": bool(mean - half > 0 or mean + half < 0)})
-    return pd.DataFrame(rows)
 
 
 def parameter_table(cfg: Config) -> pd.DataFrame:

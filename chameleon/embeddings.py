@@ -10,11 +10,9 @@ just the mask the caller passes:
 """
 from __future__ import annotations
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from chameleon.data import tokenize
 from chameleon.regimes import PROTOCOLS, lookup
 
 
@@ -74,27 +72,3 @@ def mean_embeddings(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch
         mean = total / m.sum(1, keepdim=True).clamp(min=1)
         out.append(F.normalize(mean, dim=1).cpu())
     return torch.cat(out) if out else torch.empty(0, wte.shape[1])
-
-
-# --- what padding does to the embedding (notebook 01) ---
-
-def padding_effect(model, tokenizer, texts: list[str], max_length: int) -> pd.DataFrame:
-    """Cosine similarity between the authors'-protocol (padding counted) and causal-protocol
-    (real tokens only) mean embedding of each text."""
-    enc = tokenize(texts, tokenizer, max_length)
-    emb = {p: mean_embeddings(model, enc["input_ids"], embedding_mask(enc["attention_mask"], p))
-           for p in ("authors", "causal")}
-    real = enc["attention_mask"].sum(1)
-    return pd.DataFrame({"text": [t[:50] for t in texts], "real_tokens": real.tolist(),
-                         "padding_tokens": (max_length - real).tolist(),
-                         "cosine": (emb["authors"] * emb["causal"]).sum(1).numpy().round(3)})
-
-
-def pair_similarity(model, tokenizer, a: str, b: str, max_length: int) -> dict[str, float]:
-    """Cosine similarity of the mean embeddings of texts a and b under each protocol."""
-    enc = tokenize([a, b], tokenizer, max_length)
-    out = {}
-    for protocol in ("authors", "causal"):
-        e = mean_embeddings(model, enc["input_ids"], embedding_mask(enc["attention_mask"], protocol))
-        out[protocol] = round(float(e[0] @ e[1]), 3)
-    return out

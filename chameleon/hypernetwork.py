@@ -5,8 +5,6 @@
 """
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -108,21 +106,3 @@ class ChameleonHead(nn.Module):
         A, B = self.hyper(cond)  # example i of hidden goes through its own A[i], B[i]
         delta = torch.einsum("n...r,nor->n...o", torch.einsum("n...i,nri->n...r", hidden, A), B)
         return self.base(hidden) + self.scaling * delta
-
-
-@torch.no_grad()
-def adapter_stats(head, cond_emb: torch.Tensor, labels) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per cluster: the norms of the A, B and update scaling * B @ A that `head` generates from the
-    cluster's mean embedding; and the cosine similarity of the updates of every pair of clusters.
-    Uses <B_i A_i, B_j A_j> = trace((B_i^T B_j)(A_j A_i^T)), so no d_out x d_in matrix is formed."""
-    head.eval()
-    clusters = np.unique(labels)
-    cond = torch.stack([cond_emb[torch.as_tensor(np.asarray(labels) == c)].mean(0) for c in clusters])
-    A, B = head.generate_adapter(cond)  # (k, r, d_in), (k, d_out, r)
-    A, B = A.double(), B.double()
-    gram = head.scaling ** 2 * (torch.einsum("iar,jas->irjs", B, B) * torch.einsum("ird,jsd->irjs", A, A)).sum((1, 3))
-    norm = gram.diagonal().clamp(min=0).sqrt()
-    cos = gram / (norm[:, None] * norm[None, :]).clamp(min=1e-30)
-    norms = pd.DataFrame({"cluster": clusters, "norm_A": A.flatten(1).norm(dim=1).float().numpy(),
-                          "norm_B": B.flatten(1).norm(dim=1).float().numpy(), "norm_update": norm.float().numpy()})
-    return norms, pd.DataFrame(cos.float().numpy(), index=clusters, columns=clusters)

@@ -1,8 +1,8 @@
-"""The runner behind `python -m chameleon notebooks`, and the notebooks' display helpers.
+"""The runner behind `python -m chameleon notebooks`, and the notebooks' set-up (`quiet`).
 
-The method and its analysis live in their own modules (embeddings, clustering, objectives,
-hypernetwork, runs, compare); here are only what runs the notebooks and what formats their
-tables and texts. Everything a notebook computes is keyed by profile on disk (results/<profile>/,
+The method lives in its own modules (embeddings, clustering, objectives, hypernetwork, runs,
+compare); what only the notebooks compute and show is in chameleon.analysis; here is only what
+runs the notebooks. Everything a notebook computes is keyed by profile on disk (results/<profile>/,
 figures/<profile>/, data/cache/), so a later notebook reads it back.
 
     run_notebooks("smoke", out_dir="runs/smoke")   # what `make reproduce PROFILE=smoke` does
@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from chameleon.config import ROOT, Config
-from chameleon.regimes import conditioning_label
 
 NOTEBOOKS = ROOT / "notebooks"
 
@@ -96,82 +93,3 @@ def strip_run_metadata(path: Path) -> None:
         for key in ("execution", "papermill"):
             cell["metadata"].pop(key, None)
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
-
-
-# --- display helpers ---------------------------------------------------------------------
-
-def cluster_examples(texts: list[str], labels, per_cluster: int = 2, width: int = 90) -> pd.DataFrame:
-    """The first `per_cluster` texts of each cluster, cut to `width` characters."""
-    rows = [{"cluster": int(c), "text": texts[i][:width]}
-            for c in np.unique(labels) for i in np.flatnonzero(np.asarray(labels) == c)[:per_cluster]]
-    return pd.DataFrame(rows)
-
-
-def beside_paper(table: pd.DataFrame, protocol: str) -> pd.DataFrame:
-    """The paper's table beside this kit's rows of one protocol (a compare() table; batch_mean
-    conditioning for the hypernetwork)."""
-    from chameleon.compare import PAPER_TABLE
-
-    ours = table[(table["protocol"] == protocol) & table["conditioning"].isin(["-", "batch_mean"])]
-    ours = ours[["regime", "trainable_params", "val_loss", "val_ppl"]]
-    return PAPER_TABLE.merge(ours, on="regime", how="outer", suffixes=(f" {PUBLISHED}", " (kit)"))
-
-
-PUBLISHED = "published (GPT-2, WikiText-2)"  # the publication's numbers, named apart from the `authors` protocol
-
-
-def tidy(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
-    """A table for reading: parameter and seed counts as integers with thousands separators, other
-    numbers rounded to `digits` decimals, and a dash where a value is missing (never NaN). A column
-    with a `<col>_std` partner (a compare() table over several seeds) reads "mean ± std"."""
-    out = table.copy().astype(object)
-    for col in table.columns:
-        if str(col).endswith("_std") and str(col)[:-4] in table:
-            continue
-        values = table[col]
-        if not pd.api.types.is_numeric_dtype(values):
-            out[col] = values.where(values.notna(), "–")
-        elif "params" in str(col) or str(col) in ("seeds", "seed"):
-            out[col] = [f"{int(v):,}" if pd.notna(v) else "–" for v in values]
-        else:
-            out[col] = [f"{v:.{digits}f}" if pd.notna(v) else "–" for v in values]
-            std = table.get(f"{col}_std")
-            if std is not None and (table.get("seeds", pd.Series([2])) > 1).all():
-                out[col] = [f"{m} ± {v:.{digits}f}" if pd.notna(v) else m for m, v in zip(out[col], std)]
-    return out.drop(columns=[c for c in table.columns if str(c).endswith("_std") and str(c)[:-4] in table])
-
-
-def generations(runs: list[dict], n: int = 3) -> pd.DataFrame:
-    """The first n greedy generations stored in each finished run's metrics.json, long format:
-    example, instruction, input, reference, regime, protocol, conditioning, output. Every run of a
-    profile generates for the same validation examples, so rows with one `example` line up."""
-    rows = []
-    for r in runs:
-        cond = conditioning_label(r["config"]["regime"], r["config"]["conditioning"], r["config"].get("dispatch"))
-        for i, g in enumerate(r.get("generations", [])[:n]):
-            rows.append({"example": i, **{k: g[k] for k in ("instruction", "input", "reference")},
-                         "regime": r["config"]["regime"], "protocol": r["config"]["protocol"],
-                         "conditioning": cond, "output": g["output"]})
-    return pd.DataFrame(rows)
-
-
-def side_by_side(gens: pd.DataFrame, width: int = 100) -> str:
-    """A plain-text block per example: its instruction, input and reference, then the output of
-    every run (regime / conditioning / protocol), wrapped to `width` characters."""
-    def wrap(label: str, text: str, indent: int) -> str:
-        return textwrap.fill(text or "(empty)", width, initial_indent=f"{label:<{indent}}",
-                             subsequent_indent=" " * indent, replace_whitespace=True)
-
-    blocks = []
-    for example, part in gens.groupby("example", sort=True):
-        first = part.iloc[0]
-        lines = [f"=== example {example}", wrap("instruction:", first["instruction"], 13)]
-        if first["input"]:
-            lines.append(wrap("input:", first["input"], 13))
-        lines.append(wrap("reference:", first["reference"], 13))
-        tags = [f"{r.regime}{'' if r.conditioning == '-' else f' ({r.conditioning})'} / {r.protocol}"
-                for r in part.itertuples()]
-        pad = max(len(t) for t in tags) + 4  # "  " + tag + ":" + " "
-        lines += [wrap(f"  {t}:", out, pad) for t, out in zip(tags, part["output"])]
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)

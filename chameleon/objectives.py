@@ -13,12 +13,9 @@ averaged over scored positions, and perplexity is exp of that token-weighted mea
 """
 from __future__ import annotations
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from chameleon.data import tokenize
-from chameleon.instructions import response_start
 from chameleon.regimes import PROTOCOLS, lookup
 
 IGNORE = -100
@@ -68,38 +65,3 @@ def target_tokens(targets: torch.Tensor, protocol: str) -> torch.Tensor:
 def loss_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of scored rows: logits (M, V), target (M,)."""
     return F.cross_entropy(logits.float(), target, reduction="sum")
-
-
-# --- what each protocol scores, shown on real examples (notebooks 03 and 07) ---
-
-@torch.no_grad()
-def paper_last_position(model, tokenizer, split) -> pd.DataFrame:
-    """Per validation example under the authors' protocol: the token at the last position (the
-    target), whether it is the pad token, the model's loss on it and its top prediction."""
-    hidden = model.base_model(input_ids=split.input_ids, attention_mask=split.attention).last_hidden_state[:, -1]
-    logits = model.get_output_embeddings()(hidden)
-    target = split.input_ids[:, -1]
-    return pd.DataFrame({"target": tokenizer.convert_ids_to_tokens(target.tolist()),
-                         "target_is_pad": (target == tokenizer.pad_token_id).tolist(),
-                         "loss": F.cross_entropy(logits, target, reduction="none").double().numpy(),
-                         "predicted": tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())})
-
-
-def scored_tokens(prompt: str, response: str, tokenizer, max_length: int) -> pd.DataFrame:
-    """Which positions of one instruction example each protocol scores, and against which token.
-
-    The example is encoded as training encodes it (prompt + response + EOS, right-padded to
-    max_length, loss from the first response token on). One row per position that either
-    protocol scores: its token, and the target of the hidden state there ("" if not scored).
-    """
-    enc = tokenize([prompt + response + tokenizer.eos_token], tokenizer, max_length)
-    start = response_start([prompt], tokenizer)
-    show = lambda ids: [repr(tokenizer.decode([i])) for i in ids]  # noqa: E731
-    tokens = show(enc["input_ids"][0].tolist())
-    cols = {}
-    for protocol in ("causal", "authors"):  # the columns of the table, in this order
-        t = targets(enc["input_ids"], enc["attention_mask"], protocol, start)[0]
-        cols[protocol] = ["" if v == IGNORE else s for v, s in zip(t.tolist(), show(t.clamp(min=0).tolist()))]
-    rows = [{"position": i, "token": tokens[i], "causal target": cols["causal"][i],
-             "authors target": cols["authors"][i]} for i in range(len(tokens)) if cols["causal"][i] or cols["authors"][i]]
-    return pd.DataFrame(rows)

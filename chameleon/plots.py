@@ -21,18 +21,18 @@ from matplotlib.lines import Line2D
 import numpy as np
 import pandas as pd
 
-from chameleon.config import ROOT
-from chameleon.regimes import REGIMES
+from chameleon.config import ROOT, Config
+from chameleon.regimes import CONDITIONINGS, NO_CONDITIONING, PROTOCOLS, REGIMES
 
 # One colour per regime, in every figure (chameleon.regimes), and black for the paper's reported numbers.
+# Protocols and conditionings draw their line styles, hatches and markers from their rows in
+# chameleon.regimes (`conditioning_row`); panels follow the order of regimes.PROTOCOLS.
 REGIME_COLOURS = {name: r.colour for name, r in REGIMES.items()}
-PROTOCOL_STYLES = {"causal": "-", "authors": "--"}  # line style per protocol
-CONDITIONING_HATCHES = {"batch_mean": "", "prefix": "//", "shuffled": "xx"}
-# line style per conditioning in loss curves ("-": a regime without a hypernetwork)
-# (unique per conditioning: with one colour per regime, no two curves share colour and style)
-CONDITIONING_STYLES = {"batch_mean": "-", "-": "-", "prefix": "--", "shuffled": ":", "task": (0, (6, 2, 1, 2, 1, 2)),
-                       "task_input": "-."}
-CONDITIONING_MARKERS = {"batch_mean": "o", "-": "o", "prefix": "s", "shuffled": "^", "task": "D", "task_input": "v"}
+# The conditioning labels that figures and tables leave out of a run's name: regimes without a
+# hypernetwork ("-") and the hypernetwork's default conditioning (Config's, the paper's).
+UNNAMED_CONDITIONINGS = (NO_CONDITIONING.name, Config.conditioning)
+# Every conditioning row by its label, NO_CONDITIONING's "-" included (a dict: code_hash sees the styles).
+CONDITIONING_ROWS = {**CONDITIONINGS, NO_CONDITIONING.name: NO_CONDITIONING}
 STYLE = {"font.size": 14, "axes.titlesize": 16, "axes.labelsize": 14, "legend.fontsize": 12,
          "xtick.labelsize": 12, "ytick.labelsize": 12, "figure.dpi": 100, "savefig.dpi": 110,
          "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3}
@@ -85,6 +85,29 @@ def save(fig: plt.Figure, data: pd.DataFrame, name: str, profile: str) -> Path:
 
 def regime_colour(regime: str) -> str:
     return REGIME_COLOURS.get(regime, "#CC79A7")
+
+
+def conditioning_row(label: str):
+    """The regimes.CONDITIONINGS row behind a results table's conditioning label; NO_CONDITIONING for
+    the labels of regimes without a hypernetwork ("-", and the experts' "dispatch=...")."""
+    return CONDITIONING_ROWS.get(label, NO_CONDITIONING)
+
+
+def conditioning_tag(label: str) -> str:
+    """The conditioning as a run's name shows it: "" for UNNAMED_CONDITIONINGS, else the label."""
+    return "" if label in UNNAMED_CONDITIONINGS else label
+
+
+def run_name(regime: str, conditioning: str, sep: str = " ") -> str:
+    """"regime", or "regime<sep>(conditioning)" when the conditioning is named (`conditioning_tag`)."""
+    tag = conditioning_tag(conditioning)
+    return f"{regime}{sep}({tag})" if tag else regime
+
+
+def protocols_in(table: pd.DataFrame) -> list[str]:
+    """The protocols present in table["protocol"], in the order of regimes.PROTOCOLS."""
+    present = set(table["protocol"])
+    return [p for p in PROTOCOLS if p in present]
 
 
 def padding_similarity(df: pd.DataFrame, profile: str, max_length: int | None = None) -> plt.Figure:
@@ -185,7 +208,7 @@ def loss_curves(history: pd.DataFrame, profile: str, name: str, metric: str = "v
     comparable. A loss panel spans at least `min_span` nats, so that a small difference does not fill
     the panel (None: matplotlib's own zoom); `note` is added to the title.
     """
-    protocols = [p for p in PROTOCOL_STYLES if p in set(history["protocol"])]
+    protocols = protocols_in(history)
     fig, axes = plt.subplots(1, len(protocols), figsize=(6.5 * len(protocols), 4.8), squeeze=False)
     label = {"val_loss": "validation loss (nats / token)", "val_ppl": "validation perplexity",
              "train_loss": "training loss (nats / token)"}.get(metric, metric)
@@ -193,12 +216,12 @@ def loss_curves(history: pd.DataFrame, profile: str, name: str, metric: str = "v
     for ax, protocol in zip(axes[0], protocols):
         for (regime, cond), run in history[history["protocol"] == protocol].groupby(["regime", "conditioning"], sort=False):
             run = run.dropna(subset=[metric])
-            tag = regime if cond in ("batch_mean", "-") else f"{regime} ({cond})"
+            tag, style = run_name(regime, cond), conditioning_row(cond)
             if run["epoch"].nunique() == 1:  # nothing trained (unadapted): a level line
                 ax.axhline(run[metric].iloc[0], color=regime_colour(regime), ls="--", lw=2, label=tag)
                 continue
-            ax.plot(run["epoch"], run[metric], marker=CONDITIONING_MARKERS.get(cond, "o"), lw=2.5,
-                    color=regime_colour(regime), ls=CONDITIONING_STYLES.get(cond, "-"), label=tag)
+            ax.plot(run["epoch"], run[metric], marker=style.marker, lw=2.5,
+                    color=regime_colour(regime), ls=style.linestyle, label=tag)
         if is_loss and min_span:
             lo, hi = ax.get_ylim()
             if hi - lo < min_span:
@@ -267,10 +290,12 @@ def adapter_norms(norms: pd.DataFrame, similarity: pd.DataFrame, profile: str,
 
 
 def _after_prefix(part: pd.DataFrame) -> pd.Series:
-    """Rows whose loss counts only the tokens after the prefix (see runs.scored_label)."""
+    """Rows whose loss counts only the tokens after the prefix (see runs.scored_label): without a
+    `scored` column, those whose conditioning embeds a prefix under a protocol that scores every token."""
     if "scored" in part:
         return part["scored"].astype(str).str.startswith("from")
-    return (part["conditioning"] == "prefix") & (part["protocol"] == "causal")
+    return pd.Series([conditioning_row(c).prefix and PROTOCOLS[p].scores == "all"
+                      for c, p in zip(part["conditioning"], part["protocol"])], index=part.index, dtype=bool)
 
 
 def results_bars(table: pd.DataFrame, profile: str, name: str = "06_results", source: str | None = None) -> plt.Figure:
@@ -283,7 +308,7 @@ def results_bars(table: pd.DataFrame, profile: str, name: str = "06_results", so
     apart, after a gap and a dashed line; under the authors' protocol every row scores the last
     position. `source` names the data in the title.
     """
-    protocols = [p for p in PROTOCOL_STYLES if p in set(table["protocol"])]
+    protocols = protocols_in(table)
     seeds = int(table["seeds"].min()) if "seeds" in table else 1
     fig, axes = plt.subplots(len(protocols), 2, figsize=(15, 4.6 * len(protocols) + 0.6), squeeze=False)
     for row, protocol in zip(axes, protocols):
@@ -291,13 +316,13 @@ def results_bars(table: pd.DataFrame, profile: str, name: str = "06_results", so
         part = pd.concat([part[~_after_prefix(part)], part[_after_prefix(part)]]).reset_index(drop=True)
         apart = _after_prefix(part)
         x = np.arange(len(part)) + np.where(apart, 0.8, 0.0)
-        tags = [r if c in ("batch_mean", "-") else f"{r}\n({c})" for r, c in zip(part["regime"], part["conditioning"])]
+        tags = [run_name(r, c, "\n") for r, c in zip(part["regime"], part["conditioning"])]
         for ax, metric, label in zip(row, ("val_loss", "val_ppl"), ("loss (nats / token)", "perplexity")):
             err = part[f"{metric}_std"].fillna(0) if seeds > 1 and f"{metric}_std" in part else None
             bars = ax.bar(x, part[metric], yerr=err, capsize=5, color=[regime_colour(r) for r in part["regime"]],
                           edgecolor="white", error_kw={"elinewidth": 1.5})
             for bar, cond in zip(bars, part["conditioning"]):
-                bar.set_hatch(CONDITIONING_HATCHES.get(cond, ""))
+                bar.set_hatch(conditioning_row(cond).hatch)
             ax.set_xticks(x, tags, rotation=30, ha="right", fontsize=11)
             ax.bar_label(bars, fmt="%.3g", fontsize=10, padding=2)
             if apart.any():

@@ -15,8 +15,8 @@ import pandas as pd
 matplotlib.use("Agg")
 
 from chameleon import plots  # noqa: E402
-from chameleon.hypernetwork import adapter_stats  # noqa: E402
-from chameleon.notebooks import cluster_examples, notebook_paths  # noqa: E402
+from chameleon.analysis import adapter_stats, cluster_examples  # noqa: E402
+from chameleon.notebooks import notebook_paths  # noqa: E402
 
 
 def test_notebooks_are_numbered_and_have_one_parameters_cell():
@@ -97,7 +97,7 @@ def test_cluster_examples_takes_the_first_of_each_cluster():
 
 
 def test_generations_line_up_the_runs_of_each_example():
-    from chameleon.notebooks import generations, side_by_side
+    from chameleon.analysis import generations, side_by_side
 
     g = [{"instruction": "Name it.", "input": "", "reference": "X", "output": o} for o in ("a", "b")]
     runs = [{"config": {"regime": "lora", "protocol": "causal", "conditioning": "task"}, "generations": g},
@@ -110,9 +110,9 @@ def test_generations_line_up_the_runs_of_each_example():
 
 
 def test_scored_tokens_causal_scores_the_response_paper_the_last_position():
+    from chameleon.analysis import scored_tokens
     from chameleon.backbones import load_backbone
     from chameleon.config import Config
-    from chameleon.objectives import scored_tokens
 
     cfg = Config.from_profile("smoke")
     _, tok = load_backbone(cfg.backbone, seed=0, cache_dir=cfg.cache_dir)
@@ -123,7 +123,7 @@ def test_scored_tokens_causal_scores_the_response_paper_the_last_position():
 
 
 def test_tidy_prints_integers_mean_std_and_dashes():
-    from chameleon.notebooks import tidy
+    from chameleon.analysis import tidy
 
     table = pd.DataFrame({"regime": ["lora", "chameleon"], "trainable_params": [198912.0, np.nan], "seeds": [3, 3],
                           "val_loss": [3.64654, np.nan], "val_loss_std": [0.062, np.nan]})
@@ -205,3 +205,30 @@ def test_quiet_leaves_progress_bars_on_for_interactive_use(monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     quiet()
     assert "TQDM_DISABLE" not in os.environ
+
+
+def test_plots_draw_every_protocol_and_conditioning_of_the_tables(tmp_path, monkeypatch):
+    """Every row of regimes.PROTOCOLS and CONDITIONINGS (and the "-" / dispatch labels of regimes
+    without a hypernetwork) is drawn with its row's style: panels in PROTOCOLS order."""
+    from chameleon.regimes import CONDITIONINGS, NO_CONDITIONING, PROTOCOLS
+
+    monkeypatch.setattr(plots, "ROOT", tmp_path)
+    labels = [*CONDITIONINGS, NO_CONDITIONING.name, "dispatch=oracle"]
+    rows = [plots.conditioning_row(c) for c in labels]
+    assert rows[:len(CONDITIONINGS)] == list(CONDITIONINGS.values()) and set(rows[len(CONDITIONINGS):]) == {NO_CONDITIONING}
+    history = pd.DataFrame([{"regime": "chameleon", "protocol": p, "conditioning": c, "epoch": e, "val_loss": 3.0 - e / 10}
+                            for p in reversed(PROTOCOLS) for c in labels for e in (0, 1)])
+    fig = plots.loss_curves(history, "unit", "curves")
+    assert [ax.get_title() for ax in fig.axes] == [f"{p} protocol" for p in PROTOCOLS]
+    for ax in fig.axes:
+        lines = ax.get_lines()
+        assert len(lines) == len(labels)
+        assert [(line.get_marker(), line.get_label()) for line in lines] == [
+            (row.marker, plots.run_name("chameleon", c)) for c, row in zip(labels, rows)]
+    table = pd.DataFrame([{"regime": "chameleon", "protocol": p, "conditioning": c, "val_loss": 3.0, "val_ppl": 20.0}
+                          for p in PROTOCOLS for c in labels])
+    fig = plots.results_bars(table, "unit")
+    for ax, protocol in zip(fig.axes[::2], PROTOCOLS):
+        after = [plots.conditioning_row(c).prefix and PROTOCOLS[protocol].scores == "all" for c in labels]
+        drawn = [c for c, a in zip(labels, after) if not a] + [c for c, a in zip(labels, after) if a]
+        assert [bar.get_hatch() or "" for bar in ax.patches] == [plots.conditioning_row(c).hatch for c in drawn]

@@ -8,9 +8,10 @@ import torch
 
 from chameleon import objectives
 from chameleon.backbones import load_backbone
-from chameleon.compare import paired_differences, run_rows
+from chameleon.compare import run_rows
 from chameleon.embeddings import mean_embeddings
 from chameleon.prepare import prepare
+from chameleon.report import paired_differences
 from chameleon.training import train
 
 import conftest
