@@ -47,21 +47,29 @@ def built(regime: str, protocol: str = "causal"):
     return noisy(build(cfg, model)), tok, cfg
 
 
-@pytest.mark.parametrize("regime", ["unadapted", "lora", "chameleon"])
+@pytest.mark.parametrize("regime", ["unadapted", "lora", "chameleon", "lora_experts"])
 def test_batched_decoding_equals_one_by_one_greedy(regime):
     adapted, tok, cfg = built(regime)
     ids = tokenize_prompts(tok, PROMPTS, cfg.max_length)
     groups = [1, 0, 2, 0, 1, 2]
     conds = F.normalize(torch.randn(3, 64), dim=1) if adapted.conditioned else None
-    cond = lambda i: None if conds is None else conds[groups[i]]  # noqa: E731
-    free = [greedy(adapted, torch.tensor(p), 10, None, cond(i)) for i, p in enumerate(ids)]
-    assert batched_greedy(adapted, ids, 10, None, tok.pad_token_id, conds, groups) == free
+    selections = [2, 0, 1] if adapted.experts is not None else None  # LoRA experts: each group's expert
+
+    def alone(i, eos):  # one prompt at a time, with its group's vector or expert
+        if selections is not None:
+            adapted.head.selection = selections[groups[i]]
+        return greedy(adapted, torch.tensor(ids[i]), 10, eos, None if conds is None else conds[groups[i]])
+
+    free = [alone(i, None) for i in range(len(ids))]
+    assert batched_greedy(adapted, ids, 10, None, tok.pad_token_id, conds, groups, selections) == free
     eos = free[2][4]  # an EOS that stops some rows early: they end before it, the others go on
-    ref = [greedy(adapted, torch.tensor(p), 10, eos, cond(i)) for i, p in enumerate(ids)]
+    ref = [alone(i, eos) for i in range(len(ids))]
     assert any(len(r) < 10 for r in ref) and any(len(r) == 10 for r in ref)
-    assert batched_greedy(adapted, ids, 10, eos, tok.pad_token_id, conds, groups) == ref
+    assert batched_greedy(adapted, ids, 10, eos, tok.pad_token_id, conds, groups, selections) == ref
     if adapted.conditioned:  # the per-group vector does condition each row
         assert batched_greedy(adapted, ids, 10, None, tok.pad_token_id, conds.flip(0), groups) != free
+    if selections is not None:  # ... and so does the per-group expert
+        assert batched_greedy(adapted, ids, 10, None, tok.pad_token_id, None, groups, selections[::-1]) != free
 
 
 def test_unadapted_batch_equals_hugging_face_generate():
@@ -123,9 +131,9 @@ def test_conditioning_is_the_mean_of_the_group_prompts_embeddings(protocol, monk
     seen = {}
     real = serving.batched_greedy
 
-    def spy(adapted, prompts, max_new_tokens, eos_id, pad_id, conds=None, groups=None):
+    def spy(adapted, prompts, max_new_tokens, eos_id, pad_id, conds=None, groups=None, selections=None):
         seen.update(prompts=prompts, conds=conds, groups=groups)
-        return real(adapted, prompts, max_new_tokens, eos_id, pad_id, conds, groups)
+        return real(adapted, prompts, max_new_tokens, eos_id, pad_id, conds, groups, selections)
 
     monkeypatch.setattr(serving, "batched_greedy", spy)
     results = adapter.generate(PROMPTS, max_new_tokens=4, group="kmeans", n_groups=2)
