@@ -1,28 +1,30 @@
 """Experts regimes (Transformer²'s SVF experts, head-LoRA experts) and the SVF regime beside the others, end to end
 on a 2-layer GPT-2 (the smoke profile's data): one experts-and-dispatch component for every expert kind."""
 import math
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
-from chameleon import Config, svf, training
+import conftest  # pytest puts tests/ on sys.path
+from chameleon import svf, training
 from chameleon.backbones import load_backbone
 from chameleon.clustering import eval_batches
 from chameleon.config import RunFailed
 from chameleon.generation import batched_greedy
 from chameleon.model import build
 from chameleon.prepare import prepare
-from chameleon.runs import CENTROIDS, CHECKPOINT, plan, run_dir, run_name
+from chameleon.runs import CENTROIDS, CHECKPOINT, load_trained, plan, run_dir, run_name
 from chameleon.serving import Adapter
 from chameleon.training import train
 
 
-def tiny(tmp_path, **overrides) -> Config:
-    # lr well above the profile's: z alone moves a random 2-layer model's loss only a little
-    return Config.from_profile("smoke", backbone="gpt2-tiny", data_dir=tmp_path, results_dir=tmp_path / "results",
-                               **{"epochs": 2, "lr": 0.05, "cem_population": 4, "cem_iters": 1, **overrides})
+# lr well above the profile's: z alone moves a random 2-layer model's loss only a little
+tiny = partial(conftest.tiny, epochs=2, lr=0.05, cem_population=4, cem_iters=1, max_train_examples=64,
+               max_eval_examples=32)
 
 
 def per_expert(model) -> int:
@@ -186,29 +188,23 @@ def test_served_experts_answer_as_the_evaluation_path_dispatches(tmp_path, regim
     oracle, classifier = (tiny(tmp_path, regime=regime, dispatch=d, epochs=1) for d in ("oracle", "classifier"))
     for step in plan(classifier):
         train(step, progress=False)
-    from safetensors.torch import load_file
     assert "prompt_centroids" in load_file(run_dir(classifier) / CENTROIDS)
     with pytest.raises(ValueError, match="dispatch='classifier'"):
         Adapter.from_run(run_dir(oracle)).generate(["Hello there"])
     adapter = Adapter.from_run(run_dir(oracle), dispatch="classifier")
     model, tok = load_backbone(classifier.backbone)
-    _, val_split, _ = prepare(classifier, model, tok)
-    evaluated = load_backbone(classifier.backbone)[0]
-    from chameleon.runs import load_trained
-    evaluated = load_trained(classifier, evaluated)
-    _, val_split2, _ = prepare(classifier, evaluated.model, tok)
-    evaluated.bind(prepare(classifier, evaluated.model, tok)[0], val_split2)
+    evaluated = load_trained(classifier, model)  # the evaluation path: bound to its data, routed per batch
+    train_split, val_split, _ = prepare(classifier, evaluated.model, tok)
+    evaluated.bind(train_split, val_split)
     P = classifier.prefix_tokens
-    picked = set()
     for batch, _ in eval_batches(val_split.labels, classifier.batch_size, classifier.conditioning)[:3]:
         # the prompt is what the classifier reads in evaluation: the first prefix_tokens tokens of each line
         prompt_ids = [val_split.input_ids[i, :P].tolist() for i in batch]
         prompts = [tok.decode(ids) for ids in prompt_ids]
         assert [tok(p)["input_ids"] for p in prompts] == prompt_ids  # the text encodes back to the same tokens
         served = adapter.generate(prompts, max_new_tokens=4, group="single")
-        evaluated.route(val_split2, batch)
+        evaluated.route(val_split, batch)
         assert {r.expert for r in served} == {evaluated.experts.selection}
-        picked.add(evaluated.experts.selection)
         assert [r.tokens for r in served] == batched_greedy(evaluated.eval(), prompt_ids, 4, tok.eos_token_id,
                                                             tok.pad_token_id)
 

@@ -3,6 +3,7 @@ the three groupings, prompt-only conditioning, loading a trained run, the CLI.""
 import sys
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+import conftest  # pytest puts tests/ on sys.path
 from chameleon import serving, training
 from chameleon.__main__ import main
 from chameleon.runs import CENTROIDS, run_dir
@@ -25,9 +27,7 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Hello", "In 1854 the
            "Photosynthesis turns light into", "Once upon", "The history of Rome begins with a small town"]
 
 
-def tiny(tmp_path, **overrides) -> Config:
-    return Config.from_profile("smoke", backbone="gpt2-tiny", data_dir=tmp_path, results_dir=tmp_path / "results",
-                               **{"epochs": 1, "protocol": "causal", **overrides})
+tiny = partial(conftest.tiny, protocol="causal", max_train_examples=64, max_eval_examples=32)
 
 
 def noisy(adapted):
