@@ -1,4 +1,4 @@
-"""Command line: `python -m chameleon {doctor,params,train,compare,notebooks,generate,reinforce} [--profile P] [--field value ...]`.
+"""Command line: `python -m chameleon {doctor,params,train,compare,notebooks,generate,reinforce,domains} [--profile P] [--field value ...]`.
 
 Every Config field is also an option (`--regime lora --max-length 64`), applied on top of the profile.
 """
@@ -42,7 +42,7 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
     parser.add_argument("--profile", default=None, choices=sorted(PROFILES) + sorted(RENAMED["profile"]),
                         help="named profile (default: $CHAMELEON_PROFILE or cpu; `paper` is the old name of `hub`)")
     for f in dataclasses.fields(Config):
-        if f.name in ("profile", "hyper_hidden", *skip):
+        if f.name in ("profile", "hyper_hidden", "batchings", *skip):
             continue
         kind = {"int": int, "float": float, "bool": _bool, "int | None": int, "Path": Path}.get(str(f.type), str)
         flags = ["--" + f.name.replace("_", "-")] + (["--model"] if f.name == "backbone" else [])
@@ -110,6 +110,21 @@ def compare(args) -> int:
     print(to_markdown(run(cfg, seeds=args.seeds, **lengths)))
     name = {"all": "compare"}.get(args.experiment, args.experiment)
     print(f"written to {results_folder(cfg)}/{name}-seeds{args.seeds}.md")
+    return 0
+
+
+def domains(args) -> int:
+    """The `domains` experiment, stage by stage (chameleon.domains)."""
+    cfg = _config(args)
+    from chameleon import domains as experiment
+
+    if args.stage == "lr":
+        print(experiment.tune(cfg).to_markdown(index=False))
+    elif args.stage == "runs":
+        experiment.run_seeds(cfg, args.seeds)
+        print(f"runs written to {experiment.folder(cfg) / 'runs.csv'}; now --stage report")
+    else:
+        print(f"written: {experiment.report(cfg)}")
     return 0
 
 
@@ -191,7 +206,8 @@ COMMANDS = {"doctor": (doctor, "check torch, the device and every embedded asset
             "compare": (compare, "train every regime under both protocols and write one table"),
             "notebooks": (notebooks, "run notebooks/[0-9]*.ipynb in order into runs/<profile>/, print the results"),
             "generate": (generate, "answer prompts with a trained run (batched, one adapter per group)"),
-            "reinforce": (reinforce, "train one SVF expert with REINFORCE (reward: ROUGE-L) on the instruction task")}
+            "reinforce": (reinforce, "train one SVF expert with REINFORCE (reward: ROUGE-L) on the instruction task"),
+            "domains": (domains, "the domains experiment: --stage lr, then runs, then report (chameleon.domains)")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--in-place", action="store_true",
                                  help="overwrite notebooks/*.ipynb with the executed copies (committed outputs: smoke)")
             command.add_argument("--only", nargs="+", metavar="PREFIX", help="only the notebooks starting with these, e.g. 01 02")
+        if name == "domains":
+            command.add_argument("--stage", required=True, choices=["lr", "runs", "report"],
+                                 help="lr: the learning-rate grid at seed 0 on the dev split; runs: every row at its "
+                                      "rate for --seeds seeds; report: RESULTS.md and the figure from the CSVs")
+            command.add_argument("--seeds", type=int, default=5, help="runs: seeds 0 .. N-1")
         if name == "compare":
             command.add_argument("--seeds", type=int, default=1, help="seeds per run; the table shows mean ± std")
             command.add_argument("--experiment", default="all", choices=["all", "svf", "paper-length", "heads"],

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from chameleon.regimes import CONDITIONINGS
+from chameleon.regimes import BATCHINGS, CONDITIONINGS
 
 
 def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -138,3 +138,23 @@ def eval_batches(labels: np.ndarray | torch.Tensor, batch_size: int,
     batches = list(ClusterBatchSampler(labels, batch_size, seed=0))
     return list(zip(batches, condition_batches(batches, conditioning)))
 
+
+
+def incoming_batches(split, batch_size: int, conditioning: str, batching: str) -> list[tuple[list[int], list[int]]]:
+    """The validation batches as they arrive under a row of regimes.BATCHINGS, each with the examples its
+    vector averages (see `condition_batches`): routed to the training clusters (`eval_batches`), or mixed
+    incoming batches drawn in a fixed order (seed 0, the same for every run), each adapted to as one
+    group or cut into groups by k-means on `split.group_emb` (k = incoming / batch_size)."""
+    row = BATCHINGS[batching]
+    if not row.incoming:
+        return eval_batches(split.labels, batch_size, conditioning)
+    order, size = np.random.default_rng(0).permutation(len(split)), row.incoming * batch_size
+    batches = []
+    for start in range(0, len(order), size):
+        incoming = order[start:start + size]
+        if not row.grouped or len(incoming) <= batch_size:
+            batches.append(sorted(incoming.tolist()))
+            continue
+        labels, _ = kmeans(split.group_emb[incoming], -(-len(incoming) // batch_size), seed=0)
+        batches += [sorted(incoming[labels == g].tolist()) for g in np.unique(labels)]
+    return list(zip(batches, condition_batches(batches, conditioning)))

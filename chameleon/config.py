@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chameleon.regimes import CONDITIONINGS, DISPATCHES, MIXABLE_KINDS, PROTOCOLS, REGIMES
+from chameleon.regimes import BATCHINGS, CONDITIONINGS, DISPATCHES, MIXABLE_KINDS, PROTOCOLS, REGIMES
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: data/, results/, figures/ live here
 
@@ -34,6 +34,8 @@ class Config:
     max_train_examples: int | None = None  # subsample the train split (None: all of it)
     max_eval_examples: int | None = None  # subsample the validation split (None: all of it)
     max_length: int = 256  # tokens per example; the paper right-pads every example to this length
+    dev_split: bool = False  # validate on a dev split carved from train (data.DEV_SHARE of it, by a hash of the
+    # text): how a learning rate is chosen without ever reading the validation split
     # --- protocol and regime ---
     protocol: str = "causal"  # a row of regimes.PROTOCOLS: "authors" (the authors' code, exactly) or "causal"
     regime: str = "chameleon"  # a row of chameleon.regimes.REGIMES: unadapted, lora, chameleon, lora_matched, ...
@@ -44,10 +46,14 @@ class Config:
     # --- adapters ---
     rank: int = 4  # LoRA rank r (head and blocks)
     alpha: float = 1.0  # LoRA alpha: the update is scaled by alpha (authors) or alpha / r (causal)
+    matched_alpha: str = "same"  # lora_matched: the "same" alpha as every regime (under "causal" its update is then
+    # scaled by alpha / r_matched, 33x less than rank 4's), or "scaled" so its scaling equals the rank-`rank` LoRA's
     hyper_hidden: tuple[int, ...] = (64, 32)  # hypernetwork hidden widths, as in the paper
     hyper_dropout: float = 0.5  # hypernetwork dropout, as in the paper
     # --- experts (regimes svf, svf_experts, lora_experts; see model.Experts and chameleon.svf) ---
     n_experts: int = 3  # *_experts: k of the coarse k-means on the examples' cluster embeddings, one expert per group
+    expert_groups: str = "kmeans"  # *_experts: groups by k-means ("kmeans") or by the corpus's true domain ("domain":
+    # an oracle control; n_experts must equal the number of domains)
     dispatch: str = "oracle"  # *_experts at evaluation, a row of regimes.DISPATCHES: "oracle" (the batch's true group:
     # an upper bound), "classifier" (nearest group centroid of the prompt / first prefix_tokens tokens) or "cem"
     cem_shots: int = 4  # cem: held-out examples of the group (from the train split) that score a mixture
@@ -61,6 +67,8 @@ class Config:
     lr: float = 5e-4  # AdamW learning rate
     weight_decay: float = 0.01  # AdamW weight decay (torch's default)
     eval_every: int = 0  # also evaluate every K optimizer steps (0: once per epoch only)
+    batchings: tuple[str, ...] = ()  # after training, evaluate once per row of regimes.BATCHINGS (how validation
+    # batches arrive at inference), keeping every line's loss (lines.csv in the run folder)
     cache_body: bool = True  # head-only regimes train on cached final hidden states of the frozen body
     # --- generation (instructions) ---
     max_new_tokens: int = 100  # greedy generation length for BLEU / ROUGE-L
@@ -100,12 +108,15 @@ class Config:
                 for k, v in dataclasses.asdict(self).items()}
 
     def validated(self) -> "Config":
-        choices = {"task": TASKS, "protocol": tuple(PROTOCOLS), "regime": tuple(REGIMES),
+        choices = {"task": TASKS, "matched_alpha": ("same", "scaled"), "expert_groups": ("kmeans", "domain"), "protocol": tuple(PROTOCOLS), "regime": tuple(REGIMES),
                    "conditioning": tuple(c for c, row in CONDITIONINGS.items() if self.task in row.tasks),
                    "dispatch": tuple(DISPATCHES)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid here; choose one of {list(allowed)}")
+        for name in self.batchings:
+            if name not in BATCHINGS:
+                raise ValueError(f"batchings: {name!r} is not a batching; choose among {list(BATCHINGS)}")
         kind = REGIMES[self.regime].expert_kind
         if kind and DISPATCHES[self.dispatch].mixes and kind not in MIXABLE_KINDS:
             raise ValueError(f"dispatch={self.dispatch!r} mixes experts, and {self.regime}'s {kind} experts cannot be "
@@ -137,7 +148,10 @@ TASKS = ("lm", "instructions")
 # Now "paper" is the publication alone; the protocol of the authors' code is "authors", their setting `hub`.
 RENAMED = {"protocol": {"paper": "authors"}, "profile": {"paper": "hub"}}
 # Fields that only the SVF experts read: left out of other runs' names (runs.run_name), so they keep their folders.
-EXPERT_FIELDS = ("n_experts", "dispatch", "cem_shots", "cem_population", "cem_iters")
+EXPERT_FIELDS = ("n_experts", "dispatch", "cem_shots", "cem_population", "cem_iters", "expert_groups")
+# Fields added after runs were committed: left out of a run's name at their default (runs.run_name), so those
+# runs keep their folders; a value other than the default changes what a run computes, and its name.
+ADDED_FIELDS = ("score_from", "dev_split", "matched_alpha", "expert_groups", "batchings")
 
 # Profiles: plain overrides of the defaults above.
 PROFILES: dict[str, dict] = {
@@ -152,6 +166,11 @@ PROFILES: dict[str, dict] = {
     # meant for about an hour on 2 CPU cores; `make reproduce` stays on cpu
     "study": dict(backbone="smollm2", max_train_examples=2000, max_eval_examples=500, max_length=64,
                   batch_size=8, epochs=2, lr=1e-3),
+    # does adapting to the batch help when the inputs differ? six domains (data.DOMAINS), head-only regimes,
+    # every run scored after the first prefix_tokens tokens (compare --experiment domains, chameleon.domains)
+    "domains": dict(backbone="smollm2", corpus="domains", max_length=48, batch_size=8, epochs=2, lr=1e-3,
+                    prefix_tokens=8, score_from=8, n_experts=6, matched_alpha="scaled",
+                    batchings=("clustered", "kmeans", "mixed")),
     # the paper's setting: GPT-2 and WikiText-2 from the hub, for a CUDA machine (old name: "paper")
     "hub": dict(backbone="gpt2", corpus="wikitext-2-raw-v1", instructions="alpaca", max_length=256,
                   batch_size=32, epochs=10, lr=5e-4, rank=4, alpha=1.0),

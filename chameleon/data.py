@@ -1,6 +1,7 @@
 """Corpora with one schema each, and tokenisation into fixed-length tensors.
 
-Language modelling: DatasetDict(train / validation / test) with a "text" column.
+Language modelling: DatasetDict(train / validation / test) with a "text" column, and a "domain" column
+where the corpus has one (the embedded `domains` corpus, or a local JSONL with a "domain" field).
 Instructions: DatasetDict(train / validation / test) with "instruction", "input", "output".
 Splits we make ourselves are decided by a hash of the example's text, so every machine
 gets the same split and no text sits in two splits.
@@ -23,18 +24,29 @@ from chameleon.instructions import wiki_tasks
 SPLITS = ("train", "validation", "test")
 FORMAT = 2  # bump when the way examples are built from a source changes: it keys finished runs
 INSTRUCTION_FIELDS = ("instruction", "input", "output")
+DEV_SHARE = 0.15  # of the train split, carved out as a dev split for choosing learning rates (Config.dev_split)
+# The `domains` corpus: encyclopedic English, Python source, and dialogue in four languages (chatterbot-corpus,
+# the larger Latin-script languages; the turns of a conversation joined into one example).
+DIALOGUES = {"dialogue_en": "english", "dialogue_it": "italian", "dialogue_pt": "portuguese", "dialogue_es": "spanish"}
+CODE_PACKAGE = "sklearn"  # scikit-learn, pinned in requirements.txt: its .py files read the same on every machine
+PER_DOMAIN = 250  # examples kept per domain (a hash order): balanced, about 1,000 of them in the train split
+MIN_WORDS = 8  # shorter examples ("Hi Hello") leave too few tokens after the prefix to score
 HUB_HINT = "the Hugging Face hub is unreachable from here; offline, use the embedded default {default!r}"
 
 
 def load_lm_corpus(name: str = "wiki") -> DatasetDict:
-    """A language-modelling corpus: "wiki" (embedded), "wikitext-2-raw-v1" (hub) or a local file.
+    """A language-modelling corpus: "wiki" (embedded), "domains" (embedded, six labelled domains),
+    "wikitext-2-raw-v1" (hub) or a local file.
 
     Args:
         name: a corpus name, or a path to a .txt (one example per non-empty line), .jsonl
-            (a "text" field per line) or .parquet (a "text" column) file.
+            (a "text" field per line, and optionally a "domain" field on every line) or .parquet (a
+            "text" column, optionally "domain") file.
     """
     if name == "wiki":
         return _embedded_corpus()
+    if name == "domains":
+        return _domains_corpus()
     if name in ("wikitext-2-raw-v1", "wikitext-103-raw-v1"):
         ds = _from_hub(name, "wiki", "wikitext", name)
         # WikiText keeps blank lines as separators; they hold no example.
@@ -42,10 +54,12 @@ def load_lm_corpus(name: str = "wiki") -> DatasetDict:
     rows = _read_local(name, "a corpus name ('wiki', 'wikitext-2-raw-v1')")
     if rows is None:  # plain text: one example per non-empty line
         rows = [{"text": line.strip()} for line in _read_text(Path(name)).splitlines()]
-    texts = [str(r["text"]).strip() for r in _require_fields(rows, ("text",), name) if str(r["text"]).strip()]
-    if not texts:
+    labelled = all(isinstance(r, dict) and "domain" in r for r in rows)
+    rows = [{"text": str(r["text"]).strip(), **({"domain": str(r["domain"])} if labelled else {})}
+            for r in _require_fields(rows, ("text",), name) if str(r["text"]).strip()]
+    if not rows:
         raise ValueError(f"{name} holds no usable text: every example is empty; give it non-empty lines")
-    return _hash_split([{"text": t} for t in texts], key=lambda r: r["text"], name=name)
+    return _hash_split(rows, key=lambda r: r["text"], name=name)
 
 
 @functools.cache  # installed package data, read and split once per process
@@ -55,6 +69,63 @@ def _embedded_corpus() -> DatasetDict:
     rows = [{"text": line, "article": title} for title, a in sorted(_wiki_articles().items())
             if a["extract"].strip() for line in (f" = {title} = ", a["extract"].strip())]
     return _hash_split(rows, key=lambda r: r["article"], name="wiki").remove_columns("article")
+
+
+@functools.cache
+def _domains_corpus() -> DatasetDict:
+    """Six domains, PER_DOMAIN examples each, every line labelled; split 70 / 20 / 10 by article, source
+    file or conversation, so that no article or file is in two splits."""
+    rows = [dict(text=a["extract"].strip(), domain="encyclopedia", key=title)
+            for title, a in sorted(_wiki_articles().items())]
+    rows += _code_blocks()
+    rows += [dict(text=text, domain=domain, key=text) for domain, language in DIALOGUES.items()
+             for text in _conversations(language)]
+    rows = [r for r in rows if len(r["text"].split()) >= MIN_WORDS]
+    kept = []
+    for domain in ("encyclopedia", "code", *DIALOGUES):
+        mine = sorted((r for r in rows if r["domain"] == domain), key=lambda r: _hash("keep:" + r["text"]))
+        kept += mine[:PER_DOMAIN]
+    return _hash_split(kept, key=lambda r: r["key"], name="domains", fractions=(0.7, 0.2)).remove_columns("key")
+
+
+def _code_blocks() -> list[dict]:
+    """CODE_PACKAGE's source as runs of consecutive non-blank lines (at most 12), keyed by their file."""
+    import importlib
+
+    root = Path(importlib.import_module(CODE_PACKAGE).__file__).parent
+    rows = []
+    for path in sorted(root.rglob("*.py")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        block: list[str] = []
+        for line in lines + [""]:
+            if line.strip() and len(block) < 12:
+                block.append(line.rstrip())
+                continue
+            if len(block) >= 2:
+                rows.append(dict(text="\n".join(block), domain="code", key=str(path.relative_to(root))))
+            block = [line.rstrip()] if line.strip() else []
+    return rows
+
+
+def _conversations(language: str) -> list[str]:
+    """chatterbot-corpus conversations in `language`, each one example (its turns joined), de-duplicated."""
+    folder = ASSETS["chatterbot"].require().parent.parent / language
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    texts = [" ".join(str(turn).strip() for turn in conv)
+             for path in sorted(folder.glob("*.yml"))
+             for conv in (yaml.load(path.read_text(encoding="utf-8"), Loader=loader) or {}).get("conversations") or []]
+    return list(dict.fromkeys(texts))
+
+
+def _hash(text: str) -> float:
+    return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) / 16**8
+
+
+def carve_dev(ds: Dataset, split: str) -> Dataset:
+    """The train split without its dev part ("train"), or the dev part ("validation"): DEV_SHARE of the
+    train split by a hash of the text, the same on every machine."""
+    dev = [_hash("dev:" + t) < DEV_SHARE for t in ds["text"]]
+    return ds.select([i for i, d in enumerate(dev) if d == (split == "validation")])
 
 
 def _wiki_articles() -> dict:
@@ -116,7 +187,7 @@ def _hash_split(rows: list[dict], key, name: str, fractions=(0.8, 0.1)) -> Datas
     identical keys always land in the same split. Order within a split follows the input."""
     parts = {s: [] for s in SPLITS}
     for row in rows:
-        u = int(hashlib.sha1(key(row).encode()).hexdigest()[:8], 16) / 16**8
+        u = _hash(key(row))
         parts["train" if u < fractions[0] else "validation" if u < sum(fractions) else "test"].append(row)
     for split, part in parts.items():
         if not part:
@@ -179,6 +250,10 @@ def _require_fields(rows: list, fields: tuple[str, ...], name: str) -> list[dict
 def fingerprint(name: str) -> str:
     """What identifies a corpus's content without reading it: the source file's size and
     modification time (embedded asset or local file) or the hub name, and FORMAT."""
+    if name == "domains":  # the wiki and chatterbot assets and the code package's version
+        from importlib.metadata import version
+
+        return ":".join([fingerprint("wiki"), fingerprint("chatterbot"), version("scikit-learn"), str(PER_DOMAIN)])
     asset = {"wiki": "wiki", "embedded": "wiki", "chatterbot": "chatterbot"}.get(name)
     path = ASSETS[asset].path() if asset else Path(name) if Path(name).is_file() else None
     stat = f"{path.stat().st_size}:{path.stat().st_mtime_ns}" if path else "hub"

@@ -24,7 +24,7 @@ from chameleon.clustering import assign, eval_batches, kmeans, route_batch
 from chameleon.config import Config
 from chameleon.fused_loss import CHUNK, fused_loss_sum
 from chameleon.hypernetwork import ChameleonHead, HyperNetwork
-from chameleon.lora import LoRA, add_lora, dims, freeze, trainable_parameters
+from chameleon.lora import LoRA, add_lora, dims, freeze, scaling, trainable_parameters
 from chameleon.prepare import trimmed
 from chameleon.regimes import DISPATCHES, PROTOCOLS, REGIMES
 
@@ -89,8 +89,12 @@ class Experts(Component, nn.Module):
         if self.k == 1:
             self.groups = {s.name: np.zeros(len(s), dtype=np.int64) for s in (train_split, val_split)}
             return
-        labels, centroids = kmeans(train_split.cluster_emb, self.k, self.cfg.seed)
-        self.groups = {"train": labels, "validation": assign(val_split.cluster_emb, centroids)}
+        if self.cfg.expert_groups == "domain":  # an oracle control: the groups are the true domains
+            labels, val_labels = domain_groups(train_split, val_split, self.k)
+        else:
+            labels, centroids = kmeans(train_split.cluster_emb, self.k, self.cfg.seed)
+            val_labels = assign(val_split.cluster_emb, centroids)
+        self.groups = {"train": labels, "validation": val_labels}
         prompt = train_split.prompt_emb
         self.prompt_centroids = torch.stack([prompt[torch.from_numpy(labels == g)].mean(0) if (labels == g).any()
                                              else torch.zeros(prompt.shape[1]) for g in range(self.k)])
@@ -182,6 +186,21 @@ class Experts(Component, nn.Module):
                     f"prompt does not have; serve the run with dispatch='classifier' (Adapter.from_run(run, "
                     f"dispatch='classifier')): the experts are the same")
         return ""
+
+
+def domain_groups(train_split, val_split, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each example's group when the groups are the corpus's domains (Config.expert_groups "domain")."""
+    if train_split.domains is None:
+        raise ValueError("expert_groups='domain' reads each line's domain, and this corpus has none; use "
+                         "--corpus domains or a JSONL corpus with a \"domain\" field on every line")
+    names = sorted(set(train_split.domains))
+    if len(names) != k:
+        raise ValueError(f"expert_groups='domain': the corpus has {len(names)} domains but n_experts={k}; "
+                         f"set --n-experts {len(names)}")
+    if missing := sorted(set(val_split.domains) - set(names)):
+        raise ValueError(f"validation domain(s) {missing} have no training line, so no expert")
+    code = {d: i for i, d in enumerate(names)}
+    return (np.array([code[d] for d in train_split.domains]), np.array([code[d] for d in val_split.domains]))
 
 
 class LoRAExperts(Experts):
@@ -357,6 +376,12 @@ class Adapted(nn.Module):
             self.head.factors(hidden, cond) if self.conditioned else self.head.factors(hidden)
         return fused_loss_sum(hidden, base.weight, target, base.bias, low, B, chunk)
 
+    def row_losses(self, hidden: torch.Tensor, target: torch.Tensor, cond: torch.Tensor | None = None,
+                   chunk: int = CHUNK) -> torch.Tensor:
+        """(rows,) cross-entropy of every row (evaluation: the logits of one chunk at a time)."""
+        return torch.cat([F.cross_entropy(self.logits(h, cond).float(), t, reduction="none")
+                          for h, t in zip(hidden.split(chunk), target.split(chunk))])
+
     def trainable(self) -> int:
         """Trainable parameters; for `unadapted` the backbone's total, as the paper's table reports."""
         n = trainable_parameters(self)
@@ -397,7 +422,10 @@ def build(cfg: Config, model: nn.Module) -> Adapted:
         head = LoRAExperts(cfg, base, k["head"], cfg.rank, cfg.alpha, flavour)
     elif regime.head == "lora":
         rank = matched_rank(cfg, model) if regime.matched_rank else cfg.rank
-        head = LoRA(base, rank, cfg.alpha, flavour, generator=cfg.seed)
+        # "scaled": the alpha whose scaling at this rank equals the rank-cfg.rank LoRA's (the same step size)
+        alpha = cfg.alpha * scaling(flavour, 1, cfg.rank) / scaling(flavour, 1, rank) if cfg.matched_alpha == "scaled" \
+            else cfg.alpha
+        head = LoRA(base, rank, alpha, flavour, generator=cfg.seed)
     else:
         head = ChameleonHead(base, model.get_input_embeddings().embedding_dim, cfg.rank, cfg.alpha, flavour,
                              cfg.hyper_hidden, cfg.hyper_dropout)

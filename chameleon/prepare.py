@@ -19,7 +19,7 @@ from chameleon import instructions, objectives
 from chameleon.cache import cached
 from chameleon.clustering import assign, default_k, kmeans
 from chameleon.config import Config
-from chameleon.data import load_instructions, load_lm_corpus, subsample, tokenize
+from chameleon.data import carve_dev, load_instructions, load_lm_corpus, subsample, tokenize
 from chameleon.embeddings import embedding_mask, mean_embeddings
 from chameleon.regimes import CONDITIONINGS, REGIMES
 
@@ -37,6 +37,10 @@ class Split:
     prompt_emb: torch.Tensor | None = None  # (N, d) what an SVF expert dispatch classifies (svf_experts only): the
     # prompt's embedding (instructions) or the first prefix_tokens tokens' (lm)
     pad_id: int | None = None  # the tokenizer's pad token: under "authors" a padded example's target (evaluate splits by it)
+    domains: np.ndarray | None = None  # (N,) each example's domain, where the corpus labels them: read only by the
+    # oracle controls (Conditioning.pool "domain", Config.expert_groups "domain") and the per-domain tables
+    group_emb: torch.Tensor | None = None  # (N, d) what an incoming batch is grouped by at inference (regimes.BATCHINGS):
+    # the conditioning's own embedding before pooling, or the prompt's for experts
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -47,8 +51,10 @@ def load_split_texts(cfg: Config, split: str, tokenizer=None) -> dict:
     tokenizer, without the examples that have nothing to predict (see `drop_short`)."""
     n = cfg.max_train_examples if split == "train" else cfg.max_eval_examples
     if cfg.task == "lm":
-        ds = subsample(load_lm_corpus(cfg.corpus)[split], n, cfg.data_seed)
-        texts = {"full": list(ds["text"])}
+        corpus = load_lm_corpus(cfg.corpus)
+        source = carve_dev(corpus["train"], split) if cfg.dev_split else corpus[split]
+        ds = subsample(source, n, cfg.data_seed)
+        texts = {"full": list(ds["text"]), **({"domain": list(ds["domain"])} if "domain" in ds.column_names else {})}
     else:
         ds = subsample(load_instructions(cfg.instructions)[split], n, cfg.data_seed)
         texts = instructions.texts(list(ds))
@@ -92,12 +98,37 @@ def prepare(cfg: Config, model, tokenizer, raw: dict | None = None) -> tuple[Spl
                           f"{cfg.batch_size}; its numbers will be noisy (give more data or lower batch_size)",
                           stacklevel=2)
     parts = {s: _encode(cfg, model, tokenizer, s, texts) for s, texts in raw.items()}
+    domains = {s: np.array(texts["domain"]) if "domain" in texts else None for s, texts in raw.items()}
+    pool = CONDITIONINGS[cfg.conditioning].pool
+    for s, part in parts.items():
+        part["group_emb"] = part["prompt_emb"] if part["prompt_emb"] is not None else part["cond_emb"]
+        part["cond_emb"] = pooled(parts["train"]["cond_emb"], domains["train"], part["cond_emb"], domains[s], pool)
     k = cfg.n_clusters or default_k(len(parts["train"]["input_ids"]), cfg.batch_size)
     train_labels, centroids = kmeans(parts["train"]["cluster_emb"], k, cfg.seed)
     labels = {"train": train_labels, "validation": assign(parts["validation"]["cluster_emb"], centroids)}
-    splits = [Split(name=s, texts=raw[s]["full"], labels=labels[s], pad_id=tokenizer.pad_token_id, **parts[s])
+    splits = [Split(name=s, texts=raw[s]["full"], labels=labels[s], pad_id=tokenizer.pad_token_id, domains=domains[s],
+                    **parts[s])
               for s in ("train", "validation")]
     return splits[0], splits[1], centroids
+
+
+def pooled(train_emb: torch.Tensor, train_domains: np.ndarray | None, emb: torch.Tensor,
+           domains: np.ndarray | None, pool: str) -> torch.Tensor:
+    """Each example's conditioning embedding under a conditioning's `pool` (regimes.Conditioning): its own
+    ("example"), the training split's mean ("all") or its true domain's training mean ("domain"), so that
+    a batch's mean is that of the pooled vectors of its members."""
+    if pool == "example":
+        return emb
+    if pool == "all":
+        return train_emb.mean(0).expand_as(emb).clone()
+    if domains is None or train_domains is None:
+        raise ValueError("the `oracle` conditioning reads each example's domain, and this corpus has none; use "
+                         "--corpus domains or a JSONL corpus with a \"domain\" field on every line")
+    means = {d: train_emb[torch.from_numpy(train_domains == d)].mean(0) for d in np.unique(train_domains)}
+    if missing := sorted(set(domains) - set(means)):
+        raise ValueError(f"domain(s) {missing} have no training example to take a mean over; give each domain "
+                         "training lines")
+    return torch.stack([means[d] for d in domains])
 
 
 def prompt_prefix(cfg: Config) -> int | None:

@@ -112,6 +112,9 @@ class Conditioning:
     linestyle: str | tuple  # line style in loss curves
     marker: str  # marker in loss curves
     about: str
+    pool: str = "example"  # what a batch's vector averages: its examples' own embeddings ("example"), the
+    # training split's mean for every example ("all": one vector for every batch, the parametrisation alone) or
+    # the mean of the example's true domain in the training split ("domain": reads the label, an upper bound)
 
 
 CONDITIONINGS: dict[str, Conditioning] = {c.name: c for c in [
@@ -127,6 +130,12 @@ CONDITIONINGS: dict[str, Conditioning] = {c.name: c for c in [
                  "the batch's instructions alone (never a response)"),
     Conditioning("task_input", ("instructions",), "prompt", False, False, False, False, "++", "-.", "v",
                  "the batch's instructions and inputs (never a response)"),
+    Conditioning("constant", ("lm",), "full", False, False, False, False, "--", (0, (1, 1)), "X",
+                 "control: the training split's mean embedding, the same for every batch (the parametrisation alone)",
+                 pool="all"),
+    Conditioning("oracle", ("lm",), "full", False, False, False, False, "oo", (0, (3, 1, 1, 1)), "*",
+                 "upper bound: the mean training embedding of each example's true domain (reads the domain label)",
+                 pool="domain"),
 ]}
 NO_CONDITIONING = Conditioning("-", ("lm", "instructions"), "full", False, False, False, False, "", "-", "o",
                                "a regime without a hypernetwork")
@@ -152,6 +161,25 @@ DISPATCHES: dict[str, Dispatch] = {d.name: d for d in [
     Dispatch("cem", False, True, True,
              "a mixture whose weights a few-shot CEM search fits on cfg.cem_shots train examples of the batch's "
              "true group (population x iterations forward passes of the shots, once per group)"),
+]}
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How validation examples arrive at inference and are grouped into the batches a regime adapts to
+    (chameleon.clustering.incoming_batches). A k-means group may hold more or fewer than cfg.batch_size."""
+    name: str
+    incoming: int  # examples per incoming batch, in units of cfg.batch_size (0: the split routed to the training
+    # clusters, one cluster per batch, as trained)
+    grouped: bool  # an incoming batch is cut into groups by k-means on the regime's own batch embedding
+    about: str
+
+
+BATCHINGS: dict[str, Batching] = {b.name: b for b in [
+    Batching("clustered", 0, False, "each example routed to its nearest training cluster; batches of one cluster"),
+    Batching("kmeans", 4, True, "mixed incoming batches of 4 x batch_size, grouped by k-means at inference "
+             "(k = 4, on the conditioning's own embedding, or the prompt's for experts)"),
+    Batching("mixed", 1, False, "mixed incoming batches of batch_size, adapted to as one group"),
 ]}
 
 

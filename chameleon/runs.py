@@ -5,6 +5,7 @@
         metrics.json, metrics.csv  train / validation loss and perplexity per epoch; "finished" once done
         checkpoint.safetensors     trainable weights, AdamW state and history after the last epoch
         centroids.safetensors      the train split's k-means centroids (serving routes prompts to them)
+        lines.csv                  with cfg.batchings: each validation line's domain, scored tokens and summed loss
 
 The hash covers everything that changes the result (the whole Config and a fingerprint of the
 data source), so a finished run is read back instead of retrained, and a changed setting never
@@ -25,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from chameleon.cache import write_atomic
-from chameleon.config import EXPERT_FIELDS, Config
+from chameleon.config import ADDED_FIELDS, EXPERT_FIELDS, Config
 from chameleon.data import fingerprint
 from chameleon.model import build
 from chameleon.regimes import CONDITIONINGS, DISPATCHES, PROTOCOLS, REGIMES, TRAINING_DISPATCH, conditioning_label
@@ -33,6 +34,7 @@ from chameleon.regimes import CONDITIONINGS, DISPATCHES, PROTOCOLS, REGIMES, TRA
 RUN_KEYS = ("regime", "protocol", "conditioning", "dispatch", "score_from", "seed")  # what varies between the runs of one profile
 CHECKPOINT = "checkpoint.safetensors"  # weights, optimizer state and run metadata in one file
 CENTROIDS = "centroids.safetensors"  # the train split's k-means centroids
+LINES = "lines.csv"  # every validation line's loss under each of cfg.batchings (training.line_losses)
 EVAL_METRICS = ("val_loss", "val_ppl", "val_loss_pad", "val_loss_real", "pad_share")  # of every evaluation (training.evaluate)
 METRICS = (*EVAL_METRICS, "bleu", "rouge_l", "meteor", "seconds",  # those a run may report
            "passes", "dispatch_accuracy")  # SVF: forward passes per request; classifier == oracle share of batches
@@ -44,8 +46,10 @@ def run_name(cfg: Config) -> str:
     key = {**cfg.to_dict(), "data": source, "results_dir": None, "data_dir": None, "device": None}  # where things go never changes them
     if not REGIMES[cfg.regime].experts:  # settings it never reads: every older run keeps its name
         key = {k: v for k, v in key.items() if k not in EXPERT_FIELDS}
-    if not cfg.score_from:  # added later: runs made before it keep their names
-        del key["score_from"]
+    defaults = Config()
+    for name in ADDED_FIELDS:  # added later: runs made before them keep their names
+        if name in key and getattr(cfg, name) == getattr(defaults, name):
+            del key[name]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     condition = cfg.dispatch if REGIMES[cfg.regime].experts else cfg.conditioning
     return f"{cfg.regime}-{cfg.protocol}-{condition}-seed{cfg.seed}-{digest}"
@@ -105,8 +109,9 @@ def read_config(run: Path) -> Config:
     for k in ("data_dir", "results_dir"):
         if k in values:
             values[k] = Path(values[k])
-    if "hyper_hidden" in values:
-        values["hyper_hidden"] = tuple(values["hyper_hidden"])
+    for k in ("hyper_hidden", "batchings"):
+        if k in values:
+            values[k] = tuple(values[k])
     try:
         return Config(**values).validated()
     except (TypeError, ValueError) as err:

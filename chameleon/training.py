@@ -5,8 +5,9 @@
 A run lives in results/<profile>/<task>/runs/<name>/: config.json, metrics.json / .csv
 (train and validation loss and perplexity per epoch, and every eval_every steps) and
 checkpoint.safetensors (trainable weights and optimizer state after the last epoch, with the
-epoch, step and history in its metadata) and centroids.safetensors (the train split's k-means
-centroids, for routing at inference).
+epoch, step and history in its metadata), centroids.safetensors (the train split's k-means
+centroids, for routing at inference) and, when cfg.batchings names any, lines.csv (every
+validation line's loss under each way of batching it).
 A finished run with the same configuration is read back instead of retrained; an
 interrupted one continues with resume=True and reaches the same final numbers.
 
@@ -24,19 +25,21 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from chameleon import objectives
 from chameleon.backbones import device as resolve_device, load_backbone
-from chameleon.cache import cached
-from chameleon.clustering import ClusterBatchSampler, condition_batches, eval_batches
+from chameleon.cache import cached, write_atomic
+from chameleon.clustering import ClusterBatchSampler, condition_batches, eval_batches, incoming_batches
 from chameleon.config import Config, RunFailed
 from chameleon.generation import generation_metrics
 from chameleon.model import Adapted, build
 from chameleon.prepare import Split, load_split_texts, prepare, trimmed
 from chameleon.regimes import PROTOCOLS
-from chameleon.runs import (CHECKPOINT, EVAL_METRICS, finished, load_checkpoint, load_weights, read_checkpoint, run_dir,
+from chameleon.runs import (CHECKPOINT, EVAL_METRICS, LINES, finished, load_checkpoint, load_weights, read_checkpoint, run_dir,
                             save_centroids, save_checkpoint, trained_by, write_metrics)
 
 
@@ -84,10 +87,11 @@ def scored_rows(adapted: Adapted, split: Split, cache: bool, cache_dir: Path, ch
     return rows
 
 
-def batch_loss(adapted: Adapted, split: Split, rows: Rows, batch: list[int], cond_batch: list[int],
-               dev: torch.device) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the batch's scored positions, and how many there are."""
-    adapted.route(split, batch)  # SVF experts: the batch's expert (a no-op for the other regimes)
+def batch_inputs(adapted: Adapted, split: Split, rows: Rows, batch: list[int], cond_batch: list[int],
+                 dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The head's inputs for a batch: hidden states and targets of its scored rows (example-major) and
+    its conditioning vector; the experts are routed first."""
+    adapted.route(split, batch)  # experts: the batch's expert (a no-op for the other regimes)
     idx = rows.index(batch)
     if rows.hidden is not None:
         hidden = rows.hidden[idx].to(dev)
@@ -95,7 +99,31 @@ def batch_loss(adapted: Adapted, split: Split, rows: Rows, batch: list[int], con
         ids, attention, target = trimmed(split, batch)
         hidden = adapted.hidden(ids.to(dev), attention.to(dev))[(target != objectives.IGNORE).to(dev)]
     cond = split.cond_emb[cond_batch].mean(0).to(dev) if adapted.conditioned else None
-    return adapted.loss_sum(hidden, rows.target[idx].to(dev), cond), len(idx)
+    return hidden, rows.target[idx].to(dev), cond
+
+
+def batch_loss(adapted: Adapted, split: Split, rows: Rows, batch: list[int], cond_batch: list[int],
+               dev: torch.device) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the batch's scored positions, and how many there are."""
+    hidden, target, cond = batch_inputs(adapted, split, rows, batch, cond_batch, dev)
+    return adapted.loss_sum(hidden, target, cond), len(target)
+
+
+@torch.no_grad()
+def line_losses(adapted: Adapted, split: Split, rows: Rows, cfg: Config, dev: torch.device,
+                batching: str) -> pd.DataFrame:
+    """Every line's summed loss and scored tokens when the split arrives as a row of regimes.BATCHINGS says
+    (clustering.incoming_batches): what intervals over lines, domains and batchings are computed from."""
+    adapted.eval()
+    loss = np.zeros(len(split))
+    for batch, cond_batch in incoming_batches(split, cfg.batch_size, cfg.conditioning, batching):
+        hidden, target, cond = batch_inputs(adapted, split, rows, batch, cond_batch, dev)
+        per_row = adapted.row_losses(hidden, target, cond).double().cpu()
+        lengths = rows.start[1:][batch] - rows.start[:-1][batch]
+        owner = torch.repeat_interleave(torch.arange(len(batch)), lengths)
+        loss[batch] = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, owner, per_row).numpy()
+    return pd.DataFrame({"line": np.arange(len(split)), "tokens": (rows.start[1:] - rows.start[:-1]).numpy(),
+                         "loss": loss})
 
 
 def pad_examples(split: Split, rows: Rows, protocol: str) -> torch.Tensor:
@@ -221,6 +249,12 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
               **{k: history[-1].get(k) for k in EVAL_METRICS},
               "seconds": round(seconds, 2), "finished": True, **adapted.report(),
               **({"experts_from": run_dir(shared).name} if shared is not None else {})}
+    if cfg.batchings:
+        lines = {b: line_losses(adapted, val_split, rows["validation"], cfg, dev, b) for b in cfg.batchings}
+        result["batchings"] = {b: float(t.loss.sum() / t.tokens.sum()) for b, t in lines.items()}
+        table = lines[cfg.batchings[0]][["line", "tokens"]].assign(
+            domain=val_split.domains, **{f"loss_{b}": t.loss for b, t in lines.items()})
+        write_atomic(out / LINES, lambda tmp: table.to_csv(tmp, index=False))
     if cfg.task == "instructions":  # BLEU / ROUGE-L / METEOR of greedy outputs on the first n_generate examples
         result.update(generation_metrics(adapted, val_split, cfg, tokenizer))
     write_metrics(out, result)

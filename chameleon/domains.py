@@ -1,0 +1,343 @@
+"""Does adapting to the batch help when the inputs differ? The `domains` experiment (PLAN.md says what is claimed).
+
+    python -m chameleon domains --stage lr       # learning rate per regime at seed 0, on a dev split carved from train
+    python -m chameleon domains --stage runs --seeds 5   # every row at its rate, seed after seed
+    python -m chameleon domains --stage report   # RESULTS.md and the figure, from the committed CSVs alone
+
+Six domains (data.DOMAINS), head-only regimes under the causal protocol, every run scored from the same token
+(profile `domains`: score_from = prefix_tokens). Each finished run appends its row to runs.csv and its
+validation lines' losses to lines/<row>-seed<S>.csv, both committed as they land: the experiment may span
+sessions, and the report reads nothing else.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from chameleon.config import Config, RunFailed
+from chameleon.regimes import BATCHINGS
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str  # its label in every table
+    overrides: dict = field(default_factory=dict)  # Config fields on top of the profile
+    tuned_as: str = ""  # the row whose learning rate it takes ("": its own, or none when nothing trains)
+    about: str = ""
+
+
+ROWS = {r.name: r for r in [
+    Row("unadapted", dict(regime="unadapted"), about="the frozen backbone"),
+    Row("lora", dict(regime="lora"), about="one head LoRA, rank 4, for all data"),
+    Row("lora_matched", dict(regime="lora_matched"),
+        about="head LoRA with the hypernetwork's parameter count (rank 133), alpha scaled so alpha / r = 0.25"),
+    Row("lora_experts", dict(regime="lora_experts", dispatch="classifier"),
+        about="one head LoRA per k-means group (k = 6), picked per batch by its prompt's nearest group"),
+    Row("lora_experts_domain", dict(regime="lora_experts", dispatch="oracle", expert_groups="domain"),
+        tuned_as="lora_experts", about="one head LoRA per true domain, picked by the true domain (an upper bound)"),
+    Row("chameleon_prefix", dict(regime="chameleon", conditioning="prefix"),
+        about="the hypernetwork on the batch's first 8 tokens per line (leak-free)"),
+    Row("chameleon_batch_mean", dict(regime="chameleon", conditioning="batch_mean"), tuned_as="chameleon_prefix",
+        about="the paper's conditioning: the batch's mean embedding, scored tokens included (leaks)"),
+    Row("chameleon_batch_mean_excl", dict(regime="chameleon", conditioning="batch_mean_excl"),
+        tuned_as="chameleon_prefix", about="the batch mean without the scored targets"),
+    Row("chameleon_shuffled", dict(regime="chameleon", conditioning="shuffled"), tuned_as="chameleon_prefix",
+        about="another batch's vector"),
+    Row("chameleon_constant", dict(regime="chameleon", conditioning="constant"), tuned_as="chameleon_prefix",
+        about="the training mean for every batch: the parametrisation alone"),
+    Row("chameleon_oracle", dict(regime="chameleon", conditioning="oracle"), tuned_as="chameleon_prefix",
+        about="each line's true domain's training mean (an upper bound)"),
+]}
+LR_GRID = (1e-3, 3e-3, 1e-2)
+# The comparisons claimed (difference = first - second, val loss in nats; negative: the first is better), on
+# the heterogeneous incoming batches grouped at inference (PRIMARY_BATCHING), Holm-corrected as one family.
+COMPARISONS = [("chameleon_prefix", "chameleon_constant"),  # the primary endpoint
+               ("chameleon_prefix", "lora_experts_domain"), ("chameleon_prefix", "lora_matched"),
+               ("chameleon_prefix", "lora_experts"), ("chameleon_prefix", "lora"),
+               ("chameleon_prefix", "chameleon_shuffled"), ("chameleon_oracle", "chameleon_constant"),
+               ("chameleon_batch_mean", "chameleon_batch_mean_excl")]
+PRIMARY_BATCHING = "kmeans"
+BOOTSTRAP = 2000  # resamples of the validation lines
+
+
+def folder(cfg: Config) -> Path:
+    return Path(cfg.results_dir) / cfg.profile / cfg.task
+
+
+def row_config(cfg: Config, row: Row, seed: int, lr: float | None = None, dev: bool = False) -> Config:
+    return cfg.replace(seed=seed, dev_split=dev, **row.overrides, **({"lr": lr} if lr else {}))
+
+
+def trains(row: Row) -> bool:
+    return row.overrides.get("regime") != "unadapted"
+
+
+def tune(cfg: Config, progress: bool = True) -> pd.DataFrame:
+    """Seed 0 of every row that takes its own rate, at each rate of LR_GRID, validated on the dev split;
+    rows appended to lr-grid.csv as they land (a diverged run is a row marked so, never a choice)."""
+    from chameleon.training import train
+
+    path = folder(cfg) / "lr-grid.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    corpus_table(cfg).to_csv(folder(cfg) / "corpus.csv", index=False)
+    done = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["row", "lr", "dev_loss", "status"])
+    for row in ROWS.values():
+        if row.tuned_as or not trains(row):
+            continue
+        for lr in LR_GRID:
+            if ((done.row == row.name) & np.isclose(done.lr.astype(float), lr)).any():
+                continue
+            try:
+                result = train(row_config(cfg, row, 0, lr, dev=True), progress=progress)
+                entry = dict(row=row.name, lr=lr, dev_loss=result["val_loss"], status="ok")
+            except RunFailed as err:  # the divergence check: this rate is out
+                entry = dict(row=row.name, lr=lr, dev_loss=math.nan, status=f"diverged: {str(err)[:80]}")
+            done = pd.concat([done, pd.DataFrame([entry])], ignore_index=True)
+            done.to_csv(path, index=False)
+    return done
+
+
+def chosen_rates(grid: pd.DataFrame) -> dict[str, float]:
+    """Each row's learning rate: the grid's lowest dev loss of the row it is tuned as."""
+    best = grid[grid.status == "ok"].sort_values("dev_loss").groupby("row").lr.first().to_dict()
+    return {r.name: float(best[r.tuned_as or r.name]) for r in ROWS.values()
+            if (r.tuned_as or r.name) in best or not trains(r)} | {r.name: math.nan for r in ROWS.values()
+                                                                     if not trains(r)}
+
+
+def run_seeds(cfg: Config, seeds: int, progress: bool = True) -> pd.DataFrame:
+    """Every row at its chosen rate, seed after seed (so each finished seed completes a paired set);
+    runs.csv and lines/ grow as runs finish, and rows already there are not run again."""
+    from chameleon.runs import LINES, plan, run_dir
+    from chameleon.training import train
+
+    out = folder(cfg)
+    grid_path = out / "lr-grid.csv"
+    if not grid_path.exists():
+        raise ValueError(f"{grid_path} is missing: run `python -m chameleon domains --stage lr` first")
+    rates = chosen_rates(pd.read_csv(grid_path))
+    path = out / "runs.csv"
+    done = pd.read_csv(path) if path.exists() else pd.DataFrame()
+    (out / "lines").mkdir(parents=True, exist_ok=True)
+    for seed in range(seeds):
+        for row in ROWS.values():
+            if not done.empty and ((done.row == row.name) & (done.seed == seed)).any():
+                continue
+            if row.name not in rates:
+                raise ValueError(f"no learning rate for {row.name} in {grid_path}: run --stage lr to the end")
+            run = row_config(cfg, row, seed, None if math.isnan(rates[row.name]) else rates[row.name])
+            for step in plan(run):
+                result = train(step, progress=progress)
+            lines = pd.read_csv(run_dir(run) / LINES)
+            lines.to_csv(out / "lines" / f"{row.name}-seed{seed}.csv", index=False, float_format="%.6f")
+            entry = dict(row=row.name, seed=seed, lr=run.lr if trains(row) else math.nan,
+                         trainable_params=result["trainable_params"], seconds=result["seconds"],
+                         **{f"loss_{b}": v for b, v in result["batchings"].items()}, run=run_dir(run).name)
+            done = pd.concat([done, pd.DataFrame([entry])], ignore_index=True)
+            done.to_csv(path, index=False)
+    return done
+
+
+# ---------------------------------------------------------------------------- analysis: CSVs in, tables out
+
+def line_table(out: Path) -> pd.DataFrame:
+    """Every committed line loss: row, seed, line, domain, tokens, loss_<batching>."""
+    frames = []
+    for p in sorted((out / "lines").glob("*-seed*.csv")):
+        name, seed = p.stem.rsplit("-seed", 1)
+        frames.append(pd.read_csv(p).assign(row=name, seed=int(seed)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def paired(lines: pd.DataFrame, first: str, second: str, batching: str, seed: int = 0) -> dict | None:
+    """first - second in token-weighted val loss: per seed (t-interval over the seeds both have), and a
+    paired bootstrap over lines (the same resampled lines for both rows and every seed)."""
+    col = f"loss_{batching}"
+    a = lines[lines.row == first].pivot(index="line", columns="seed", values=col)
+    b = lines[lines.row == second].pivot(index="line", columns="seed", values=col)
+    seeds = sorted(set(a.columns) & set(b.columns))
+    if len(seeds) < 2:
+        return None
+    tokens = lines[lines.row == first].groupby("line").tokens.first().loc[a.index].to_numpy(float)
+    diff = (a[seeds] - b[seeds]).to_numpy()  # (lines, seeds) summed nats
+    per_seed = diff.sum(0) / tokens.sum()
+    n, mean = len(seeds), float(per_seed.mean())
+    sd = float(per_seed.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    p = float(stats.ttest_1samp(per_seed, 0).pvalue) if sd > 0 else 0.0
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(tokens), (BOOTSTRAP, len(tokens)))
+    boot = diff.mean(1)[idx].sum(1) / tokens[idx].sum(1)
+    return dict(first=first, second=second, batching=batching, seeds=n, difference=mean, t_low=mean - half,
+                t_high=mean + half, p_seeds=p, boot_low=float(np.quantile(boot, 0.025)),
+                boot_high=float(np.quantile(boot, 0.975)))
+
+
+def comparisons(lines: pd.DataFrame) -> pd.DataFrame:
+    """COMPARISONS under every batching; Holm's correction over COMPARISONS on PRIMARY_BATCHING (the claims).
+    A difference is `significant` when its Holm-adjusted p < 0.05 and its bootstrap interval excludes 0."""
+    rows = [r for b in BATCHINGS for f, s in COMPARISONS if (r := paired(lines, f, s, b))]
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    claim = table.batching == PRIMARY_BATCHING
+    p = table.loc[claim, "p_seeds"].to_numpy()
+    order = np.argsort(p)
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.minimum(1, np.maximum.accumulate((len(p) - np.arange(len(p))) * p[order]))
+    table.loc[claim, "p_holm"] = adjusted
+    table["significant"] = claim & (table.p_holm < 0.05) & ((table.boot_low > 0) | (table.boot_high < 0))
+    return table
+
+
+def per_domain(lines: pd.DataFrame, batching: str = PRIMARY_BATCHING) -> pd.DataFrame:
+    """Token-weighted val loss per row and domain (mean over seeds)."""
+    col = f"loss_{batching}"
+    sums = lines.groupby(["row", "seed", "domain"])[[col, "tokens"]].sum()
+    loss = (sums[col] / sums.tokens).groupby(["row", "domain"]).mean().unstack("domain")
+    return loss.reindex([r for r in ROWS if r in loss.index])
+
+
+def corpus_table(cfg: Config) -> pd.DataFrame:
+    """Lines per domain and split, and their length in the backbone's tokens (median, 90th percentile)."""
+    from chameleon.backbones import load_backbone
+    from chameleon.prepare import load_split_texts
+
+    _, tokenizer = load_backbone(cfg.backbone, cache_dir=cfg.cache_dir)
+    rows = []
+    for split in ("train", "validation"):
+        texts = load_split_texts(cfg, split)
+        lengths = [len(ids) for ids in tokenizer(texts["full"])["input_ids"]]
+        frame = pd.DataFrame({"domain": texts["domain"], "tokens": lengths})
+        for domain, group in frame.groupby("domain"):
+            rows.append(dict(split=split, domain=domain, lines=len(group), median_tokens=int(group.tokens.median()),
+                             p90_tokens=int(group.tokens.quantile(0.9))))
+    return pd.DataFrame(rows)
+
+
+def minimum_detectable(study: pd.DataFrame, n: int = 5, alpha: float = 0.05 / len(COMPARISONS),
+                       power: float = 0.8) -> pd.DataFrame:
+    """The smallest difference a paired t-test over n seeds detects with `power` at level `alpha` (Holm's
+    strictest), given the spread of per-seed differences in the study profile's committed paired table."""
+    rows = []
+    for _, r in study.iterrows():
+        sd = float(np.std([float(x) for x in r.per_seed.split()], ddof=1))
+        t = stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)
+        rows.append(dict(comparison=f"{r.regime} {r.conditioning} ({r.scored}) - {r.reference}", sd_per_seed=sd,
+                         detectable=t * sd / math.sqrt(n)))
+    return pd.DataFrame(rows)
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    return f"{x:+.{digits}f}"
+
+
+def results_text(out: Path) -> str:
+    """RESULTS.md: every number comes from the committed CSVs under `out` (lr-grid, runs, lines, corpus)."""
+    runs, grid, lines = pd.read_csv(out / "runs.csv"), pd.read_csv(out / "lr-grid.csv"), line_table(out)
+    corpus = pd.read_csv(out / "corpus.csv")
+    table = comparisons(lines)
+    losses = runs.groupby("row", sort=False).agg(
+        seeds=("seed", "count"), lr=("lr", "first"), params=("trainable_params", "first"),
+        **{f"{b} mean": (f"loss_{b}", "mean") for b in BATCHINGS}, **{f"{b} sd": (f"loss_{b}", "std") for b in BATCHINGS})
+    losses = losses.reindex([r for r in ROWS if r in losses.index])
+    main = ["| row | seeds | lr | trainable params | " + " | ".join(BATCHINGS) + " |", "|---" * (4 + len(BATCHINGS)) + "|"]
+    for name, r in losses.iterrows():
+        lr = "-" if pd.isna(r.lr) else f"{r.lr:g}"
+        main.append(f"| {name} | {r.seeds} | {lr} | {int(r.params):,} | "
+                    + " | ".join(f"{r[f'{b} mean']:.3f} ± {r[f'{b} sd']:.3f}" for b in BATCHINGS) + " |")
+    claims = table[table.batching == PRIMARY_BATCHING]
+    comp = ["| first - second | seeds | difference | 95% t-interval (seeds) | 95% bootstrap (lines) | Holm p | significant |",
+            "|---|---|---|---|---|---|---|"]
+    for _, c in claims.iterrows():
+        comp.append(f"| {c['first']} - {c['second']} | {c.seeds} | {fmt(c.difference)} | [{fmt(c.t_low)}, {fmt(c.t_high)}] | "
+                    f"[{fmt(c.boot_low)}, {fmt(c.boot_high)}] | {c.p_holm:.3f} | {'yes' if c.significant else 'no'} |")
+    other = ["| first - second | " + " | ".join(BATCHINGS) + " |", "|---" * (1 + len(BATCHINGS)) + "|"]
+    for f, s in COMPARISONS:
+        cells = []
+        for b in BATCHINGS:
+            hit = table[(table["first"] == f) & (table.second == s) & (table.batching == b)]
+            cells.append("-" if hit.empty else f"{fmt(hit.difference.iloc[0])} [{fmt(hit.boot_low.iloc[0])}, "
+                         f"{fmt(hit.boot_high.iloc[0])}]")
+        other.append(f"| {f} - {s} | " + " | ".join(cells) + " |")
+    dom = per_domain(lines)
+    grid_md = grid.assign(dev_loss=grid.dev_loss.map(lambda v: "-" if pd.isna(v) else f"{v:.4f}"))
+    return "\n".join([
+        "# Does adapting to the batch help when the inputs differ? (the `domains` experiment)", "",
+        "Generated by `python -m chameleon domains --stage report` from the committed CSVs in this folder "
+        "(runs.csv, lr-grid.csv, lines/, corpus.csv); the plan, written before the runs, is [PLAN.md](PLAN.md). "
+        "Validation loss in nats per scored token (every row scored from token 8), mean ± sd over seeds.", "",
+        "## Corpus", "", corpus.to_markdown(index=False), "",
+        "## Learning rates (seed 0, dev split carved from train; the lowest dev loss is taken)", "",
+        grid_md.to_markdown(index=False), "",
+        "## Validation loss per row and batching", "",
+        "`clustered`: each line routed to its nearest training cluster, one cluster per batch (as trained); "
+        "`kmeans`: mixed incoming batches of 32 lines grouped by k-means at inference (k = 4); `mixed`: mixed "
+        "batches of 8, one group.", "", *main, "",
+        f"## The comparisons claimed ({PRIMARY_BATCHING} batching, Holm-corrected over {len(COMPARISONS)})", "",
+        "Difference = first - second (negative: the first has the lower loss). Significant: Holm-adjusted p of the "
+        "paired t-test over seeds below 0.05 and the paired bootstrap interval over validation lines excluding 0.",
+        "", *comp, "",
+        "## The same differences under every batching (bootstrap intervals over lines; descriptive)", "", *other, "",
+        f"## Per-domain validation loss ({PRIMARY_BATCHING} batching, mean over seeds)", "",
+        dom.to_markdown(floatfmt=".3f"), "",
+        "## Answer", "", *answer(claims), ""])
+
+
+def answer(claims: pd.DataFrame) -> list[str]:
+    """The answer in sentences, each number read from the comparisons table."""
+    def say(f: str, s: str, what: str) -> str:
+        hit = claims[(claims["first"] == f) & (claims.second == s)]
+        if hit.empty:
+            return f"- {what}: not measured yet."
+        c = hit.iloc[0]
+        verdict = ("lower loss (significant)" if c.significant and c.difference < 0 else
+                   "higher loss (significant)" if c.significant else "no significant difference")
+        return (f"- {what}: {fmt(c.difference)} nats [{fmt(c.boot_low)}, {fmt(c.boot_high)}] over {c.seeds} seeds: "
+                f"{verdict}.")
+    return [say("chameleon_prefix", "chameleon_constant", "Conditioning on the batch (leak-free prefix) vs the same "
+                "hypernetwork on a constant input (primary)"),
+            say("chameleon_prefix", "lora_matched", "vs static head LoRA with the same parameter budget"),
+            say("chameleon_prefix", "lora_experts_domain", "vs one head LoRA per true domain (oracle dispatch)"),
+            say("chameleon_prefix", "lora_experts", "vs one head LoRA per k-means group (classifier dispatch)")]
+
+
+def report(cfg: Config) -> Path:
+    out = folder(cfg)
+    path = out / "RESULTS.md"
+    path.write_text(results_text(out))
+    figure(out, Path(cfg.results_dir).parent / "figures" / cfg.profile / "domains_comparisons.png")
+    return path
+
+
+def figure(out: Path, path: Path) -> None:
+    """A forest plot of the claimed differences under each batching (bootstrap intervals over lines)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = comparisons(line_table(out))
+    labels = [f"{f} - {s}" for f, s in COMPARISONS]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(labels) + 1.2))
+    for j, b in enumerate(BATCHINGS):
+        part = table[table.batching == b].set_index(["first", "second"])
+        for i, (f, s) in enumerate(COMPARISONS):
+            if (f, s) in part.index:
+                c = part.loc[(f, s)]
+                y = i + (j - 1) * 0.22
+                ax.errorbar(c.difference, y, xerr=[[c.difference - c.boot_low], [c.boot_high - c.difference]], fmt="os^"[j],
+                            color=["#0072B2", "#D55E00", "#009E73"][j], label=b if i == 0 else None, capsize=2)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("difference in val loss (nats / token), 95% bootstrap over lines; < 0: first is better")
+    ax.legend(title="batching", loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
