@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from chameleon.config import PROFILES, RENAMED, Config, RunFailed
+from chameleon.config import PROFILES, REINFORCE_FIELDS, RENAMED, Config, RunFailed
 
 
 def doctor(args) -> int:
@@ -45,7 +45,7 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
         if f.name in ("profile", "hyper_hidden", "batchings", *skip):
             continue
         kind = {"int": int, "float": float, "bool": _bool, "int | None": int, "Path": Path}.get(str(f.type), str)
-        flags = ["--" + f.name.replace("_", "-")] + (["--model"] if f.name == "backbone" else [])
+        flags = ["--" + f.name.replace("_", "-")] + {"backbone": ["--model"], "reinforce_steps": ["--steps"]}.get(f.name, [])
         parser.add_argument(*flags, dest=f.name, type=kind, default=None)
 
 
@@ -170,33 +170,20 @@ def generate(args) -> int:
     return 0
 
 
-def _add_reinforce_options(parser: argparse.ArgumentParser) -> None:
-    # dests apart from Config's batch_size and lr, which are the next-token training's
-    parser.add_argument("--steps", type=int, default=None, help="updates (default: per profile, chameleon.reinforce.SETTINGS)")
-    parser.add_argument("--batch-size", dest="rl_batch_size", type=int, default=None,
-                        help="answers sampled per update (default: per profile)")
-    parser.add_argument("--lr", dest="rl_lr", type=float, default=2e-3, help="Adam learning rate (the reference's 2e-3)")
-    parser.add_argument("--max-grad-norm", type=float, default=1e-3, help="gradient clip (the reference's 1e-3)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
-    parser.add_argument("--kl-coef", type=float, default=0.0, help="KL to the unadapted model (the reference's 0)")
-    parser.add_argument("--force", action="store_true", help="overwrite an earlier run's files")
-
-
 def reinforce(args) -> int:
-    """Train one SVF expert with REINFORCE on the instruction task; report greedy ROUGE-L before and after."""
-    args.task = args.task or "instructions"
+    """Train one SVF expert with REINFORCE on the instruction task, into a run folder as `train` does (a finished
+    run is read back); report greedy ROUGE-L before and after."""
+    args.task, args.regime, args.objective = args.task or "instructions", args.regime or "svf", "reinforce"
     cfg = _config(args)  # before the heavy imports: a bad option is refused at once
-    from chameleon.reinforce import REFERENCE, SETTINGS, outputs, run
+    from chameleon.reinforce import report_paths, train as train_reinforce
+    from chameleon.runs import run_dir
 
-    settings = SETTINGS.get(cfg.profile, REFERENCE)
-    steps = settings["steps"] if args.steps is None else args.steps
-    batch_size = settings["batch_size"] if args.rl_batch_size is None else args.rl_batch_size
-    result = run(cfg, steps, batch_size, lr=args.rl_lr, max_grad_norm=args.max_grad_norm,
-                 temperature=args.temperature, kl_coef=args.kl_coef, force=args.force, command=shlex.join(["python", "-m", "chameleon", *args.argv]))
-    r, h = result["rouge_l"], result["history"]
+    result = train_reinforce(cfg, command=shlex.join(["python", "-m", "chameleon", *args.argv]))
+    h = result["history"]
     print(f"REINFORCE, {len(h)} steps: reward {h[0]['reward']:.3f} -> {h[-1]['reward']:.3f}; greedy ROUGE-L on "
-          f"{r['n']} validation prompts: unadapted {r['unadapted']:.2f}, init {r['before']:.2f}, after {r['after']:.2f}; "
-          f"{result['seconds']:.0f} s\nwritten to {outputs(cfg)['md']}")
+          f"{result['n']} validation prompts: unadapted {result['rouge_l_unadapted']:.2f}, init "
+          f"{result['rouge_l_init']:.2f}, after {result['rouge_l']:.2f}; {result['seconds']:.0f} s\n"
+          f"results: {run_dir(cfg)} (report: {report_paths(cfg)[0]})")
     return 0
 
 
@@ -218,9 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "generate":  # the run's config.json sets everything else
             _add_generate_options(command)
             continue
-        _add_config_options(command, skip=("batch_size", "lr") if name == "reinforce" else ())
-        if name == "reinforce":
-            _add_reinforce_options(command)
+        # REINFORCE's own settings are options of its command alone, where the objective is fixed
+        _add_config_options(command, skip=("objective",) if name == "reinforce" else REINFORCE_FIELDS)
         if name == "train":
             command.add_argument("--resume", action="store_true", help="continue an interrupted run")
         if name == "notebooks":

@@ -73,6 +73,13 @@ class Config:
     # --- generation (instructions) ---
     max_new_tokens: int = 100  # greedy generation length for BLEU / ROUGE-L
     n_generate: int = 32  # validation examples generated for the metrics
+    # --- REINFORCE (chameleon.reinforce; the fields below are read by it alone) ---
+    objective: str = "loss"  # what trains an `svf` expert: "loss" (the protocol's next-token loss, training.train) or
+    # "reinforce" (the ROUGE-L of sampled answers: batch_size answers a step, Adam at lr; `python -m chameleon reinforce`)
+    reinforce_steps: int = 2000  # REINFORCE updates (the reference's; REINFORCE_OVERRIDES sets fewer on a CPU)
+    max_grad_norm: float = 1e-3  # REINFORCE gradient-norm clip (the reference's)
+    temperature: float = 1.0  # REINFORCE sampling temperature (the log-probs are the model's own, at 1)
+    kl_coef: float = 0.0  # REINFORCE KL coefficient, KL to the unadapted backbone (the reference's 0)
     # --- where things go ---
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:N" or "mps"
     profile: str = "default"  # name of the profile this config came from; results are filed under it
@@ -97,7 +104,8 @@ class Config:
         if name not in PROFILES:
             raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
         task = overrides.get("task", PROFILES[name].get("task", "lm"))
-        values = {**PROFILES[name], **TASK_OVERRIDES.get((name, task), {}), **overrides}
+        reinforce = {**REINFORCE, **REINFORCE_OVERRIDES.get(name, {})} if overrides.get("objective") == "reinforce" else {}
+        values = {**PROFILES[name], **TASK_OVERRIDES.get((name, task), {}), **reinforce, **overrides}
         return cls(profile=name, **values).validated()
 
     def replace(self, **changes) -> "Config":
@@ -108,9 +116,10 @@ class Config:
                 for k, v in dataclasses.asdict(self).items()}
 
     def validated(self) -> "Config":
-        choices = {"task": TASKS, "matched_alpha": ("same", "scaled"), "expert_groups": ("kmeans", "domain"), "protocol": tuple(PROTOCOLS), "regime": tuple(REGIMES),
+        choices = {"task": TASKS, "protocol": tuple(PROTOCOLS), "regime": tuple(REGIMES),
+                   "matched_alpha": ("same", "scaled"), "expert_groups": ("kmeans", "domain"),
                    "conditioning": tuple(c for c, row in CONDITIONINGS.items() if self.task in row.tasks),
-                   "dispatch": tuple(DISPATCHES)}
+                   "dispatch": tuple(DISPATCHES), "objective": OBJECTIVES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid here; choose one of {list(allowed)}")
@@ -121,9 +130,15 @@ class Config:
         if kind and DISPATCHES[self.dispatch].mixes and kind not in MIXABLE_KINDS:
             raise ValueError(f"dispatch={self.dispatch!r} mixes experts, and {self.regime}'s {kind} experts cannot be "
                              f"mixed; choose one of {[d for d, row in DISPATCHES.items() if not row.mixes]}")
-        for name in ("rank", "batch_size", "epochs", "n_experts", "cem_shots", "cem_population", "cem_iters"):
+        if self.objective == "reinforce" and (self.regime, self.task) != ("svf", "instructions"):
+            raise ValueError(f"objective='reinforce' trains one SVF expert on the instruction task (its reward is ROUGE-L): "
+                             f"set regime='svf' and task='instructions', not {self.regime!r} and {self.task!r}")
+        for name in ("rank", "batch_size", "epochs", "n_experts", "cem_shots", "cem_population", "cem_iters",
+                     "reinforce_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.temperature <= 0:  # answers are sampled from logits / temperature
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
         if self.max_length < 2:  # one token has no next token to predict
             raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}")
         if self.n_clusters is not None and self.n_clusters < 1:
@@ -144,6 +159,7 @@ class RunFailed(RuntimeError):
 
 
 TASKS = ("lm", "instructions")
+OBJECTIVES = ("loss", "reinforce")
 # Old names still accepted: "paper" once named the protocol, a profile and the publication's numbers at once.
 # Now "paper" is the publication alone; the protocol of the authors' code is "authors", their setting `hub`.
 RENAMED = {"protocol": {"paper": "authors"}, "profile": {"paper": "hub"}}
@@ -152,6 +168,8 @@ EXPERT_FIELDS = ("n_experts", "dispatch", "cem_shots", "cem_population", "cem_it
 # Fields added after runs were committed: left out of a run's name at their default (runs.run_name), so those
 # runs keep their folders; a value other than the default changes what a run computes, and its name.
 ADDED_FIELDS = ("score_from", "dev_split", "matched_alpha", "expert_groups", "batchings")
+# Fields that only REINFORCE reads: left out of next-token runs' names (runs.run_name) and of the other commands' options.
+REINFORCE_FIELDS = ("objective", "reinforce_steps", "max_grad_norm", "temperature", "kl_coef")
 
 # Profiles: plain overrides of the defaults above.
 PROFILES: dict[str, dict] = {
@@ -181,4 +199,12 @@ TASK_OVERRIDES: dict[tuple[str, str], dict] = {
     ("hub", "instructions"): dict(batch_size=16, max_length=512, lr=2e-4),
     ("smoke", "instructions"): dict(max_length=48, max_new_tokens=12),
     ("cpu", "instructions"): dict(max_length=64),
+}
+
+# objective="reinforce" over a profile: the reference's lr and batch (256 answers a step, for a GPU), and on
+# the CPU profiles the steps and answers they can afford (the cpu run takes about 11 minutes on 2 cores)
+REINFORCE = dict(lr=2e-3, batch_size=256)
+REINFORCE_OVERRIDES: dict[str, dict] = {
+    "smoke": dict(reinforce_steps=8, batch_size=4),
+    "cpu": dict(reinforce_steps=24, batch_size=8),
 }

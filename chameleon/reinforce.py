@@ -1,16 +1,17 @@
 """REINFORCE for Transformer²'s SVF experts on the instruction task: the reward is the ROUGE-L of a sampled answer.
 
-    adapted = build(cfg.replace(regime="svf"), model)     # one SVF expert (model.SVFExperts)
-    history = reinforce(adapted, tokenizer, prompts, references, steps=8, batch_size=4, max_new_tokens=16)
-    python -m chameleon reinforce --profile smoke   # one expert; writes results/smoke/instructions/reinforce-seed0.*
+    cfg = Config.from_profile("smoke", task="instructions", regime="svf", objective="reinforce")
+    result = train(cfg)                   # a run folder, as training.train writes: python -m chameleon reinforce
+    adapted = load_trained(cfg, model)    # runs.load_trained, serving.Adapter.from_run: as any run
 
-A step draws `batch_size` prompts (a new shuffle for every pass over them), samples one answer to
+A step draws `cfg.batch_size` prompts (a new shuffle for every pass over them), samples one answer to
 each with the expert's W' built once (no grad), scores it by its ROUGE-L F against the reference
 (0-1), then computes log p(answer | prompt) with the expert applied factored, so that gradients
 reach z, and makes one `svf.reinforce_step` (the two ways `model.SVFExperts` applies an expert).
-The reference's settings (lr 2e-3, max_grad_norm 1e-3, temperature 1, KL 0) are the defaults; its
-batch (256) and steps (2,000) are far beyond a CPU, and `reinforce_step` subtracts the batch's mean
-reward where the reference uses raw rewards.
+The reference's settings (lr 2e-3, max_grad_norm 1e-3, temperature 1, KL 0) are the defaults of an
+objective="reinforce" config; its batch (256) and steps (2,000) are far beyond a CPU
+(config.REINFORCE_OVERRIDES), and `reinforce_step` subtracts the batch's mean reward where the
+reference uses raw rewards.
 """
 from __future__ import annotations
 
@@ -21,20 +22,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
 from chameleon.backbones import device as resolve_device, load_backbone
 from chameleon.cache import write_atomic
 from chameleon.config import Config, RunFailed
 from chameleon.generation import decode, generate, rouge_l, rouge_l_scores
 from chameleon.model import Adapted, build
-from chameleon.prepare import load_split_texts
+from chameleon.prepare import load_split_texts, prepare
+from chameleon.runs import finished, results_folder, run_dir, save_centroids, save_checkpoint
 from chameleon.svf import answer_kl, reinforce_step, sequence_log_probs
 from chameleon.training import progress_bar
-
-# steps and batch size per profile; any other profile gets the reference's, meant for a GPU
-SETTINGS = {"smoke": dict(steps=8, batch_size=4), "cpu": dict(steps=24, batch_size=8)}
-REFERENCE = dict(steps=2000, batch_size=256)
 
 
 def pack(prompts: list[list[int]], answers: list[list[int]], pad_id: int
@@ -51,8 +48,8 @@ def pack(prompts: list[list[int]], answers: list[list[int]], pad_id: int
     return ids, attention, answer
 
 
-def reinforce(adapted: Adapted, tokenizer, prompts: list[str], references: list[str], steps: int, batch_size: int,
-              lr: float = 2e-3, max_grad_norm: float = 1e-3, temperature: float = 1.0, max_new_tokens: int = 100,
+def reinforce(adapted: Adapted, tokenizer, prompts: list[str], references: list[str], optimizer: torch.optim.Optimizer,
+              steps: int, batch_size: int, max_grad_norm: float = 1e-3, temperature: float = 1.0, max_new_tokens: int = 100,
               kl_coef: float = 0.0, seed: int = 0, max_prompt_tokens: int | None = None, progress: bool = True,
               reward: Callable[[list[str], list[str]], list[float]] = rouge_l_scores) -> list[dict]:
     """Train the selected SVF expert of `adapted` (z only) with REINFORCE; the backbone stays frozen and unchanged.
@@ -62,9 +59,9 @@ def reinforce(adapted: Adapted, tokenizer, prompts: list[str], references: list[
             is the expert trained.
         tokenizer: the backbone's tokenizer.
         prompts, references: the task's prompts and their reference answers.
+        optimizer: over the selected expert's z (the reference's: Adam, lr 2e-3); the caller keeps its state.
         steps, batch_size: updates, and answers sampled for each (one per prompt).
-        lr, max_grad_norm, kl_coef: Adam's learning rate, the gradient clip and the KL coefficient (the KL
-            is to the unadapted backbone).
+        max_grad_norm, kl_coef: the gradient clip and the KL coefficient (the KL is to the unadapted backbone).
         temperature: of the sampling. The log-probs are the model's own (temperature 1): at another
             temperature the answers come from another policy than the one updated.
         max_new_tokens: answer length limit. An answer that stopped at EOS is scored with its EOS
@@ -82,9 +79,7 @@ def reinforce(adapted: Adapted, tokenizer, prompts: list[str], references: list[
     experts, model = adapted.svf, adapted.model
     if experts is None:
         raise ValueError("REINFORCE trains an SVF expert: build the adapted model from an svf or svf_experts config")
-    z = list(experts.expert(experts.selection).values())
-    optimizer = torch.optim.Adam(z, lr=lr)
-    dev, eos, g = z[0].device, tokenizer.eos_token_id, torch.Generator().manual_seed(seed)
+    dev, eos, g = model.get_input_embeddings().weight.device, tokenizer.eos_token_id, torch.Generator().manual_seed(seed)
     ids = [tokenizer(p)["input_ids"][-max_prompt_tokens:] if max_prompt_tokens else tokenizer(p)["input_ids"]
            for p in prompts]
     order, history, start = [], [], time.perf_counter()
@@ -118,67 +113,81 @@ def reinforce(adapted: Adapted, tokenizer, prompts: list[str], references: list[
     return history
 
 
-# ---------------------------------------------------------------------------- the command line's run
+# ---------------------------------------------------------------------------- a run
 
-def outputs(cfg: Config) -> dict[str, Path]:
-    """results/<profile>/instructions/reinforce-seed<seed>.{safetensors,md,json}; the JSON, written last, marks a finished run."""
-    stem = Path(cfg.results_dir) / cfg.profile / "instructions" / f"reinforce-seed{cfg.seed}"
-    return {ext: stem.with_suffix(f".{ext}") for ext in ("safetensors", "md", "json")}
+def report_paths(cfg: Config) -> list[Path]:
+    """Where the run's summary is copied beside its profile's tables, to be committed as they are (run folders are
+    not): results/<profile>/instructions/reinforce-seed<seed>.{md,json}."""
+    stem = results_folder(cfg) / f"reinforce-seed{cfg.seed}"
+    return [stem.with_suffix(".md"), stem.with_suffix(".json")]
 
 
-def run(cfg: Config, steps: int, batch_size: int, lr: float = 2e-3, max_grad_norm: float = 1e-3,
-        temperature: float = 1.0, kl_coef: float = 0.0, force: bool = False, command: str = "") -> dict:
-    """Train one SVF expert on cfg's instruction train split with REINFORCE and write its files (see `outputs`).
+def train(cfg: Config, model=None, tokenizer=None, progress: bool = True, command: str = "") -> dict:
+    """Train cfg's SVF expert with REINFORCE on the instruction train split; returns the run's metrics.
 
+    The run folder (runs.run_dir) holds what `training.train` writes: config.json, centroids.safetensors,
+    checkpoint.safetensors (z and Adam's state) and metrics.json, written last; and report.md (`to_markdown`),
+    copied with metrics.json to `report_paths`. A finished run is read back instead of retrained.
     Greedy ROUGE-L on the first cfg.n_generate validation prompts is measured three times: the
     unadapted backbone, the expert at its init (z = 0.1 + N(0, 0.01^2): W' is W up to that noise)
-    and the trained expert. Nothing already there is overwritten unless `force`.
+    and the trained expert (metrics rouge_l_unadapted, rouge_l_init and rouge_l).
+
+    Args:
+        cfg: an objective="reinforce" config; its seed reproduces the run.
+        model, tokenizer: a backbone already loaded (it stays unchanged); None loads cfg.backbone.
+        command: the command line, recorded in the report.
     """
-    if cfg.task != "instructions":
-        raise ValueError(f"REINFORCE is run on the instruction task (its reward is ROUGE-L), not task={cfg.task!r}")
-    paths = outputs(cfg)
-    if not force and (taken := [p for p in paths.values() if p.exists()]):
-        raise ValueError(f"{taken[0]} exists; pass --force to overwrite it, or choose another --seed")
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch size must be positive, got {steps} and {batch_size}")
-    train, val = load_split_texts(cfg, "train"), load_split_texts(cfg, "validation")
-    start = time.perf_counter()
-    model, tokenizer = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cfg.cache_dir)
+    if cfg.objective != "reinforce":
+        raise ValueError(f"objective={cfg.objective!r} is trained by training.train (python -m chameleon train)")
+    out = run_dir(cfg)
+    if (done := finished(cfg)) is not None:
+        return done
     dev = resolve_device(cfg.device)
+    raw = {s: load_split_texts(cfg, s) for s in ("train", "validation")}
+    start = time.perf_counter()
+    if model is None:
+        model, tokenizer = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cfg.cache_dir)
     model.to(dev)
-    adapted = build(cfg.replace(regime="svf"), model).to(dev).eval()
-    experts = adapted.svf
+    _, _, centroids = prepare(cfg, model, tokenizer, raw)  # stored as by `train`: serving routes prompts with them
+    adapted = build(cfg, model).to(dev).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    save_centroids(out, centroids)
+    val = raw["validation"]
     n = min(cfg.n_generate, len(val["prompt"]))
     prompts, refs = val["prompt"][:n], val["response"][:n]
     unadapted = generate(Adapted(model, model.get_output_embeddings(), blocks_adapted=False), tokenizer, prompts, cfg)
     before = generate(adapted, tokenizer, prompts, cfg)
-    init = {name: z.detach().clone() for name, z in experts.expert(0).items()}
-    history = reinforce(adapted, tokenizer, train["prompt"], train["response"], steps, batch_size, lr=lr,
-                        max_grad_norm=max_grad_norm, temperature=temperature, max_new_tokens=cfg.max_new_tokens,
-                        kl_coef=kl_coef, seed=cfg.seed, max_prompt_tokens=cfg.max_length)
+    params = [p for p in adapted.parameters() if p.requires_grad]  # the one expert's z, in the checkpoint's order
+    init = [p.detach().clone() for p in params]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    history = reinforce(adapted, tokenizer, raw["train"]["prompt"], raw["train"]["response"], opt,
+                        cfg.reinforce_steps, cfg.batch_size, max_grad_norm=cfg.max_grad_norm,
+                        temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.kl_coef,
+                        seed=cfg.seed, max_prompt_tokens=cfg.max_length, progress=progress)
     if not all(math.isfinite(h["loss"]) for h in history):
-        raise RunFailed(f"REINFORCE diverged (losses {[h['loss'] for h in history]}); try a smaller --lr")
+        raise RunFailed(f"REINFORCE diverged (losses {[h['loss'] for h in history]}); try a smaller --lr (now {cfg.lr})")
     after = generate(adapted, tokenizer, prompts, cfg)
-    result = {"command": command, "device": str(dev), "seconds": time.perf_counter() - start,
-              "settings": dict(steps=steps, batch_size=batch_size, lr=lr, max_grad_norm=max_grad_norm,
-                               temperature=temperature, kl_coef=kl_coef, train_prompts=len(train["prompt"])),
-              "rouge_l": {"unadapted": rouge_l(unadapted, refs), "before": rouge_l(before, refs),
-                          "after": rouge_l(after, refs), "n": n},
-              "z_change": max((z - init[name]).abs().max().item() for name, z in experts.expert(0).items()),
-              "history": history, "config": cfg.to_dict(),
+    seconds = round(time.perf_counter() - start, 2)  # all of it: the backbone, three greedy evaluations, the training
+    passes = math.ceil(cfg.reinforce_steps * cfg.batch_size / len(raw["train"]["prompt"]))  # over the train prompts
+    save_checkpoint(out, adapted, opt, history, passes, len(history), seconds)
+    result = {"config": cfg.to_dict(), "trainable_params": adapted.trainable(), "history": history, "seconds": seconds,
+              "finished": True, **adapted.report(), "rouge_l": rouge_l(after, refs),
+              "rouge_l_init": rouge_l(before, refs), "rouge_l_unadapted": rouge_l(unadapted, refs), "n": n,
+              "z_change": max((p - p0).abs().max().item() for p, p0 in zip(params, init)),
+              "train_prompts": len(raw["train"]["prompt"]), "device": str(dev), "command": command,
               "generations": [dict(prompt=p, reference=r, before=b, after=a)
                               for p, r, b, a in zip(prompts, refs, before, after)]}
-    paths["json"].parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: z.detach().cpu().contiguous() for name, z in experts.expert(0).items()}
-    write_atomic(paths["safetensors"], lambda tmp: save_file(tensors, tmp, metadata={"backbone": cfg.backbone,
-                                                                                      "targets": "mlp"}))
-    write_atomic(paths["md"], lambda tmp: Path(tmp).write_text(to_markdown(result)))
-    write_atomic(paths["json"], lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    report, metrics = to_markdown(result), json.dumps(result, indent=2) + "\n"
+    md, copy = report_paths(cfg)
+    for path, text in ((out / "report.md", report), (md, report), (copy, metrics), (out / "metrics.json", metrics)):
+        write_atomic(path, lambda tmp, text=text: Path(tmp).write_text(text))  # metrics.json last: the run is finished
     return result
 
 
 def to_markdown(result: dict) -> str:
-    s, r, h, cfg = result["settings"], result["rouge_l"], result["history"], result["config"]
+    """The run's report: the ROUGE-L table, the reward's course and every step (from its metrics.json)."""
+    cfg, h = result["config"], result["history"]
     k = max(1, len(h) // 4)
     mean = lambda rows: sum(x["reward"] for x in rows) / len(rows)  # noqa: E731
     steps = [f"| {i + 1} | {x['reward']:.3f} | {x['loss']:.4f} | {x['grad_norm']:.3g} | {x['answer_tokens']:.1f} |"
@@ -187,14 +196,14 @@ def to_markdown(result: dict) -> str:
         "# One SVF expert trained with REINFORCE (reward: ROUGE-L of a sampled answer)", "",
         f"`{result['command']}`", "",
         f"{cfg['backbone']}, profile {cfg['profile']}, seed {cfg['seed']}, {result['device']}, "
-        f"{result['seconds']:.0f} s in all. {s['steps']} steps of {s['batch_size']} answers, sampled at temperature "
-        f"{s['temperature']} (at most {cfg['max_new_tokens']} new tokens) from {s['train_prompts']} train prompts; "
-        f"Adam lr {s['lr']}, gradient clip {s['max_grad_norm']}, KL coefficient {s['kl_coef']}.", "",
-        f"Greedy ROUGE-L (0-100) on the first {r['n']} validation prompts:", "",
+        f"{result['seconds']:.0f} s in all. {cfg['reinforce_steps']} steps of {cfg['batch_size']} answers, sampled at "
+        f"temperature {cfg['temperature']} (at most {cfg['max_new_tokens']} new tokens) from {result['train_prompts']} "
+        f"train prompts; Adam lr {cfg['lr']}, gradient clip {cfg['max_grad_norm']}, KL coefficient {cfg['kl_coef']}.", "",
+        f"Greedy ROUGE-L (0-100) on the first {result['n']} validation prompts:", "",
         "| unadapted | expert at init | expert after REINFORCE |", "|---|---|---|",
-        f"| {r['unadapted']:.2f} | {r['before']:.2f} | {r['after']:.2f} |", "",
+        f"| {result['rouge_l_unadapted']:.2f} | {result['rouge_l_init']:.2f} | {result['rouge_l']:.2f} |", "",
         f"Reward (mean ROUGE-L F of a step's sampled answers, 0-1): {h[0]['reward']:.3f} at the first step, "
         f"{h[-1]['reward']:.3f} at the last; {mean(h[:k]):.3f} over the first {k} steps, {mean(h[-k:]):.3f} over "
-        f"the last {k}; each step draws other prompts, and with {s['batch_size']} answers a step its mean is noisy. "
+        f"the last {k}; each step draws other prompts, and with {cfg['batch_size']} answers a step its mean is noisy. "
         f"The largest change of any z: {result['z_change']:.3g} (Adam moves each by about lr a step).", "",
         "| step | reward | loss | grad norm | answer tokens |", "|---|---|---|---|---|", *steps, ""])

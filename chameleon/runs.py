@@ -3,6 +3,7 @@
     results/<profile>/<task>/runs/<regime>-<protocol>-<conditioning>-seed<S>-<hash>/
         config.json                the Config of the run
         metrics.json, metrics.csv  train / validation loss and perplexity per epoch; "finished" once done
+                                   (a REINFORCE run: metrics.json with the reward per step, and report.md)
         checkpoint.safetensors     trainable weights, AdamW state and history after the last epoch
         centroids.safetensors      the train split's k-means centroids (serving routes prompts to them)
         lines.csv                  with cfg.batchings: each validation line's domain, scored tokens and summed loss
@@ -26,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from chameleon.cache import write_atomic
-from chameleon.config import ADDED_FIELDS, EXPERT_FIELDS, Config
+from chameleon.config import ADDED_FIELDS, EXPERT_FIELDS, REINFORCE_FIELDS, Config
 from chameleon.data import fingerprint
 from chameleon.model import build
 from chameleon.regimes import CONDITIONINGS, DISPATCHES, PROTOCOLS, REGIMES, TRAINING_DISPATCH, conditioning_label
@@ -41,7 +42,8 @@ METRICS = (*EVAL_METRICS, "bleu", "rouge_l", "meteor", "seconds",  # those a run
 
 
 def run_name(cfg: Config) -> str:
-    """regime-protocol-conditioning-seed, and a hash of everything that changes the result."""
+    """regime-protocol-conditioning-seed (dispatch for experts, "reinforce" for a REINFORCE run), and a hash of
+    everything that changes the result."""
     source = fingerprint(cfg.corpus if cfg.task == "lm" else cfg.instructions)
     key = {**cfg.to_dict(), "data": source, "results_dir": None, "data_dir": None, "device": None}  # where things go never changes them
     if not REGIMES[cfg.regime].experts:  # settings it never reads: every older run keeps its name
@@ -50,8 +52,12 @@ def run_name(cfg: Config) -> str:
     for name in ADDED_FIELDS:  # added later: runs made before them keep their names
         if name in key and getattr(cfg, name) == getattr(defaults, name):
             del key[name]
+    if cfg.objective == "loss":  # added with REINFORCE, which alone reads them: next-token runs keep their names
+        key = {k: v for k, v in key.items() if k not in REINFORCE_FIELDS}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-    condition = cfg.dispatch if REGIMES[cfg.regime].experts else cfg.conditioning
+    # the slot of the hypernetwork's conditioning, which an SVF run has none of, says how it was trained
+    condition = "reinforce" if cfg.objective == "reinforce" else cfg.dispatch if REGIMES[cfg.regime].experts \
+        else cfg.conditioning
     return f"{cfg.regime}-{cfg.protocol}-{condition}-seed{cfg.seed}-{digest}"
 
 

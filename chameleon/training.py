@@ -174,6 +174,8 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         resume: continue an interrupted run from its last epoch checkpoint.
         progress: show tqdm progress bars.
     """
+    if cfg.objective != "loss":
+        raise ValueError(f"objective={cfg.objective!r} is trained by chameleon.reinforce.train (python -m chameleon reinforce)")
     out = run_dir(cfg)
     done = finished(cfg)
     if done is not None:

@@ -1,17 +1,18 @@
-"""REINFORCE for SVF experts: the answer mask, the reward, sampling, the trainer and its command."""
+"""REINFORCE for SVF experts: the answer mask, the reward, sampling, the trainer, its run folder and its command."""
 import json
 import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from chameleon.__main__ import main
 from chameleon.backbones import gpt2_tokenizer, load_backbone
 from chameleon.generation import decode, greedy, rouge_l, rouge_l_scores
 from chameleon import Config
 from chameleon.model import Adapted, build
-from chameleon.reinforce import pack, reinforce
+from chameleon.reinforce import pack, reinforce, report_paths
+from chameleon.runs import load_trained, read_config, read_finished, run_dir, run_name
+from chameleon.serving import Adapter
 from chameleon.svf import sequence_log_probs, target_layers
 
 PROMPTS = ["### Instruction:\nName a colour.\n### Response:\n", "### Instruction:\nSay hello.\n### Response:\n",
@@ -58,7 +59,8 @@ def test_reinforce_trains_z_only_and_reports_every_step(tiny_gpt2, tmp_path, kl_
     adapted = build(Config.from_profile("smoke", backbone="gpt2-tiny", regime="svf", data_dir=tmp_path), tiny_gpt2)
     z0 = torch.cat([z.detach().clone() for z in adapted.svf.expert(0).values()])
     # a random model never matches a reference: a reward that varies between answers (their length) has a gradient
-    history = reinforce(adapted, tok, PROMPTS, REFERENCES, steps=3, batch_size=2, max_new_tokens=4,
+    opt = torch.optim.Adam([p for p in adapted.parameters() if p.requires_grad], lr=2e-3)
+    history = reinforce(adapted, tok, PROMPTS, REFERENCES, opt, steps=3, batch_size=2, max_new_tokens=4,
                         kl_coef=kl_coef, progress=False, reward=lambda outs, refs: [len(o) / 10 for o in outs])
     assert len(history) == 3
     assert all(math.isfinite(v) for h in history for v in h.values())
@@ -68,22 +70,52 @@ def test_reinforce_trains_z_only_and_reports_every_step(tiny_gpt2, tmp_path, kl_
     assert all("forward" not in m.__dict__ for m in target_layers(tiny_gpt2).values())  # the layers' own forwards
 
 
-def test_the_command_writes_its_files_and_never_overwrites_them_silently(tmp_path, capsys):
-    argv = ["reinforce", "--profile", "smoke", "--backbone", "gpt2-tiny", "--results-dir", str(tmp_path),
+def test_reinforce_settings_name_reinforce_runs_alone(tmp_path):
+    # names of next-token runs before the REINFORCE fields were added: their folders are still theirs
+    assert run_name(Config.from_profile("cpu", regime="chameleon")) == "chameleon-causal-batch_mean-seed0-63a45736"
+    svf = Config.from_profile("smoke", task="instructions", regime="svf")
+    assert run_name(svf) == "svf-causal-batch_mean-seed0-e4beb9b6"
+    assert run_name(svf.replace(reinforce_steps=3, kl_coef=0.1)) == run_name(svf)  # settings it never reads
+    rl = Config.from_profile("smoke", task="instructions", regime="svf", objective="reinforce")
+    assert (rl.reinforce_steps, rl.batch_size, rl.lr) == (8, 4, 2e-3)  # config.REINFORCE_OVERRIDES over the profile
+    changed = [rl.replace(**{k: v}) for k, v in [("reinforce_steps", 9), ("batch_size", 5), ("lr", 1e-3),
+                                                 ("max_grad_norm", 1.0), ("temperature", 0.7), ("kl_coef", 0.1)]]
+    names = {run_name(c) for c in [rl, *changed]}
+    assert len(names) == 7 and all("-reinforce-seed0-" in n for n in names)
+    with pytest.raises(ValueError, match="regime='svf'"):
+        rl.replace(regime="lora")
+
+
+def test_the_command_writes_a_run_folder_that_serves_the_trained_expert(tmp_path, capsys):
+    argv = ["reinforce", "--profile", "smoke", "--backbone", "gpt2-tiny", "--results-dir", str(tmp_path / "results"),
             "--data-dir", str(tmp_path), "--steps", "2", "--batch-size", "2", "--max-new-tokens", "3",
-            "--n-generate", "2"]
+            "--n-generate", "2", "--kl-coef", "0.1", "--lr", "0.5"]
+    # a random model's answers all earn ROUGE-L 0: the KL term gives z a gradient, and lr 0.5 moves the answers
     assert main(argv) == 0
-    folder = tmp_path / "smoke" / "instructions"
-    assert sorted(p.name for p in folder.iterdir()) == [f"reinforce-seed0.{e}" for e in ("json", "md", "safetensors")]
-    result = json.loads((folder / "reinforce-seed0.json").read_text())
-    assert len(result["history"]) == 2 and set(result["rouge_l"]) == {"unadapted", "before", "after", "n"}
-    assert result["command"].startswith("python -m chameleon reinforce") and result["config"]["backbone"] == "gpt2-tiny"
-    z = load_file(folder / "reinforce-seed0.safetensors")
-    assert z.keys() == target_layers(load_backbone("gpt2-tiny")[0]).keys()  # one z per adapted matrix
-    written = {p.name: p.read_bytes() for p in folder.iterdir()}
+    cfg = Config.from_profile("smoke", backbone="gpt2-tiny", results_dir=tmp_path / "results", data_dir=tmp_path,
+                              task="instructions", regime="svf", objective="reinforce", reinforce_steps=2,
+                              batch_size=2, max_new_tokens=3, n_generate=2, kl_coef=0.1, lr=0.5)
+    run = run_dir(cfg)  # the options named the run as these fields do
+    assert sorted(p.name for p in run.iterdir()) == ["centroids.safetensors", "checkpoint.safetensors", "config.json",
+                                                     "metrics.json", "report.md"]
+    result = read_finished(run)
+    assert len(result["history"]) == 2 and read_config(run) == cfg
+    assert result["command"].startswith("python -m chameleon reinforce")
+    md, copy = report_paths(cfg)
+    assert md.read_text() == (run / "report.md").read_text() and json.loads(copy.read_text()) == result
+    assert "| unadapted | expert at init | expert after REINFORCE |" in md.read_text()
+
+    written = {p: p.read_bytes() for p in [*run.iterdir(), md, copy]}
     capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "reinforce-seed0" in err and "exists" in err and "--force" in err
-    assert written == {p.name: p.read_bytes() for p in folder.iterdir()}
-    assert main(argv + ["--force"]) == 0
+    assert main(argv) == 0  # the finished run is read back, as `train` does: nothing is trained or written again
+    assert str(run) in capsys.readouterr().out
+    assert written == {p: p.read_bytes() for p in written}
+
+    model = load_backbone("gpt2-tiny")[0]
+    z = torch.cat(list(load_trained(cfg, model, run).svf.expert(0).values()))
+    z0 = torch.cat(list(build(cfg, model).svf.expert(0).values()))  # the seeded init
+    assert (z - z0).abs().max().item() == pytest.approx(result["z_change"]) and result["z_change"] > 0
+    served = Adapter.from_run(run, device="cpu").generate([g["prompt"] for g in result["generations"]])
+    # the greedy answers of the model trained in memory, recorded by the run
+    assert [r.text for r in served] == [g["after"] for g in result["generations"]]
+    assert [g["after"] for g in result["generations"]] != [g["before"] for g in result["generations"]]
