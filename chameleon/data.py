@@ -81,6 +81,7 @@ def _domains_corpus() -> DatasetDict:
     rows += [dict(text=text, domain=domain, key=text) for domain, language in DIALOGUES.items()
              for text in _conversations(language)]
     rows = [r for r in rows if len(r["text"].split()) >= MIN_WORDS]
+    rows = list({r["text"]: r for r in reversed(rows)}.values())  # one copy of a text (its first): no text in two splits
     kept = []
     for domain in ("encyclopedia", "code", *DIALOGUES):
         mine = sorted((r for r in rows if r["domain"] == domain), key=lambda r: _hash("keep:" + r["text"]))
