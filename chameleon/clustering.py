@@ -94,7 +94,7 @@ class ClusterBatchSampler(torch.utils.data.Sampler[list[int]]):
     DistributedSampler.
 
     Args:
-        labels: (N,) cluster of each example (from `kmeans`).
+        labels: (N,) cluster of each example (from `kmeans`); examples labelled -1 are left out.
         batch_size: largest number of examples per batch.
         seed: base seed of the shuffles.
     """
@@ -103,7 +103,7 @@ class ClusterBatchSampler(torch.utils.data.Sampler[list[int]]):
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         labels = _numpy(labels)
-        self.clusters = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+        self.clusters = [np.flatnonzero(labels == c) for c in np.unique(labels[labels >= 0])]
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
 
     def set_epoch(self, epoch: int) -> None:

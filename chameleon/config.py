@@ -56,7 +56,9 @@ class Config:
     # an oracle control; n_experts must equal the number of domains)
     dispatch: str = "oracle"  # *_experts at evaluation, a row of regimes.DISPATCHES: "oracle" (the batch's true group:
     # an upper bound), "classifier" (nearest group centroid of the prompt / first prefix_tokens tokens) or "cem"
-    cem_shots: int = 4  # cem: held-out examples of the group (from the train split) that score a mixture
+    cem_shots: int = 4  # cem: examples of the group (from the train split) that score a mixture
+    cem_held_out: bool = False  # cem: the shots are left out of the experts' training (Transformer²'s few-shot
+    # examples are never trained on); otherwise the search scores examples its group's expert was trained on
     cem_population: int = 32  # cem: candidates per iteration (the reference's 32; elite ratio 0.2)
     cem_iters: int = 2  # cem: iterations (kept small for a CPU: every candidate runs the shots through the body)
     # --- clustering ---
@@ -164,10 +166,10 @@ OBJECTIVES = ("loss", "reinforce")
 # Now "paper" is the publication alone; the protocol of the authors' code is "authors", their setting `hub`.
 RENAMED = {"protocol": {"paper": "authors"}, "profile": {"paper": "hub"}}
 # Fields that only the SVF experts read: left out of other runs' names (runs.run_name), so they keep their folders.
-EXPERT_FIELDS = ("n_experts", "dispatch", "cem_shots", "cem_population", "cem_iters", "expert_groups")
+EXPERT_FIELDS = ("n_experts", "dispatch", "cem_shots", "cem_population", "cem_iters", "expert_groups", "cem_held_out")
 # Fields added after runs were committed: left out of a run's name at their default (runs.run_name), so those
 # runs keep their folders; a value other than the default changes what a run computes, and its name.
-ADDED_FIELDS = ("score_from", "dev_split", "matched_alpha", "expert_groups", "batchings")
+ADDED_FIELDS = ("score_from", "dev_split", "matched_alpha", "expert_groups", "batchings", "cem_held_out")
 # Fields that only REINFORCE reads: left out of next-token runs' names (runs.run_name) and of the other commands' options.
 REINFORCE_FIELDS = ("objective", "reinforce_steps", "max_grad_norm", "temperature", "kl_coef")
 

@@ -26,7 +26,7 @@ from chameleon.fused_loss import CHUNK, fused_loss_sum
 from chameleon.hypernetwork import ChameleonHead, HyperNetwork
 from chameleon.lora import LoRA, add_lora, dims, freeze, scaling, trainable_parameters
 from chameleon.prepare import trimmed
-from chameleon.regimes import DISPATCHES, PROTOCOLS, REGIMES
+from chameleon.regimes import DISPATCHES, MIXABLE_KINDS, PROTOCOLS, REGIMES
 
 
 class Component:
@@ -53,6 +53,10 @@ class Component:
         """Why prompts cannot be served with this component ("": they can)."""
         return ""
 
+    def held_out(self) -> list[int]:
+        """Train-split examples that no training batch may contain (what `bind` set aside)."""
+        return []
+
 
 class Experts(Component, nn.Module):
     """K adapters of one kind (subclasses: SVF z vectors, head LoRAs), one per coarse group of the data, and
@@ -65,7 +69,8 @@ class Experts(Component, nn.Module):
     upper bound), "classifier" the group whose prompt centroid is nearest the batch's mean prompt embedding
     (Split.prompt_emb: the first prefix_tokens tokens for lm, the prompt for instructions; no forward pass),
     "cem" a mixture sum_k alpha_k of the experts whose alpha a CEM search (svf.cem_search) fits to the mean
-    log-likelihood of cfg.cem_shots train examples of the batch's true group.
+    log-likelihood of cfg.cem_shots train examples of the batch's true group (left out of training when
+    cfg.cem_held_out, as Transformer²'s few-shot examples are).
     """
 
     def __init__(self, cfg: Config, k: int):
@@ -77,6 +82,7 @@ class Experts(Component, nn.Module):
         self.accuracy: float | None = None
         self.searching = False  # True while CEM scores candidates (a few shots: SVF applies z factored)
         self._cem: dict[int, tuple[float, ...]] = {}  # group -> CEM mixing weights
+        self.shots: dict[int, list[int]] = {}  # group -> the train examples CEM scores
 
     def per_expert(self) -> int:
         return trainable_parameters(self.experts[0])
@@ -99,7 +105,6 @@ class Experts(Component, nn.Module):
         self.prompt_centroids = torch.stack([prompt[torch.from_numpy(labels == g)].mean(0) if (labels == g).any()
                                              else torch.zeros(prompt.shape[1]) for g in range(self.k)])
         rng = np.random.default_rng(self.cfg.seed)
-        self.shots = {}
         for g in range(self.k):
             members = np.flatnonzero(labels == g)
             self.shots[g] = sorted(rng.choice(members, min(self.cfg.cem_shots, len(members)), replace=False).tolist())
@@ -107,6 +112,10 @@ class Experts(Component, nn.Module):
         batches = [b for b, _ in eval_batches(val_split.labels, self.cfg.batch_size, self.cfg.conditioning)]
         hits = [self._by_oracle(adapted, val_split, b) == self._by_classifier(adapted, val_split, b) for b in batches]
         self.accuracy = float(np.mean(hits)) if hits else None
+
+    def held_out(self) -> list[int]:
+        searchable = REGIMES[self.cfg.regime].expert_kind in MIXABLE_KINDS  # only a mixture is searched with shots
+        return sorted(i for shots in self.shots.values() for i in shots) if self.cfg.cem_held_out and searchable else []
 
     def bound(self) -> dict[str, torch.Tensor]:
         return {} if self.prompt_centroids is None else {"prompt_centroids": self.prompt_centroids.contiguous()}
@@ -345,6 +354,9 @@ class Adapted(nn.Module):
 
     def unservable(self) -> str:
         return next((why for c in self.components if (why := c.unservable())), "")
+
+    def held_out(self) -> list[int]:
+        return sorted(i for c in self.components for i in c.held_out())
 
     def group_adapters(self, conds: torch.Tensor | None, selections: list[int] | None
                        ) -> tuple[torch.Tensor, torch.Tensor, float] | None:

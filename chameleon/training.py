@@ -216,7 +216,9 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         history.append({"epoch": cfg.epochs, "step": step, "train_loss": meta["history"][-1]["train_loss"],
                         **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
         save_checkpoint(out, adapted, opt, history, cfg.epochs, step, seconds)
-    sampler = ClusterBatchSampler(train_split.labels, cfg.batch_size, seed=cfg.seed)
+    labels = train_split.labels.copy()
+    labels[adapted.held_out()] = -1  # e.g. CEM's few shots: never trained on
+    sampler = ClusterBatchSampler(labels, cfg.batch_size, seed=cfg.seed)
     for epoch in range(start_epoch, cfg.epochs if params else 0):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout: an epoch replays identically after a resume
         sampler.set_epoch(epoch)

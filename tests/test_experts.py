@@ -234,3 +234,22 @@ def test_svf_parameters_of_gpt2_and_smollm2_layouts():
     from chameleon.model import svf_parameters
 
     assert svf_parameters(load_backbone("gpt2-arch")[0]) == 12 * (768 + 768)  # c_fc (768 -> 3072), c_proj
+
+
+def test_cem_shots_are_held_out_of_training_when_asked(tmp_path, monkeypatch):
+    seen = []
+    real = training.ClusterBatchSampler
+
+    class Spy(real):
+        def __iter__(self):
+            for batch in super().__iter__():
+                seen.extend(batch)
+                yield batch
+
+    monkeypatch.setattr(training, "ClusterBatchSampler", Spy)
+    captured = {}
+    monkeypatch.setattr(training.Adapted, "held_out", lambda self: captured.setdefault("ids", type(self.svf).held_out(self.svf)))
+    train(tiny(tmp_path, regime="svf_experts", epochs=1, cem_held_out=True), progress=False)
+    shots = captured["ids"]
+    assert len(shots) == 3 * 4 and not set(shots) & set(seen)  # cem_shots per group
+    assert len(seen) == 64 - len(shots)  # every other train example once
