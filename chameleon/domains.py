@@ -20,7 +20,7 @@ import pandas as pd
 from scipy import stats
 
 from chameleon.config import Config, RunFailed
-from chameleon.regimes import BATCHINGS
+from chameleon.regimes import BATCHINGS, REGIMES
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,12 @@ class Row:
     overrides: dict = field(default_factory=dict)  # Config fields on top of the profile
     tuned_as: str = ""  # the row whose learning rate it takes ("": its own, or none when nothing trains)
     about: str = ""
+    seeds: int = 5  # at most this many seeds (rows that train through the body cost several times more)
+
+    @property
+    def body(self) -> bool:
+        """It trains through the body (no cached hidden states): run after every head-only row."""
+        return not REGIMES[self.overrides["regime"]].frozen_body
 
 
 ROWS = {r.name: r for r in [
@@ -52,6 +58,13 @@ ROWS = {r.name: r for r in [
         about="the training mean for every batch: the parametrisation alone"),
     Row("chameleon_oracle", dict(regime="chameleon", conditioning="oracle"), tuned_as="chameleon_prefix",
         about="each line's true domain's training mean (an upper bound)"),
+    # Transformer²: one z for all data, and one per k-means group (k = 6) with the three dispatches; CEM's shots
+    # are held out of the experts' training
+    Row("svf", dict(regime="svf"), seeds=3, about="Transformer²'s SVF: one z rescales every MLP matrix's singular values"),
+    Row("svf_experts", dict(regime="svf_experts", dispatch="classifier", cem_held_out=True), seeds=3,
+        about="one SVF expert per k-means group, picked per batch by its prompt's nearest group"),
+    Row("svf_experts_cem", dict(regime="svf_experts", dispatch="cem", cem_held_out=True), tuned_as="svf_experts",
+        seeds=3, about="a mixture of the SVF experts fitted per group by CEM on 4 held-out shots"),
 ]}
 LR_GRID = (1e-3, 3e-3, 1e-2)
 # The comparisons claimed (difference = first - second, val loss in nats; negative: the first is better), on
@@ -86,7 +99,7 @@ def tune(cfg: Config, progress: bool = True) -> pd.DataFrame:
     path.parent.mkdir(parents=True, exist_ok=True)
     corpus_table(cfg).to_csv(folder(cfg) / "corpus.csv", index=False)
     done = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["row", "lr", "dev_loss", "status"])
-    for row in ROWS.values():
+    for row in sorted(ROWS.values(), key=lambda r: r.body):  # head-only rows first
         if row.tuned_as or not trains(row):
             continue
         for lr in LR_GRID:
@@ -103,11 +116,11 @@ def tune(cfg: Config, progress: bool = True) -> pd.DataFrame:
 
 
 def chosen_rates(grid: pd.DataFrame) -> dict[str, float]:
-    """Each row's learning rate: the grid's lowest dev loss of the row it is tuned as."""
+    """Each row's learning rate: the grid's lowest dev loss of the row it is tuned as (NaN for a row that
+    trains nothing; rows not tuned yet are missing)."""
     best = grid[grid.status == "ok"].sort_values("dev_loss").groupby("row").lr.first().to_dict()
-    return {r.name: float(best[r.tuned_as or r.name]) for r in ROWS.values()
-            if (r.tuned_as or r.name) in best or not trains(r)} | {r.name: math.nan for r in ROWS.values()
-                                                                     if not trains(r)}
+    rates = {r.name: best.get(r.tuned_as or r.name) if trains(r) else math.nan for r in ROWS.values()}
+    return {name: float(lr) for name, lr in rates.items() if lr is not None}
 
 
 def run_seeds(cfg: Config, seeds: int, progress: bool = True) -> pd.DataFrame:
@@ -124,22 +137,23 @@ def run_seeds(cfg: Config, seeds: int, progress: bool = True) -> pd.DataFrame:
     path = out / "runs.csv"
     done = pd.read_csv(path) if path.exists() else pd.DataFrame()
     (out / "lines").mkdir(parents=True, exist_ok=True)
-    for seed in range(seeds):
-        for row in ROWS.values():
-            if not done.empty and ((done.row == row.name) & (done.seed == seed)).any():
-                continue
-            if row.name not in rates:
-                raise ValueError(f"no learning rate for {row.name} in {grid_path}: run --stage lr to the end")
-            run = row_config(cfg, row, seed, None if math.isnan(rates[row.name]) else rates[row.name])
-            for step in plan(run):
-                result = train(step, progress=progress)
-            lines = pd.read_csv(run_dir(run) / LINES)
-            lines.to_csv(out / "lines" / f"{row.name}-seed{seed}.csv", index=False, float_format="%.6f")
-            entry = dict(row=row.name, seed=seed, lr=run.lr if trains(row) else math.nan,
-                         trainable_params=result["trainable_params"], seconds=result["seconds"],
-                         **{f"loss_{b}": v for b, v in result["batchings"].items()}, run=run_dir(run).name)
-            done = pd.concat([done, pd.DataFrame([entry])], ignore_index=True)
-            done.to_csv(path, index=False)
+    order = [(seed, row) for body in (False, True) for seed in range(seeds) for row in ROWS.values()
+             if row.body == body and seed < row.seeds]  # every head-only row first, seed after seed
+    for seed, row in order:
+        if not done.empty and ((done.row == row.name) & (done.seed == seed)).any():
+            continue
+        if row.name not in rates:
+            raise ValueError(f"no learning rate for {row.name} in {grid_path}: run --stage lr to the end")
+        run = row_config(cfg, row, seed, None if math.isnan(rates[row.name]) else rates[row.name])
+        for step in plan(run):
+            result = train(step, progress=progress)
+        lines = pd.read_csv(run_dir(run) / LINES)
+        lines.to_csv(out / "lines" / f"{row.name}-seed{seed}.csv", index=False, float_format="%.6f")
+        entry = dict(row=row.name, seed=seed, lr=run.lr if trains(row) else math.nan,
+                     trainable_params=result["trainable_params"], seconds=result["seconds"],
+                     **{f"loss_{b}": v for b, v in result["batchings"].items()}, run=run_dir(run).name)
+        done = pd.concat([done, pd.DataFrame([entry])], ignore_index=True)
+        done.to_csv(path, index=False)
     return done
 
 

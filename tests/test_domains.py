@@ -184,3 +184,13 @@ def test_holm_adjusts_the_claimed_family():
     expected = np.minimum(1, np.maximum.accumulate([(m - i) * p for i, p in enumerate(claims.p_seeds)]))
     assert claims.p_holm.to_numpy() == pytest.approx(expected)
     assert table[table.batching != domains.PRIMARY_BATCHING].p_holm.isna().all()
+
+
+def test_each_row_takes_the_rate_of_the_row_it_is_tuned_as():
+    grid = pd.DataFrame([dict(row="lora", lr=1e-3, dev_loss=3.0, status="ok"),
+                         dict(row="lora", lr=1e-2, dev_loss=math.nan, status="diverged: ..."),
+                         dict(row="chameleon_prefix", lr=1e-3, dev_loss=2.9, status="ok"),
+                         dict(row="chameleon_prefix", lr=3e-3, dev_loss=2.8, status="ok")])
+    rates = domains.chosen_rates(grid)
+    assert rates["lora"] == 1e-3 and rates["chameleon_prefix"] == rates["chameleon_constant"] == 3e-3
+    assert math.isnan(rates["unadapted"]) and "lora_matched" not in rates  # not tuned yet
