@@ -413,7 +413,7 @@ domains: see [{DOMAINS}]({DOMAINS}).
 **ChamaleonLLM or Transformer²?** On this data one SVF expert ({one_expert.trainable_params:,} parameters on the MLP
 matrices) reaches {pm(one_expert)} causal, below the ChamaleonLLM head ({cham.trainable_params:,} parameters,
 {pm(cham)}); three SVF experts reach {span(experts.val_loss)} whatever the dispatch.
-[RESULTS.md](RESULTS.md#chamaleonllm-or-transformer), [docs/transformer2.md](docs/transformer2.md).
+[RESULTS.md](RESULTS.md), [docs/transformer2.md](docs/transformer2.md).
 {ANSWERS[1]}"""
 
 
