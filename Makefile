@@ -1,9 +1,10 @@
-# Two commands do everything on a fresh clone:
-#   make reproduce   set up .venv and run every notebook in order (PROFILE=cpu by default)
-#   make test        set up .venv, lint, and run the test suite, notebooks included (what CI runs)
-# and one opens the notebooks to step through them:
+# Three commands on a fresh clone:
 #   make lab         set up .venv, register its Jupyter kernel, start JupyterLab on notebooks/
+#   make test        set up .venv, lint, and run the test suite, notebooks included (what CI runs)
+#   make reproduce   set up .venv, run every notebook in order (PROFILE=cpu by default) and the paper-length
+#                    experiment into $(REPRODUCE), then print its numbers beside the committed ones
 PROFILE ?= cpu
+REPRODUCE ?= runs/reproduce
 PY := .venv/bin/python
 # Raising glibc's mmap threshold keeps the LM head's ~800 MB temporaries in the heap: ~30% faster steps.
 export MALLOC_MMAP_THRESHOLD_ ?= 17179869184
@@ -42,9 +43,13 @@ lab: .venv/.installed
 notebooks-smoke: .venv/.installed
 	$(PY) -m chameleon notebooks --profile smoke --in-place
 
+# A user's run writes its results and figures to $(REPRODUCE) (CHAMELEON_OUTPUTS), never over the committed ones,
+# which change only through an explicit command (compare, report, notebooks-smoke).
+reproduce: export CHAMELEON_OUTPUTS = $(abspath $(REPRODUCE))
 reproduce: .venv/.installed
 	$(PY) -m chameleon notebooks --profile $(PROFILE)
 	$(PY) -m chameleon compare --profile $(PROFILE) --experiment paper-length --seeds 3
+	$(PY) -m chameleon report --check $(REPRODUCE)
 
 compare: .venv/.installed
 	$(PY) -m chameleon compare --profile $(PROFILE) --seeds 3

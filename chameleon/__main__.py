@@ -1,4 +1,4 @@
-"""Command line: `python -m chameleon {doctor,params,train,compare,notebooks,generate,reinforce,domains} [--profile P] [--field value ...]`.
+"""Command line: `python -m chameleon {doctor,params,train,compare,notebooks,generate,reinforce,domains,report} [--profile P] [--field value ...]`.
 
 Every Config field is also an option (`--regime lora --max-length 64`), applied on top of the profile.
 """
@@ -128,6 +128,24 @@ def domains(args) -> int:
     return 0
 
 
+def report(args) -> int:
+    """Write RESULTS.md, the README's answers and the cpu paired tables from the committed CSVs; with --check,
+    compare a reproduction's runs with the committed ones instead (what `make reproduce` ends with)."""
+    from chameleon import results
+
+    if args.check is None:
+        for path in results.write():
+            print(f"written: {path}")
+        return 0
+    table = results.check_reproduced(args.check, tolerance=args.tolerance)
+    if table.empty:
+        raise ValueError(f"no per-run tables under {args.check}/results/: nothing to compare")
+    print(f"{args.check} beside the committed runs (val loss, same regime, protocol, conditioning and seed; "
+          f"tolerance {args.tolerance} nats):\n{table.to_markdown(index=False, floatfmt='.4f')}")
+    outside = table["outside tolerance"].fillna(0).sum() if "outside tolerance" in table else 0
+    return 1 if outside else 0
+
+
 def notebooks(args) -> int:
     """Run every notebook in order on the profile into runs/<profile>/ (or, with --in-place, over the
     committed notebooks: how their smoke outputs are refreshed), then print the results table."""
@@ -194,7 +212,8 @@ COMMANDS = {"doctor": (doctor, "check torch, the device and every embedded asset
             "notebooks": (notebooks, "run notebooks/[0-9]*.ipynb in order into runs/<profile>/, print the results"),
             "generate": (generate, "answer prompts with a trained run (batched, one adapter per group)"),
             "reinforce": (reinforce, "train one SVF expert with REINFORCE (reward: ROUGE-L) on the instruction task"),
-            "domains": (domains, "the domains experiment: --stage lr, then runs, then report (chameleon.domains)")}
+            "domains": (domains, "the domains experiment: --stage lr, then runs, then report (chameleon.domains)"),
+            "report": (report, "write RESULTS.md and the README's answers from results/, or --check a reproduction")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text)
         if name == "generate":  # the run's config.json sets everything else
             _add_generate_options(command)
+            continue
+        if name == "report":  # reads committed tables: no Config
+            command.add_argument("--check", type=Path, metavar="OUTPUTS",
+                                 help="compare the runs under OUTPUTS/results/ (a CHAMELEON_OUTPUTS folder) with the committed ones")
+            command.add_argument("--tolerance", type=float, default=0.02, help="--check: largest val-loss difference, nats")
             continue
         # REINFORCE's own settings are options of its command alone, where the objective is fixed
         _add_config_options(command, skip=("objective",) if name == "reinforce" else REINFORCE_FIELDS)

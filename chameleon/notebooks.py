@@ -76,8 +76,11 @@ def run_notebooks(profile: str, out_dir: Path | str | None = None, inject: bool 
         for nb in notebooks or notebook_paths():
             log(f"running {nb.name} ({profile})")
             target = out / nb.name
+            # progress_bar: papermill's count of executed cells, the progress of a long notebook. The kernel logs
+            # at ERROR only: its warning about local TCP without encryption would repeat for every notebook.
             papermill.execute_notebook(str(nb), str(target), parameters={"profile": profile} if inject else None,
-                                       kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False)
+                                       kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=True,
+                                       extra_arguments=["--log-level=ERROR"])
             if out.resolve() == NOTEBOOKS.resolve():
                 strip_run_metadata(target)
             done.append(target)

@@ -254,9 +254,11 @@ def cem_search(score_fn: Callable[[torch.Tensor], float | tuple], n_experts: int
                ) -> torch.Tensor:
     """Cross-entropy-method search for mixing weights alpha in [0, 1]^K that maximise score_fn(alpha).
 
-    As the reference: the search starts at `init` (uniform 1/K) with std 0.5 (half the range); each
-    iteration samples `population` candidates clipped to [0, 1], keeps the best so far as candidate 0
-    (re-evaluated), and refits mean and std to the elites.
+    The search starts at `init` (uniform 1/K) with std 0.5 (half the range); each iteration samples
+    `population` candidates clipped to [0, 1], keeps the best so far as candidate 0 (re-evaluated), and
+    refits mean and std to the elites. Population and elite ratio are the reference's defaults; its
+    few-shot evaluation script differs (50 iterations, per-layer, unnormalised coefficients): see
+    docs/transformer2.md.
 
     Args:
         score_fn: alpha (K,) -> score, e.g. the mean log-likelihood of a few held-out examples under
