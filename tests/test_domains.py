@@ -194,3 +194,23 @@ def test_each_row_takes_the_rate_of_the_row_it_is_tuned_as():
     rates = domains.chosen_rates(grid)
     assert rates["lora"] == 1e-3 and rates["chameleon_prefix"] == rates["chameleon_constant"] == 3e-3
     assert math.isnan(rates["unadapted"]) and "lora_matched" not in rates  # not tuned yet
+
+
+def test_the_experiment_runs_stage_by_stage_into_its_tables(tmp_path, labelled, monkeypatch):
+    """tune -> run_seeds -> results_text on the tiny GPT-2, three rows, one rate, two seeds: every table is
+    filled from the CSVs the stages wrote, and a rerun trains nothing again."""
+    rows = {k: domains.ROWS[k] for k in ("unadapted", "chameleon_prefix", "chameleon_constant")}
+    monkeypatch.setattr(domains, "ROWS", rows)
+    monkeypatch.setattr(domains, "LR_GRID", (1e-2,))
+    monkeypatch.setattr(domains, "COMPARISONS", [("chameleon_prefix", "chameleon_constant")])
+    cfg = tiny(tmp_path, corpus=labelled)
+    grid = domains.tune(cfg, progress=False)
+    assert list(grid.row) == ["chameleon_prefix"] and (grid.status == "ok").all()
+    runs = domains.run_seeds(cfg, seeds=2, progress=False)
+    assert sorted(zip(runs.row, runs.seed)) == sorted((r, s) for r in rows for s in range(2))
+    assert (runs[runs.row != "unadapted"].lr == 1e-2).all() and runs[runs.row == "unadapted"].lr.isna().all()
+    out = domains.folder(cfg)
+    text = domains.results_text(out)
+    claim = domains.comparisons(domains.line_table(out)).query("batching == @domains.PRIMARY_BATCHING").iloc[0]
+    assert f"| chameleon_prefix - chameleon_constant | 2 | {domains.fmt(claim.difference)} |" in text
+    assert domains.run_seeds(cfg, seeds=2, progress=False).equals(runs)  # nothing is run twice
