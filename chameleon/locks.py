@@ -22,12 +22,12 @@ What it relies on, and what that means on a shared filesystem:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +43,6 @@ class RunLocked(RunFailed):
 
 @dataclass
 class Lock:
-    path: Path
     took_over: bool  # a killed worker's lock was taken over: its run has a checkpoint to resume from
 
 
@@ -71,8 +70,8 @@ def _stale(holder: dict) -> bool:
         return True
     except PermissionError:  # alive, another user's
         pass
-    start = _start_time(holder["pid"])
-    return start is not None and start != holder.get("pid_start")
+    start, then = _start_time(holder["pid"]), holder.get("pid_start")
+    return None not in (start, then) and start != then  # alive, but another process (the pid was reused)
 
 
 def _take(path: Path) -> str | None:
@@ -96,7 +95,8 @@ def _break(path: Path, seen: str) -> None:
     except FileNotFoundError:
         return
     if grave.read_text() != seen:  # a live worker took the lock between our read and the rename: give it back
-        os.link(grave, path)
+        with contextlib.suppress(FileExistsError):  # unless a third took it since: two then train it, both right
+            os.link(grave, path)
     grave.unlink()
 
 
@@ -107,7 +107,7 @@ def _describe(path: Path, holder: dict | None) -> str:
     return f"{path} is held by pid {holder.get('pid')} on {holder.get('host')} since {since}"
 
 
-@contextmanager
+@contextlib.contextmanager
 def locked(path: Path, wait: bool = True, poll: float = 2.0):
     """Hold the lock file `path` for the `with` block; yields a Lock.
 
@@ -142,7 +142,7 @@ def locked(path: Path, wait: bool = True, poll: float = 2.0):
             warned = True
         time.sleep(poll)
     try:
-        yield Lock(path, took_over)
+        yield Lock(took_over)
     finally:
         if path.is_file() and path.read_text() == mine:  # never another worker's (after a manual delete)
             path.unlink()

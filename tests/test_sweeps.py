@@ -4,7 +4,6 @@ import json
 import shlex
 
 import pandas as pd
-import ray
 
 from chameleon import __main__ as cli
 from chameleon.compare import compare, experiment_runs
@@ -37,6 +36,8 @@ def test_plan_lists_each_run_once_after_what_it_needs_and_its_commands_train_tho
 
 
 def test_ray_with_two_workers_gives_the_rows_of_the_sequential_loop(tmp_path, monkeypatch):
+    import ray  # here: its import takes seconds that the other tests need not wait for
+
     # chameleon: a plain run; lora_experts under `classifier`: a run that needs its `oracle` run first
     runs, protocols = [("chameleon", "batch_mean"), ("lora_experts", "classifier")], ("causal",)
     here = compare(tiny(tmp_path / "here"), runs=runs, protocols=protocols, progress=False)
