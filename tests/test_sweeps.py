@@ -42,6 +42,7 @@ def test_ray_with_two_workers_gives_the_rows_of_the_sequential_loop(tmp_path, mo
     runs, protocols = [("chameleon", "batch_mean"), ("lora_experts", "classifier")], ("causal",)
     here = compare(tiny(tmp_path / "here"), runs=runs, protocols=protocols, progress=False)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the workers import this checkout
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")  # a test reports nothing anywhere
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # one CPU, so one torch thread, per task
     try:
         there = compare(tiny(tmp_path / "ray"), runs=runs, protocols=protocols, progress=False, engine="ray")
