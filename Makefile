@@ -59,6 +59,7 @@ bench: .venv/.installed
 	$(PY) -m benchmarks.bench_training
 	$(PY) -m benchmarks.bench_head
 	$(PY) -m benchmarks.bench_serving
+	$(PY) -m benchmarks.bench_memory
 
 doctor: .venv/.installed
 	$(PY) -m chameleon doctor

@@ -78,14 +78,18 @@ def params(args) -> int:
 
 def train(args) -> int:
     cfg = _config(args)  # before the heavy imports: a bad option is refused at once
+    from chameleon.locks import RunLocked
     from chameleon.runs import plan, run_dir
-    from chameleon.training import train as train_run
+    from chameleon.sweeps import train_step
 
-    steps = plan(cfg)
-    for step in steps[:-1]:  # the runs this one depends on (experts under a dispatch chosen at inference)
-        print(f"first: {run_dir(step)}")
-        train_run(step, resume=args.resume)
-    result = train_run(cfg, resume=args.resume)
+    try:  # each run under its lock (chameleon.locks): another worker may be training it
+        for step in plan(cfg)[:-1]:  # the runs this one depends on (experts under a dispatch chosen at inference)
+            print(f"first: {run_dir(step)}")
+            train_step(step, resume=args.resume, wait=args.if_locked == "wait")
+        result = train_step(cfg, resume=args.resume, wait=args.if_locked == "wait")
+    except RunLocked as err:  # --if-locked skip: not a failure, another worker is on it
+        print(err)
+        return 0
     from chameleon.regimes import conditioning_label
 
     svf = (f" ({result['n_experts']} x {result['params_per_expert']:,} per expert, {result['passes']} pass(es) per request"
@@ -107,7 +111,13 @@ def compare(args) -> int:
                             command=_command(cfg, "svf", args.seeds))  # the SVF rows alone, beside the full table
     run = {"all": compare_runs, "svf": svf, "paper-length": paper_length, "heads": heads}[args.experiment]
     lengths = {"lengths": tuple(int(n) for n in args.lengths.split(","))} if args.experiment == "paper-length" else {}
-    print(to_markdown(run(cfg, seeds=args.seeds, **lengths)))
+    if args.plan:  # the runs alone, for a scheduler (chameleon.sweeps)
+        from chameleon.compare import experiment_runs
+        from chameleon.sweeps import plan_lines
+
+        print("\n".join(plan_lines(experiment_runs(cfg, args.experiment, args.seeds, **lengths), args.format)))
+        return 0
+    print(to_markdown(run(cfg, seeds=args.seeds, engine=args.engine, **lengths)))
     name = {"all": "compare"}.get(args.experiment, args.experiment)
     print(f"written to {results_folder(cfg)}/{name}-seeds{args.seeds}.md")
     return 0
@@ -233,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_options(command, skip=("objective",) if name == "reinforce" else REINFORCE_FIELDS)
         if name == "train":
             command.add_argument("--resume", action="store_true", help="continue an interrupted run")
+            command.add_argument("--if-locked", default="wait", choices=["wait", "skip"],
+                                 help="while another live worker trains the run: wait for it, or skip it (exit 0)")
         if name == "notebooks":
             command.add_argument("--in-place", action="store_true",
                                  help="overwrite notebooks/*.ipynb with the executed copies (committed outputs: smoke)")
@@ -248,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="all: every regime x protocol; svf: the SVF rows alone (svf-seeds<N>.*); paper-length: head-only regimes under the authors' "
                                       "protocol at --lengths; heads: head-only regimes, causal, paired differences")
             command.add_argument("--lengths", default="160,256", help="paper-length: the max_length values, comma-separated")
+            command.add_argument("--engine", default="local", choices=["local", "ray"],
+                                 help="local: the runs one after the other here; ray: as Ray tasks (a cluster: RAY_ADDRESS)")
+            command.add_argument("--plan", action="store_true",
+                                 help="print the runs the table needs, dependencies first, one a line; train nothing")
+            command.add_argument("--format", default="jsonl", choices=["jsonl", "commands"],
+                                 help="--plan: one JSON record, or one `python -m chameleon train` command, a line")
     return parser
 
 

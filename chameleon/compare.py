@@ -15,8 +15,8 @@ from chameleon.config import Config
 from chameleon.model import build, svf_parameters
 from chameleon.regimes import CONDITIONINGS, PROTOCOLS, REGIMES
 from chameleon.report import KEYS, paired_differences, summarise, write_tables
-from chameleon.runs import plan, result_row
-from chameleon.training import train
+from chameleon.runs import result_row, run_name
+from chameleon.sweeps import execute, steps
 
 # The paper's WikiText-2 table (GPT-2 124M, rank 4): parameters, validation loss and perplexity.
 PAPER_TABLE = pd.DataFrame([
@@ -52,12 +52,13 @@ HEAD_RUNS = [("unadapted", "batch_mean"), ("lora", "batch_mean"), ("lora_matched
 
 def compare(cfg: Config, seeds: int = 1, runs: list[tuple[str, str]] | None = None,
             protocols: tuple[str, ...] = tuple(PROTOCOLS), progress: bool = True, stem: str | None = None,
-            command: str | None = None) -> pd.DataFrame:
+            command: str | None = None, engine: str = "local") -> pd.DataFrame:
     """Train every (regime, conditioning) of `runs` under each protocol for seeds cfg.seed ...
     cfg.seed + seeds - 1, and write the per-run rows and the summary table.
 
     stem names the files (default compare-seeds<N>: give another one for a subset of the runs, so the
-    full table is not overwritten); command is what the Markdown file says produced it.
+    full table is not overwritten); command is what the Markdown file says produced it; engine runs the
+    runs here one after the other ("local") or as Ray tasks ("ray": chameleon.sweeps).
 
     Where `runs` has a `prefix` row, the head-only baselines without a hypernetwork are also run
     with score_from = prefix_tokens (causal protocol; under "authors" every run scores the last
@@ -66,17 +67,17 @@ def compare(cfg: Config, seeds: int = 1, runs: list[tuple[str, str]] | None = No
     Returns the summary: one row per regime x protocol x conditioning x scored with the mean and
     the standard deviation over seeds.
     """
-    per_run = run_rows(cfg, seeds, runs or RUNS[cfg.task], protocols, progress)
+    per_run = run_rows(cfg, seeds, runs or RUNS[cfg.task], protocols, progress, engine)
     table = summarise(per_run)
     command = command or f"python -m chameleon compare --profile {cfg.profile} --task {cfg.task} --seeds {seeds}"
     write_tables(cfg, stem or f"compare-seeds{seeds}", per_run, table, command, seeds)
     return table
 
 
-def run_rows(cfg: Config, seeds: int, runs: list[tuple[str, str]], protocols: tuple[str, ...],
-             progress: bool = True) -> pd.DataFrame:
-    """One result row per run (see `compare`), baselines on the prefix's tokens included."""
-    rows = []
+def table_runs(cfg: Config, seeds: int, runs: list[tuple[str, str]], protocols: tuple[str, ...]) -> list[Config]:
+    """The runs whose rows make a table (see `compare`), in the table's order, baselines on the prefix's tokens
+    included; the runs they need are not listed (sweeps.steps adds them)."""
+    configs = []
     for protocol in protocols:
         todo = [(regime, conditioning, 0) for regime, conditioning in runs]
         if PROTOCOLS[protocol].scores == "all" and any(c in CONDITIONINGS and CONDITIONINGS[c].prefix for _, c in runs):
@@ -84,12 +85,31 @@ def run_rows(cfg: Config, seeds: int, runs: list[tuple[str, str]], protocols: tu
                      if REGIMES[regime].frozen_body and not REGIMES[regime].conditioned]
         for regime, conditioning, score_from in todo:
             setting = {"dispatch": conditioning} if REGIMES[regime].experts else {"conditioning": conditioning}
-            for seed in range(cfg.seed, cfg.seed + seeds):
-                run = cfg.replace(regime=regime, protocol=protocol, seed=seed, score_from=score_from, **setting)
-                for step in plan(run):  # the runs it depends on first (finished ones are read back)
-                    result = train(step, progress=progress)
-                rows.append(result_row(result))
-    return pd.DataFrame(rows)
+            configs += [cfg.replace(regime=regime, protocol=protocol, seed=seed, score_from=score_from, **setting)
+                        for seed in range(cfg.seed, cfg.seed + seeds)]
+    return configs
+
+
+def run_rows(cfg: Config, seeds: int, runs: list[tuple[str, str]], protocols: tuple[str, ...],
+             progress: bool = True, engine: str = "local") -> pd.DataFrame:
+    """One result row per run (see `compare`), baselines on the prefix's tokens included."""
+    return rows(table_runs(cfg, seeds, runs, protocols), progress, engine)
+
+
+def rows(configs: list[Config], progress: bool = True, engine: str = "local") -> pd.DataFrame:
+    """Train the runs `configs` (and those they need, first; finished ones are read back): one row each."""
+    results = execute(steps(configs), engine, progress)
+    return pd.DataFrame([result_row(results[run_name(c)]) for c in configs])
+
+
+def experiment_runs(cfg: Config, experiment: str, seeds: int, lengths: tuple[int, ...] = (160, 256)) -> list[Config]:
+    """The runs whose rows make an experiment's table (`compare --experiment`; paper-length: at each of `lengths`)."""
+    if experiment == "paper-length":
+        return [c for length in lengths for c in table_runs(cfg.replace(max_length=length), seeds, PAPER_LENGTH_RUNS,
+                                                            ("authors",))]
+    runs, protocols = {"all": (RUNS[cfg.task], tuple(PROTOCOLS)), "svf": (SVF_RUNS[cfg.task], tuple(PROTOCOLS)),
+                       "heads": (HEAD_RUNS, ("causal",))}[experiment]
+    return table_runs(cfg, seeds, runs, protocols)
 
 
 def _command(cfg: Config, experiment: str, seeds: int) -> str:
@@ -124,7 +144,7 @@ def padded_shares(cfg: Config, lengths: tuple[int, ...] = (32, 64, 96, 128, 160,
 
 
 def paper_length(cfg: Config, lengths: tuple[int, ...] = (160, 256), seeds: int = 3,
-                 progress: bool = True) -> pd.DataFrame:
+                 progress: bool = True, engine: str = "local") -> pd.DataFrame:
     """The head-only regimes and the conditioning controls under the authors' protocol at the paper's
     max_length (256) and at the length where the embedded corpus's padded share matches
     WikiText-2's at 256 (160: ~94% with GPT-2's tokenizer), with the loss split by target kind.
@@ -132,7 +152,7 @@ def paper_length(cfg: Config, lengths: tuple[int, ...] = (160, 256), seeds: int 
     Only the last position is scored, so the body runs once per length (hidden-state cache)."""
     frames = []
     for length in lengths:
-        per = run_rows(cfg.replace(max_length=length), seeds, PAPER_LENGTH_RUNS, ("authors",), progress)
+        per = rows(experiment_runs(cfg, "paper-length", seeds, (length,)), progress, engine)
         per.insert(4, "max_length", length)
         frames.append(per)
     per_run = pd.concat(frames, ignore_index=True)
@@ -162,11 +182,11 @@ def paper_length(cfg: Config, lengths: tuple[int, ...] = (160, 256), seeds: int 
     return table
 
 
-def heads(cfg: Config, seeds: int = 3, progress: bool = True) -> pd.DataFrame:
+def heads(cfg: Config, seeds: int = 3, progress: bool = True, engine: str = "local") -> pd.DataFrame:
     """The head-only regimes under the causal protocol (HEAD_RUNS, with baselines on the prefix's
     tokens) and their paired per-seed differences against `lora_matched` and against the
     `shuffled` control, 95% t-intervals. Writes heads-seeds<S>.md / .csv, -runs.csv, -paired.csv."""
-    per_run = run_rows(cfg, seeds, HEAD_RUNS, ("causal",), progress)
+    per_run = rows(experiment_runs(cfg, "heads", seeds), progress, engine)
     table = summarise(per_run)
     paired = pd.concat([paired_differences(per_run, {"regime": "lora_matched"}),
                         paired_differences(per_run, {"regime": "chameleon", "conditioning": "shuffled"})],

@@ -12,7 +12,10 @@ from pathlib import Path
 
 from chameleon.regimes import BATCHINGS, CONDITIONINGS, DISPATCHES, MIXABLE_KINDS, PROTOCOLS, REGIMES
 
-ROOT = Path(__file__).resolve().parent.parent  # the checkout: data/, results/, figures/ live here
+# The checkout: data/, results/, figures/ live there. An installed copy (`pip install .`) sits in site-packages,
+# which is no place for them: it works in the current directory instead.
+_PARENT = Path(__file__).resolve().parent.parent
+ROOT = _PARENT if (_PARENT / "pyproject.toml").is_file() else Path.cwd()
 
 
 def outputs_root() -> Path:

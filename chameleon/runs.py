@@ -86,6 +86,11 @@ def run_dir(cfg: Config) -> Path:
     return results_folder(cfg) / "runs" / run_name(cfg)
 
 
+def lock_path(cfg: Config) -> Path:
+    """The lock a worker holds while it trains cfg's run (chameleon.locks), beside its folder."""
+    return run_dir(cfg).parent / f"{run_name(cfg)}.lock"
+
+
 def finished(cfg: Config) -> dict | None:
     """The metrics of cfg's finished run, or None."""
     return read_finished(run_dir(cfg))

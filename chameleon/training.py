@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from chameleon import objectives
 from chameleon.backbones import device as resolve_device, load_backbone
-from chameleon.cache import cached, write_atomic
+from chameleon.cache import RowFile, cached_rows, write_atomic
 from chameleon.clustering import ClusterBatchSampler, condition_batches, eval_batches, incoming_batches
 from chameleon.config import Config, RunFailed
 from chameleon.generation import generation_metrics
@@ -54,7 +54,7 @@ class Rows:
     """The scored positions of a split, example-major: rows start[i]:start[i+1] belong to example i."""
     target: torch.Tensor  # (M,) token each row must predict
     start: torch.Tensor  # (N + 1,) offsets
-    hidden: torch.Tensor | None = None  # (M, d) body outputs at those rows, when cached
+    hidden: RowFile | None = None  # (M, d) body outputs at those rows, when cached (read by rows)
 
     def index(self, examples: list[int]) -> torch.Tensor:
         return torch.cat([torch.arange(self.start[i], self.start[i + 1]) for i in examples])
@@ -73,17 +73,16 @@ def scored_rows(adapted: Adapted, split: Split, cache: bool, cache_dir: Path, ch
     for t in (adapted.model.get_input_embeddings().weight[:64], split.input_ids, split.attention, split.targets):
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
 
-    def compute() -> torch.Tensor:
-        dev, parts = next(adapted.parameters()).device, []
+    def chunks():  # written to the cache file as they come: never all in memory (cache.cached_rows)
+        dev = next(adapted.parameters()).device
         with torch.inference_mode():
             for s in tqdm(range(0, len(split), chunk), desc=f"body hidden states ({split.name})", leave=False):
                 ids, attention, target = trimmed(split, list(range(s, min(s + chunk, len(split)))))
                 out = adapted.hidden(ids.to(dev), attention.to(dev))
-                parts.append(out[(target != objectives.IGNORE).to(dev)].float().cpu())
-        return torch.cat(parts)
+                yield out[(target != objectives.IGNORE).to(dev)].float().cpu()
 
     shape = (len(rows.target), adapted.model.config.hidden_size)
-    rows.hidden = cached({"content": h.hexdigest()}, Path(cache_dir) / "hidden", compute, expect_shape=shape)
+    rows.hidden = cached_rows({"content": h.hexdigest()}, Path(cache_dir) / "hidden", chunks, shape)
     return rows
 
 

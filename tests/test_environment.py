@@ -1,5 +1,6 @@
-"""requirements.txt, requirements-assets.txt, environment.yml and the Makefile state the same environment."""
+"""requirements.txt, requirements-assets.txt, environment.yml, pyproject.toml and the Makefile state the same environment."""
 import re
+import tomllib
 
 import yaml
 
@@ -65,5 +66,24 @@ def test_makefile_installs_torch_first():
     torch = next(i for i, line in enumerate(lines) if re.search(r"pip install .*\btorch==2\.13\.0\b", line))
     reqs = next(i for i, line in enumerate(lines) if re.search(r"pip install .*-r requirements\.txt", line))
     assets = next(i for i, line in enumerate(lines) if re.search(r"pip install .*requirements-assets\.txt", line))
-    assert torch < reqs
+    package = next(i for i, line in enumerate(lines) if re.search(r"pip install .*-e \.$", line))
+    assert torch < reqs < assets < package  # the package last: everything it needs is pinned by then
     assert "--no-deps" in lines[assets]
+
+
+def _pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_pyproject_pins_what_requirements_pin():
+    project = _pyproject()
+    groups = {"core": project["dependencies"], **project["optional-dependencies"]}
+    pins = {}
+    for group, specs in groups.items():
+        own = [s for s in specs if not s.startswith(project["name"] + "[")]  # dev = the other extras + its own
+        for name, version in _pins(own).items():
+            assert name not in pins, f"{name} is in two groups of pyproject.toml"
+            pins[name] = version
+    assert pins == _requirements("requirements.txt")  # so no asset either: they install with --no-deps only
+    assert f"{project['name']}[notebooks,metrics,cluster]" in groups["dev"]  # `make test` runs all of them
+
