@@ -18,7 +18,7 @@ from chameleon.data import tokenize
 from chameleon.embeddings import embedding_mask, mean_embeddings
 from chameleon.instructions import response_start
 from chameleon.objectives import IGNORE, targets
-from chameleon.regimes import conditioning_label
+from chameleon.regimes import PROTOCOLS, conditioning_label
 
 
 # --- what padding does to the embedding (notebook 01) ---
@@ -27,19 +27,19 @@ def padding_effect(model, tokenizer, texts: list[str], max_length: int) -> pd.Da
     """Cosine similarity between the authors'-protocol (padding counted) and causal-protocol
     (real tokens only) mean embedding of each text."""
     enc = tokenize(texts, tokenizer, max_length)
-    emb = {p: mean_embeddings(model, enc["input_ids"], embedding_mask(enc["attention_mask"], p))
-           for p in ("authors", "causal")}
+    padded, real_only = (mean_embeddings(model, enc["input_ids"], embedding_mask(enc["attention_mask"], p))
+                         for p in sorted(PROTOCOLS, key=lambda p: not PROTOCOLS[p].embeds_padding))
     real = enc["attention_mask"].sum(1)
     return pd.DataFrame({"text": [t[:50] for t in texts], "real_tokens": real.tolist(),
                          "padding_tokens": (max_length - real).tolist(),
-                         "cosine": (emb["authors"] * emb["causal"]).sum(1).numpy().round(3)})
+                         "cosine": (padded * real_only).sum(1).numpy().round(3)})
 
 
 def pair_similarity(model, tokenizer, a: str, b: str, max_length: int) -> dict[str, float]:
     """Cosine similarity of the mean embeddings of texts a and b under each protocol."""
     enc = tokenize([a, b], tokenizer, max_length)
     out = {}
-    for protocol in ("authors", "causal"):
+    for protocol in PROTOCOLS:
         e = mean_embeddings(model, enc["input_ids"], embedding_mask(enc["attention_mask"], protocol))
         out[protocol] = round(float(e[0] @ e[1]), 3)
     return out

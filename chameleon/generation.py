@@ -271,9 +271,9 @@ def generation_metrics(adapted, split, cfg: Config, tokenizer, texts: dict | Non
     # each example is conditioned and dispatched as in evaluation, by its validation batch
     batches = [(batch, cond_batch) for batch, cond_batch in eval_batches(split.labels, cfg.batch_size, cfg.conditioning)
                if min(batch) < n]
-    # one decoding batch for all, one group per validation batch (its conditioning vector, its expert); SVF
-    # changes the body per batch: one decoding batch each
-    passes = [batches] if adapted.svf is None else [[b] for b in batches]
+    # one decoding batch for all, one group per validation batch (its conditioning vector, its expert), or one
+    # decoding batch per validation batch where the body differs between them
+    passes = [[b] for b in batches] if adapted.body_per_group else [batches]
     outputs: list[str] = [""] * n
     for part in passes:
         selections = []

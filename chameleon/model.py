@@ -320,6 +320,12 @@ class Adapted(nn.Module):
         """The experts component (head or body), if the regime has one."""
         return next((c for c in self.components if isinstance(c, Experts)), None)
 
+    @property
+    def body_per_group(self) -> bool:
+        """The body differs between groups (SVF experts, K > 1): a batch that mixes groups is decoded group by
+        group; every other regime decodes a mixed batch together (the head alone differs per group)."""
+        return self.svf is not None and self.svf.k > 1
+
     def train(self, mode: bool = True) -> "Adapted":
         super().train(mode)
         if not self.blocks_adapted:

@@ -196,7 +196,7 @@ class Adapter:
             selections = [experts.choose(dispatch_emb[torch.from_numpy(labels == g)]) for g in ids]
         stacked = torch.stack([conds[g] for g in ids]).to(self.device) if self.adapted.conditioned else None
         prompt_ids = tokenize_prompts(self.tokenizer, prompts, self.cfg.max_length)
-        if self.adapted.svf is not None and self.adapted.svf.k > 1:  # the body differs per group: one batch each
+        if self.adapted.body_per_group:  # one decoding batch per group
             tokens: list[list[int]] = [[] for _ in prompts]
             for g, selection in zip(ids, selections):
                 rows = np.flatnonzero(labels == g).tolist()
