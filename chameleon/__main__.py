@@ -86,7 +86,11 @@ def train(args) -> int:
         print(f"first: {run_dir(step)}")
         train_run(step, resume=args.resume)
     result = train_run(cfg, resume=args.resume)
+    from chameleon.parallel import is_main
     from chameleon.regimes import conditioning_label
+
+    if not is_main():  # one summary for a data-parallel run
+        return 0
 
     svf = (f" ({result['n_experts']} x {result['params_per_expert']:,} per expert, {result['passes']} pass(es) per request"
            + (f", dispatch accuracy {result['dispatch_accuracy']:.2f}" if "dispatch_accuracy" in result else "") + ")"
