@@ -90,7 +90,11 @@ def train(args) -> int:
     except RunLocked as err:  # --if-locked skip: not a failure, another worker is on it
         print(err)
         return 0
+    from chameleon.parallel import is_main
     from chameleon.regimes import conditioning_label
+
+    if not is_main():  # one summary for a data-parallel run
+        return 0
 
     svf = (f" ({result['n_experts']} x {result['params_per_expert']:,} per expert, {result['passes']} pass(es) per request"
            + (f", dispatch accuracy {result['dispatch_accuracy']:.2f}" if "dispatch_accuracy" in result else "") + ")"

@@ -72,6 +72,9 @@ class Config:
     lr: float = 5e-4  # AdamW learning rate
     weight_decay: float = 0.01  # AdamW weight decay (torch's default)
     eval_every: int = 0  # also evaluate every K optimizer steps (0: once per epoch only)
+    accumulate: int = 1  # batches per optimizer step in each process: a step sums the gradients of processes x
+    # accumulate consecutive batches, each batch's mean loss divided by that count (chameleon.parallel)
+    precision: str = "fp32"  # "fp32", or "bf16": CUDA autocast to bfloat16, float32 weights and AdamW (training.precision)
     batchings: tuple[str, ...] = ()  # after training, evaluate once per row of regimes.BATCHINGS (how validation
     # batches arrive at inference), keeping every line's loss (lines.csv in the run folder)
     cache_body: bool = True  # head-only regimes train on cached final hidden states of the frozen body
@@ -124,7 +127,7 @@ class Config:
         choices = {"task": TASKS, "protocol": tuple(PROTOCOLS), "regime": tuple(REGIMES),
                    "matched_alpha": ("same", "scaled"), "expert_groups": ("kmeans", "domain"),
                    "conditioning": tuple(c for c, row in CONDITIONINGS.items() if self.task in row.tasks),
-                   "dispatch": tuple(DISPATCHES), "objective": OBJECTIVES}
+                   "dispatch": tuple(DISPATCHES), "objective": OBJECTIVES, "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid here; choose one of {list(allowed)}")
@@ -138,7 +141,7 @@ class Config:
         if self.objective == "reinforce" and (self.regime, self.task) != ("svf", "instructions"):
             raise ValueError(f"objective='reinforce' trains one SVF expert on the instruction task (its reward is ROUGE-L): "
                              f"set regime='svf' and task='instructions', not {self.regime!r} and {self.task!r}")
-        for name in ("rank", "batch_size", "epochs", "n_experts", "cem_shots", "cem_population", "cem_iters",
+        for name in ("rank", "batch_size", "epochs", "accumulate", "n_experts", "cem_shots", "cem_population", "cem_iters",
                      "reinforce_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -165,6 +168,7 @@ class RunFailed(RuntimeError):
 
 TASKS = ("lm", "instructions")
 OBJECTIVES = ("loss", "reinforce")
+PRECISIONS = ("fp32", "bf16")
 # Old names still accepted: "paper" once named the protocol, a profile and the publication's numbers at once.
 # Now "paper" is the publication alone; the protocol of the authors' code is "authors", their setting `hub`.
 RENAMED = {"protocol": {"paper": "authors"}, "profile": {"paper": "hub"}}
@@ -172,7 +176,8 @@ RENAMED = {"protocol": {"paper": "authors"}, "profile": {"paper": "hub"}}
 EXPERT_FIELDS = ("n_experts", "dispatch", "cem_shots", "cem_population", "cem_iters", "expert_groups", "cem_held_out")
 # Fields added after runs were committed: left out of a run's name at their default (runs.run_name), so those
 # runs keep their folders; a value other than the default changes what a run computes, and its name.
-ADDED_FIELDS = ("score_from", "dev_split", "matched_alpha", "expert_groups", "batchings", "cem_held_out")
+ADDED_FIELDS = ("score_from", "dev_split", "matched_alpha", "expert_groups", "batchings", "cem_held_out", "accumulate",
+                "precision")
 # Fields that only REINFORCE reads: left out of next-token runs' names (runs.run_name) and of the other commands' options.
 REINFORCE_FIELDS = ("objective", "reinforce_steps", "max_grad_norm", "temperature", "kl_coef")
 

@@ -30,6 +30,7 @@ from chameleon.cache import write_atomic
 from chameleon.config import ADDED_FIELDS, EXPERT_FIELDS, REINFORCE_FIELDS, Config
 from chameleon.data import fingerprint
 from chameleon.model import build
+from chameleon.parallel import processes
 from chameleon.regimes import CONDITIONINGS, DISPATCHES, PROTOCOLS, REGIMES, TRAINING_DISPATCH, conditioning_label
 
 RUN_KEYS = ("regime", "protocol", "conditioning", "dispatch", "score_from", "seed")  # what varies between the runs of one profile
@@ -43,7 +44,7 @@ METRICS = (*EVAL_METRICS, "bleu", "rouge_l", "meteor", "seconds",  # those a run
 
 def run_name(cfg: Config) -> str:
     """regime-protocol-conditioning-seed (dispatch for experts, "reinforce" for a REINFORCE run), and a hash of
-    everything that changes the result."""
+    everything that changes the result, the number of processes of a data-parallel run included."""
     source = fingerprint(cfg.corpus if cfg.task == "lm" else cfg.instructions)
     key = {**cfg.to_dict(), "data": source, "results_dir": None, "data_dir": None, "device": None}  # where things go never changes them
     if not REGIMES[cfg.regime].experts:  # settings it never reads: every older run keeps its name
@@ -52,6 +53,8 @@ def run_name(cfg: Config) -> str:
     for name in ADDED_FIELDS:  # added later: runs made before them keep their names
         if name in key and getattr(cfg, name) == getattr(defaults, name):
             del key[name]
+    if processes() > 1:  # a step then sums processes x accumulate batches: another run than one process's
+        key["processes"] = processes()
     if cfg.objective == "loss":  # added with REINFORCE, which alone reads them: next-token runs keep their names
         key = {k: v for k, v in key.items() if k not in REINFORCE_FIELDS}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]

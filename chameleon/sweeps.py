@@ -65,11 +65,14 @@ def train_step(cfg: Config, resume: bool = False, wait: bool = True, progress: b
     """Train cfg's run holding its lock; returns its metrics. A finished run is read back; while a live worker
     trains it, wait (or, with wait=False, raise locks.RunLocked); a killed worker's run goes on from its last
     checkpoint whatever `resume` says."""
+    from chameleon import parallel
     from chameleon.training import train  # torch: only once there is a run to train
 
     done = finished(cfg)
     if done is not None:
         return done
+    if not parallel.is_main():  # a data-parallel run is locked by its main process; the others follow it
+        return train(cfg, resume=resume, progress=progress)
     with locked(lock_path(cfg), wait=wait) as lock:
         return train(cfg, resume=resume or lock.took_over, progress=progress)
 

@@ -22,6 +22,7 @@ import json
 import math
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from chameleon import objectives
-from chameleon.backbones import device as resolve_device, load_backbone
+from chameleon import objectives, parallel
+from chameleon.backbones import load_backbone
 from chameleon.cache import RowFile, cached_rows, write_atomic
 from chameleon.clustering import ClusterBatchSampler, condition_batches, eval_batches, incoming_batches
 from chameleon.config import Config, RunFailed
@@ -115,14 +116,15 @@ def line_losses(adapted: Adapted, split: Split, rows: Rows, cfg: Config, dev: to
     (clustering.incoming_batches): what intervals over lines, domains and batchings are computed from."""
     adapted.eval()
     loss = np.zeros(len(split))
-    for batch, cond_batch in incoming_batches(split, cfg.batch_size, cfg.conditioning, batching):
-        hidden, target, cond = batch_inputs(adapted, split, rows, batch, cond_batch, dev)
-        per_row = adapted.row_losses(hidden, target, cond).double().cpu()
+    for batch, cond_batch in parallel.share(incoming_batches(split, cfg.batch_size, cfg.conditioning, batching)):
+        with precision(cfg, dev):
+            hidden, target, cond = batch_inputs(adapted, split, rows, batch, cond_batch, dev)
+            per_row = adapted.row_losses(hidden, target, cond).double().cpu()
         lengths = rows.start[1:][batch] - rows.start[:-1][batch]
         owner = torch.repeat_interleave(torch.arange(len(batch)), lengths)
         loss[batch] = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, owner, per_row).numpy()
     return pd.DataFrame({"line": np.arange(len(split)), "tokens": (rows.start[1:] - rows.start[:-1]).numpy(),
-                         "loss": loss})
+                         "loss": parallel.all_sum(loss)})  # each line is in one process's batches
 
 
 def pad_examples(split: Split, rows: Rows, protocol: str) -> torch.Tensor:
@@ -143,18 +145,36 @@ def evaluate(adapted: Adapted, split: Split, rows: Rows, cfg: Config, dev: torch
     adapted.eval()
     pad = pad_examples(split, rows, cfg.protocol)
     sums = {True: [0.0, 0], False: [0.0, 0]}  # is-pad -> [summed loss, scored targets]
-    for batch, cond in eval_batches(split.labels, cfg.batch_size, cfg.conditioning):
+    for batch, cond in parallel.share(eval_batches(split.labels, cfg.batch_size, cfg.conditioning)):
         for kind in (True, False):  # the conditioning is the batch's, whichever part is scored
             part = [i for i in batch if bool(pad[i]) == kind]
             if part:
-                loss, n = batch_loss(adapted, split, rows, part, cond, dev)
+                with precision(cfg, dev):
+                    loss, n = batch_loss(adapted, split, rows, part, cond, dev)
                 sums[kind][0] += loss.item()
                 sums[kind][1] += n
+    sums = dict(zip((True, False), parallel.all_sum([sums[True], sums[False]]).tolist()))  # every process's batches
     total, count = sums[True][0] + sums[False][0], sums[True][1] + sums[False][1]
     loss = total / max(count, 1)
     per_kind = {k: sums[k][0] / sums[k][1] if sums[k][1] else None for k in (True, False)}
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700)), "val_loss_pad": per_kind[True],
             "val_loss_real": per_kind[False], "pad_share": sums[True][1] / max(count, 1)}
+
+
+@contextmanager
+def precision(cfg: Config, dev: torch.device):
+    """A batch's forward pass at cfg.precision: under "bf16", CUDA autocast to bfloat16 and TF32 for the
+    matmuls left in float32 (the fused head loss); the weights and AdamW stay float32 either way."""
+    if cfg.precision == "fp32":
+        yield
+        return
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
 
 
 def progress_bar(iterable, progress: bool, **kwargs) -> tqdm:
@@ -186,20 +206,28 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         raise RunFailed(f"{out.name} evaluates the trained experts of {run_dir(shared)}, which is not finished: run "
                         f"the plan in order (runs.plan(cfg); `python -m chameleon train` and compare do)")
     # what can be wrong with the corpus or the device is found before the model loads
-    dev = resolve_device(cfg.device)
-    raw = {s: load_split_texts(cfg, s) for s in ("train", "validation")}
-    if model is None:
-        model, tokenizer = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cfg.cache_dir)
-    train_split, val_split, centroids = prepare(cfg, model, tokenizer, raw)
-    adapted = build(cfg, model).to(dev)
-    adapted.bind(train_split, val_split)  # the experts' groups and dispatch (a no-op for the other regimes)
-    cache = cfg.cache_body and not adapted.blocks_adapted
-    rows = {s.name: scored_rows(adapted, s, cache, cfg.cache_dir) for s in (train_split, val_split)}
+    dev = parallel.start(cfg.device)
+    if cfg.precision == "bf16" and dev.type != "cuda":
+        raise ValueError(f"precision='bf16' runs on CUDA only, and this run is on {dev.type}: bfloat16 autocast is slow "
+                         f"on most CPUs and changes the numbers; use precision='fp32' (the default) here")
+    with parallel.main_first():  # the main process fills the caches (embeddings, hidden states) the others read
+        raw = {s: load_split_texts(cfg, s) for s in ("train", "validation")}
+        if model is None:
+            model, tokenizer = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cfg.cache_dir)
+        train_split, val_split, centroids = prepare(cfg, model, tokenizer, raw)
+        adapted = build(cfg, model).to(dev)
+        adapted.bind(train_split, val_split)  # the experts' groups and dispatch (a no-op for the other regimes)
+        cache = cfg.cache_body and not adapted.blocks_adapted
+        rows = {s.name: scored_rows(adapted, s, cache, cfg.cache_dir) for s in (train_split, val_split)}
     params = [p for p in adapted.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    save_centroids(out, centroids, adapted.bound())
+
+    def begin():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        save_centroids(out, centroids, adapted.bound())
+
+    parallel.main_writes(begin)
 
     history, start_epoch, step, seconds = [], 0, 0, 0.0
     if resume and (out / CHECKPOINT).exists():
@@ -214,29 +242,40 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         start_epoch, step, seconds = cfg.epochs, meta["step"], meta["seconds"]
         history.append({"epoch": cfg.epochs, "step": step, "train_loss": meta["history"][-1]["train_loss"],
                         **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
-        save_checkpoint(out, adapted, opt, history, cfg.epochs, step, seconds)
+        parallel.main_writes(lambda: save_checkpoint(out, adapted, opt, history, cfg.epochs, step, seconds))
     labels = train_split.labels.copy()
     labels[adapted.held_out()] = -1  # e.g. CEM's few shots: never trained on
     sampler = ClusterBatchSampler(labels, cfg.batch_size, seed=cfg.seed)
+    group = parallel.processes() * cfg.accumulate  # batches per optimizer step, over all processes
+    mine = slice(parallel.rank() * cfg.accumulate, (parallel.rank() + 1) * cfg.accumulate)
     for epoch in range(start_epoch, cfg.epochs if params else 0):
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout: an epoch replays identically after a resume
+        # dropout: an epoch replays identically after a resume, and each process draws its own masks
+        torch.manual_seed((cfg.seed * 1000 + epoch) * parallel.processes() + parallel.rank())
         sampler.set_epoch(epoch)
-        batches = list(sampler)
+        batches = list(sampler)  # the same order in every process
+        pairs = list(zip(batches, condition_batches(batches, cfg.conditioning)))
         adapted.train()
         total, count, t0 = 0.0, 0, time.perf_counter()
-        bar = progress_bar(zip(batches, condition_batches(batches, cfg.conditioning)), progress, total=len(batches),
+        bar = progress_bar(range(0, len(pairs), group), progress and parallel.is_main(), total=-(-len(pairs) // group),
                            desc=f"{cfg.regime}/{cfg.protocol} epoch {epoch + 1}/{cfg.epochs}", leave=False)
-        for i, (batch, cond) in enumerate(bar):
-            loss_sum, n = batch_loss(adapted, train_split, rows["train"], batch, cond, dev)
-            loss = loss_sum / max(n, 1)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} (batch {i} of the "
-                                       f"epoch, examples {batch[:8]}...); " + _advice(cfg, out))
+        for i in bar:
+            step_pairs = pairs[i:i + group]  # the epoch's last step may have fewer batches: they are its count
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            local_sum, local_n = 0.0, 0
+            for batch, cond in step_pairs[mine]:  # a process left without a batch adds zeros
+                with precision(cfg, dev):
+                    loss_sum, n = batch_loss(adapted, train_split, rows["train"], batch, cond, dev)
+                (loss_sum / max(n, 1) / len(step_pairs)).backward()
+                local_sum, local_n = local_sum + loss_sum.item(), local_n + n
+            step_sum, step_n = parallel.sum_step(params, local_sum, local_n)
+            loss = torch.tensor(step_sum, dtype=torch.float32) / max(step_n, 1)  # as float32 as the batch's loss
+            if not torch.isfinite(loss):  # every process sees the same sum, and stops
+                raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} (batches "
+                                       f"{i}-{i + len(step_pairs) - 1} of the epoch, the first of examples "
+                                       f"{step_pairs[0][0][:8]}...); " + _advice(cfg, out))
             opt.step()
             step += 1
-            total, count = total + loss_sum.item(), count + n
+            total, count = total + step_sum, count + step_n
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if cfg.eval_every and step % cfg.eval_every == 0:
                 history.append({"epoch": epoch + i / len(batches), "step": step, "train_loss": loss.item(),
@@ -247,7 +286,7 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         history.append({"epoch": epoch + 1, "step": step, "train_loss": total / max(count, 1),
                         **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
         _check_val_loss(history, cfg, out)
-        save_checkpoint(out, adapted, opt, history, epoch + 1, step, seconds)
+        parallel.main_writes(lambda: save_checkpoint(out, adapted, opt, history, epoch + 1, step, seconds))
     result = {"config": cfg.to_dict(), "trainable_params": adapted.trainable(), "history": history,
               **{k: history[-1].get(k) for k in EVAL_METRICS},
               "seconds": round(seconds, 2), "finished": True, **adapted.report(),
@@ -257,10 +296,10 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         result["batchings"] = {b: float(t.loss.sum() / t.tokens.sum()) for b, t in lines.items()}
         table = lines[cfg.batchings[0]][["line", "tokens"]].assign(
             domain=val_split.domains, **{f"loss_{b}": t.loss for b, t in lines.items()})
-        write_atomic(out / LINES, lambda tmp: table.to_csv(tmp, index=False))
+        parallel.main_writes(lambda: write_atomic(out / LINES, lambda tmp: table.to_csv(tmp, index=False)))
     if cfg.task == "instructions":  # BLEU / ROUGE-L / METEOR of greedy outputs on the first n_generate examples
-        result.update(generation_metrics(adapted, val_split, cfg, tokenizer))
-    write_metrics(out, result)
+        result.update(generation_metrics(adapted, val_split, cfg, tokenizer))  # in every process: few, greedy
+    parallel.main_writes(lambda: write_metrics(out, result))
     return result
 
 

@@ -122,3 +122,20 @@ def test_a_target_far_below_the_top_logit_keeps_an_exact_loss():
     assert torch.isfinite(got)
     close(got, want)
     close(grads(got, [hidden])[0], grads(want, [hidden])[0])
+
+
+def test_under_bf16_autocast_the_loss_is_taken_in_float32():
+    """A bf16 run (training.precision) autocasts the LoRA bottleneck to bfloat16; the fused loss then computes in
+    float32 from those values, as the plain path's cross-entropy would, and its gradients reach float32 weights."""
+    head, hidden, target = data()
+    A, B = (torch.randn(R, D) * 0.1).requires_grad_(), (torch.randn(V, R) * 0.1).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = hidden @ A.T
+        loss = fused_loss_sum(hidden, head.weight, target, low=low, B=B, chunk=16)
+        low_again = hidden @ A.T  # the same bfloat16 values, on a graph of their own
+    assert low.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    want = F.cross_entropy(hidden @ head.weight.T + low_again.float() @ B.T, target, reduction="sum")
+    close(loss, want)
+    for got, ref in zip(grads(loss, [hidden, A, B]), grads(want, [hidden, A, B])):
+        assert got.dtype == torch.float32
+        close(got, ref)
