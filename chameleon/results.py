@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from chameleon import domains as domains_experiment
 from chameleon.compare import PAPER_TABLE, WIKITEXT2_PAD_SHARE_256
 from chameleon.config import ROOT, Config
 from chameleon.report import paired_differences, to_markdown
@@ -26,7 +27,8 @@ TABLES = {"lm": "results/cpu/lm/compare-seeds3", "instructions": "results/cpu/in
 PAIRED = {task: f"{TABLES[task]}-paired" for task in ("lm", "instructions")}  # written by `report` from the runs
 ANSWERS = ("<!-- answers: written by `python -m chameleon report` from results/; edit chameleon/results.py -->",
            "<!-- /answers -->")
-DOMAINS = "results/domains/lm/RESULTS.md"  # written by `python -m chameleon domains --stage report`
+DOMAINS_FOLDER = "results/domains/lm"  # the domains experiment's CSVs (chameleon.domains)
+DOMAINS = f"{DOMAINS_FOLDER}/RESULTS.md"
 
 
 def load(root: Path = ROOT) -> dict[str, pd.DataFrame]:
@@ -38,6 +40,8 @@ def load(root: Path = ROOT) -> dict[str, pd.DataFrame]:
         t[f"{name}_runs"] = pd.read_csv(root / f"{stem}-runs.csv")
     t["heads_paired"] = pd.read_csv(root / f"{TABLES['heads']}-paired.csv")
     t["shares"] = pd.read_csv(root / f"{TABLES['paper_length']}-shares.csv")
+    if (root / DOMAINS_FOLDER / "runs.csv").exists():
+        t["domains_lines"] = domains_experiment.line_table(root / DOMAINS_FOLDER)
     return t
 
 
@@ -407,14 +411,25 @@ conditioning. As language modelling (the causal protocol, `cpu` profile) the Cha
 hypernetwork-generated head adapter trains to a lower loss than LoRA with the same parameter count (`study`
 profile, 3 seeds, difference in nats: {ci(bm)}), but so does the control conditioned on another batch's embedding
 ({ci(sh)}); the batch's own embedding against that control: {ci(own)}.
-[RESULTS.md](RESULTS.md#does-batch-aware-adaptation-help-study-profile). Does adapting to the batch help across
-domains: see [{DOMAINS}]({DOMAINS}).
+[RESULTS.md](RESULTS.md#does-batch-aware-adaptation-help-study-profile). Across six distinct domains, on
+heterogeneous incoming batches grouped at inference ([{DOMAINS}]({DOMAINS}), plan committed before the runs):
+{across_domains(t)}
 
 **ChamaleonLLM or Transformer²?** On this data one SVF expert ({one_expert.trainable_params:,} parameters on the MLP
 matrices) reaches {pm(one_expert)} causal, below the ChamaleonLLM head ({cham.trainable_params:,} parameters,
 {pm(cham)}); three SVF experts reach {span(experts.val_loss)} whatever the dispatch.
 [RESULTS.md](RESULTS.md), [docs/transformer2.md](docs/transformer2.md).
 {ANSWERS[1]}"""
+
+
+def across_domains(t) -> str:
+    """The domains experiment's claimed comparisons, one line each, or why there are none yet."""
+    lines = t.get("domains_lines")
+    if lines is None:
+        return "not measured yet."
+    claims = domains_experiment.comparisons(lines)
+    claims = claims[claims.batching == domains_experiment.PRIMARY_BATCHING] if len(claims) else claims
+    return "\n".join(domains_experiment.answer(claims))
 
 
 def readme_with_answers(readme: str, block: str) -> str:
@@ -430,6 +445,8 @@ def texts(root: Path = ROOT) -> dict[str, str]:
     t = load(root)
     files = {"RESULTS.md": results_md(t),
              "README.md": readme_with_answers((root / "README.md").read_text(), answers(t))}
+    if "domains_lines" in t:
+        files[DOMAINS] = domains_experiment.results_text(root / DOMAINS_FOLDER)
     for task, stem in PAIRED.items():
         paired = head_paired(t[f"{task}_runs"])
         files[f"{stem}.csv"] = paired.to_csv(index=False)
