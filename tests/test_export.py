@@ -1,0 +1,144 @@
+"""PEFT export: trained runs load in PEFT, in a fresh process that never imports the kit, and give the kit's
+logits; chameleon runs as one named adapter per training cluster, routed as the kit routes."""
+import json
+import subprocess
+import sys
+from functools import partial
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import conftest  # pytest puts tests/ on sys.path
+from chameleon import training
+from chameleon.__main__ import main
+from chameleon.export import unexportable
+from chameleon.load_export import load
+from chameleon.prepare import prepare
+from chameleon.runs import run_dir
+from chameleon.serving import Adapter
+
+tiny = partial(conftest.tiny, max_train_examples=64)
+PROMPTS = ["The history of Rome begins with", "Photosynthesis turns light into", "Hello",
+           "In 1854 the city of", "The quick brown fox jumps over the lazy dog"]
+# the export's own loader, on its own: every name it imports is printed so that the kit's absence is checked
+FRESH = """
+import json, sys
+import torch
+from safetensors.torch import save_file
+job = json.load(sys.stdin)
+sys.path.insert(0, job["exports"][0])
+from load_export import load, route
+tensors, names = {}, {}
+for i, folder in enumerate(job["exports"]):
+    model, tokenizer, routing = load(folder)
+    tokenizer.padding_side = "right"
+    enc = tokenizer(job["prompts"], return_tensors="pt", padding=True)
+    extra = {}
+    if routing:
+        names[i] = extra["adapter_names"] = route(model, tokenizer, job["prompts"], routing)
+    with torch.no_grad():
+        tensors[f"logits{i}"] = model(**enc, **extra).logits.contiguous()
+        with model.disable_adapter():
+            tensors[f"base{i}"] = model(**enc).logits.contiguous()
+    tensors[f"ids{i}"], tensors[f"mask{i}"] = enc["input_ids"], enc["attention_mask"]
+save_file(tensors, job["result"])
+print(json.dumps({"names": names, "modules": sorted(sys.modules)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """A `lora` run (authors' flavour: update x alpha), a `chameleon` and a `chameleon_full` run (causal), each
+    exported; then loaded with PEFT in one fresh process."""
+    tmp = tmp_path_factory.mktemp("export")
+    out = {}
+    for regime, protocol in [("lora", "authors"), ("chameleon", "causal"), ("chameleon_full", "causal")]:
+        cfg = tiny(tmp, regime=regime, protocol=protocol)
+        training.train(cfg, progress=False)
+        adapter = Adapter.from_run(run_dir(cfg), device="cpu")
+        out[regime] = adapter, adapter.export_peft(tmp / f"peft-{regime}")
+    job = {"exports": [str(folder) for _, folder in out.values()], "prompts": PROMPTS, "result": str(tmp / "peft.st")}
+    done = subprocess.run([sys.executable, "-c", FRESH], input=json.dumps(job), capture_output=True, text=True,
+                          cwd=tmp, timeout=300, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return out, load_file(job["result"]), report
+
+
+def test_the_fresh_process_never_imported_the_kit(exports):
+    _, _, report = exports
+    assert "peft" in report["modules"]
+    assert not [m for m in report["modules"] if m == "chameleon" or m.startswith("chameleon.")]
+
+
+def kit_inputs(adapter, tensors, i):
+    ids, mask = tensors[f"ids{i}"], tensors[f"mask{i}"]
+    ref = adapter.tokenizer(PROMPTS, return_tensors="pt", padding=True)  # the exported tokenizer is the kit's
+    assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
+    return ids, mask
+
+
+@torch.no_grad()
+def test_lora_export_gives_the_kit_logits(exports):
+    runs, tensors, _ = exports
+    adapter, folder = runs["lora"]
+    ids, mask = kit_inputs(adapter, tensors, 0)
+    kit = adapter.adapted.logits(adapter.adapted.hidden(ids, mask))
+    torch.testing.assert_close(tensors["logits0"], kit, atol=1e-5, rtol=0)
+    assert (tensors["logits0"] - tensors["base0"]).abs().max() > 1e-3  # the adapter does change the logits
+    meta = json.loads((folder / "export.json").read_text())
+    config = json.loads((folder / "adapter_config.json").read_text())
+    # the authors' flavour scales the update by alpha: PEFT's lora_alpha / r with lora_alpha = alpha * r
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (4, 4.0, ["lm_head"])
+    assert meta["adapters"] == ["default"] and (folder / "base" / "tokenizer.json").is_file()
+    assert "lm_head.base_layer.weight" not in str(load_file(folder / "adapter_model.safetensors").keys())
+
+
+@pytest.mark.parametrize("regime", ["chameleon", "chameleon_full"])
+@torch.no_grad()
+def test_cluster_adapters_routed_by_peft_give_the_kit_head_conditioned_on_each_cluster(exports, regime):
+    runs, tensors, report = exports
+    i = list(runs).index(regime)
+    adapter, folder = runs[regime]
+    ids, mask = kit_inputs(adapter, tensors, i)
+    train, _, centroids = prepare(adapter.cfg, adapter.adapted.model, adapter.tokenizer)
+    labels = adapter.assign_groups(adapter.embed(PROMPTS), "route")  # the kit's routing of each prompt
+    assert report["names"][str(i)] == [f"cluster_{c}" for c in labels]
+    assert len(json.loads((folder / "routing.json").read_text())["centroids"]) == len(centroids) == 8
+    hidden = adapter.adapted.hidden(ids, mask)
+    for row, c in enumerate(labels):
+        cond = train.cond_emb[torch.from_numpy(train.labels == c)].mean(0)  # the cluster's mean conditioning vector
+        kit = adapter.adapted.logits(hidden[row], cond)
+        torch.testing.assert_close(tensors[f"logits{i}"][row], kit, atol=1e-5, rtol=0)
+    assert len(set(labels.tolist())) > 1  # several adapters in one batch, one per row
+
+
+def test_a_changed_backbone_is_caught(exports, tmp_path):
+    _, folder = exports[0]["lora"]
+    meta = json.loads((folder / "export.json").read_text())
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in folder.iterdir():
+        if f.is_file():
+            (copy / f.name).write_bytes(f.read_bytes())
+    meta["base"] = {**meta["base"], "path": str(folder / "base"), "sha256": "0" * 64}
+    (copy / "export.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="not the one the adapters were trained on"):
+        load(copy)
+
+
+def test_export_never_overwrites_and_refuses_what_it_cannot_export(exports, tmp_path, capsys):
+    adapter, _ = exports[0]["lora"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(ValueError, match="is not an export of the kit"):
+        adapter.export_peft(mine, force=True)
+    out = tmp_path / "out"
+    assert main(["export", "--run", str(adapter.run), "--format", "peft", str(out)]) == 0
+    assert "load it without the kit" in capsys.readouterr().out
+    assert main(["export", "--run", str(adapter.run), str(out)]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert main(["export", "--run", str(adapter.run), str(out), "--force"]) == 0
+    assert "SVF rescales the singular values" in unexportable("svf_experts")
+    assert "trains no adapter" in unexportable("unadapted") and not unexportable("lora_experts")
