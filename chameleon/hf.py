@@ -29,15 +29,15 @@ class HFAdapted(PreTrainedModel, GenerationMixin):
     _supports_sdpa = _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = True
 
     def __init__(self, adapted, conds: torch.Tensor | None, selections: list | None, n_groups: int, tokenizer):
-        super().__init__(copy.deepcopy(adapted.model.config))
         svf = adapted.svf
         if svf is not None and svf.k > 1:
             chosen = set(selections or [])
             if len(chosen) != 1:
-                raise ValueError(f"{adapted.svf.cfg.regime} changes the body per expert and this batch's groups use "
+                raise ValueError(f"{svf.cfg.regime} changes the body per expert and this batch's groups use "
                                  f"{len(chosen)} experts: one Hugging Face model holds one body; use "
                                  "Adapter.generate, which decodes such a batch group by group")
             svf.selection, selections = chosen.pop(), None
+        super().__init__(copy.deepcopy(adapted.model.config))
         self.adapted = adapted
         self.head = GroupedHead(adapted, conds, selections, n_groups)
         self.generation_config = copy.deepcopy(adapted.model.generation_config)

@@ -18,9 +18,7 @@ temperature (0 = greedy, the default), top_p, stop (a string or a list of string
 answers come whole); other fields (model, ...) are ignored. FastAPI and uvicorn are imported when a server is
 built, so the command line stays fast.
 """
-from __future__ import annotations
-
-import asyncio
+import asyncio  # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime
 import itertools
 import json
 import time

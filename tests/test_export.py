@@ -3,22 +3,17 @@ logits; chameleon runs as one named adapter per training cluster, routed as the 
 import json
 import subprocess
 import sys
-from functools import partial
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import conftest  # pytest puts tests/ on sys.path
-from chameleon import training
 from chameleon.__main__ import main
 from chameleon.export import unexportable
 from chameleon.load_export import load
 from chameleon.prepare import prepare
-from chameleon.runs import run_dir
 from chameleon.serving import Adapter
 
-tiny = partial(conftest.tiny, max_train_examples=64)
 PROMPTS = ["The history of Rome begins with", "Photosynthesis turns light into", "Hello",
            "In 1854 the city of", "The quick brown fox jumps over the lazy dog"]
 # the export's own loader, on its own: every name it imports is printed so that the kit's absence is checked
@@ -48,15 +43,13 @@ print(json.dumps({"names": names, "modules": sorted(sys.modules)}))
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
+def exports(trained_run, tmp_path_factory):
     """A `lora` run (authors' flavour: update x alpha), a `chameleon` and a `chameleon_full` run (causal), each
     exported; then loaded with PEFT in one fresh process."""
     tmp = tmp_path_factory.mktemp("export")
     out = {}
     for regime, protocol in [("lora", "authors"), ("chameleon", "causal"), ("chameleon_full", "causal")]:
-        cfg = tiny(tmp, regime=regime, protocol=protocol)
-        training.train(cfg, progress=False)
-        adapter = Adapter.from_run(run_dir(cfg), device="cpu")
+        adapter = Adapter.from_run(trained_run(regime, protocol=protocol), device="cpu")
         out[regime] = adapter, adapter.export_peft(tmp / f"peft-{regime}")
     job = {"exports": [str(folder) for _, folder in out.values()], "prompts": PROMPTS, "result": str(tmp / "peft.st")}
     done = subprocess.run([sys.executable, "-c", FRESH], input=json.dumps(job), capture_output=True, text=True,
@@ -105,7 +98,7 @@ def test_cluster_adapters_routed_by_peft_give_the_kit_head_conditioned_on_each_c
     train, _, centroids = prepare(adapter.cfg, adapter.adapted.model, adapter.tokenizer)
     labels = adapter.assign_groups(adapter.embed(PROMPTS), "route")  # the kit's routing of each prompt
     assert report["names"][str(i)] == [f"cluster_{c}" for c in labels]
-    assert len(json.loads((folder / "routing.json").read_text())["centroids"]) == len(centroids) == 8
+    assert len(json.loads((folder / "routing.json").read_text())["centroids"]) == len(centroids) == 4
     hidden = adapter.adapted.hidden(ids, mask)
     for row, c in enumerate(labels):
         cond = train.cond_emb[torch.from_numpy(train.labels == c)].mean(0)  # the cluster's mean conditioning vector
