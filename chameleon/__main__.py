@@ -198,8 +198,10 @@ def generate(args) -> int:
 
 def export(args) -> int:
     """Write a trained run as PEFT LoRA adapters that load without the kit."""
+    from chameleon.export import check_target
     from chameleon.serving import Adapter
 
+    check_target(Path(args.out), args.force)  # before loading the run: a refusal comes at once
     adapter = Adapter.from_run(args.run, device="cpu")
     out = adapter.export_peft(args.out, force=args.force)
     meta = (out / "export.json").read_text()

@@ -48,7 +48,7 @@ def export_peft(adapter, out: str | Path, force: bool = False) -> Path:
             an export is never replaced.
     """
     out = Path(out)
-    _check_target(out, force)
+    check_target(out, force)
     cfg, adapted = adapter.cfg, adapter.adapted
     if why := unexportable(cfg.regime):
         raise ValueError(f"a {cfg.regime} run cannot be exported as PEFT LoRA adapters: {why}")
@@ -81,7 +81,7 @@ def export_peft(adapter, out: str | Path, force: bool = False) -> Path:
         (tmp / "routing.json").write_text(json.dumps(routing) + "\n")
     (tmp / EXPORT).write_text(json.dumps(meta, indent=2) + "\n")
     shutil.copy(Path(__file__).with_name("load_export.py"), tmp / "load_export.py")
-    if out.exists():  # an earlier export, and --force: _check_target said so
+    if out.exists():  # an earlier export, and --force: check_target said so
         shutil.rmtree(out)
     tmp.rename(out)
     return out
@@ -99,7 +99,8 @@ def unexportable(regime: str) -> str:
     return ""
 
 
-def _check_target(out: Path, force: bool) -> None:
+def check_target(out: Path, force: bool) -> None:
+    """Refuse a folder that holds anything but an earlier export, and an earlier export without force."""
     if not out.exists():
         return
     if not (out / EXPORT).is_file():

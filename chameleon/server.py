@@ -21,7 +21,10 @@ built, so the command line stays fast.
 import asyncio  # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime
 import itertools
 import json
+import socket
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 LIMITS = {"window_ms": (20, "how long the first waiting request waits for others to join its batch, in ms"),
@@ -225,6 +228,30 @@ async def _read_body(request, limit: int) -> bytes:
         if len(body) > limit:
             raise BadRequest(f"the body exceeds this server's {limit} bytes (--max-body)", status=413)
     return body
+
+
+@contextmanager
+def background(app, host: str = "127.0.0.1"):
+    """Serve `app` from a thread on a free port (bound before the server starts), yielding its base URL; for
+    tests, benchmarks and notebooks. The server stops when the block ends."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start; see the log above")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 def serve(run, host: str = "127.0.0.1", port: int = 8000, group: str = "route", device: str = "auto", **limits) -> None:

@@ -1,43 +1,20 @@
 """`serve`: a real HTTP client against the server on a free localhost port. Concurrent requests are decoded
 together, one adapter per group; bad requests get a 4xx and the server goes on; a full queue answers 503."""
 import json
-import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import pytest
-import uvicorn
 
 from chameleon.__main__ import main
-from chameleon.server import create_app
+from chameleon.server import background, create_app
 from chameleon.serving import Adapter
 
 PROMPTS = ["The history of Rome begins with", "Photosynthesis turns light into", "Hello", "In 1854 the city of",
            "The quick brown fox", "Once upon a time"]
-
-
-@contextmanager
-def running(app):
-    """The app served by uvicorn in a thread, on a port the OS picked (bound before the server starts)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(500):
-        if server.started:
-            break
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def post(url: str, body, raw: bool = False) -> tuple[int, dict]:
@@ -57,7 +34,7 @@ def adapter(trained_run):
 
 @pytest.fixture(scope="module")
 def url(adapter):
-    with running(create_app(adapter, group="route", window_ms=300, max_batch=8)) as url:
+    with background(create_app(adapter, group="route", window_ms=300, max_batch=8)) as url:
         yield url
 
 
@@ -122,7 +99,7 @@ class Held:
 def test_a_full_queue_answers_503_at_once(adapter):
     held = Held(adapter)
     app = create_app(held, window_ms=0, max_queue=1)
-    with running(app) as url, ThreadPoolExecutor(2) as pool:
+    with background(app) as url, ThreadPoolExecutor(2) as pool:
         first = pool.submit(post, url, {"prompt": "Hello", "max_tokens": 2})  # being decoded
         assert held.entered.wait(30)
         second = pool.submit(post, url, {"prompt": "Hi", "max_tokens": 2})  # waiting in the queue
