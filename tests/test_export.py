@@ -45,11 +45,12 @@ print(json.dumps({"names": names, "modules": sorted(sys.modules)}))
 
 @pytest.fixture(scope="module")
 def exports(trained_run, tmp_path_factory):
-    """A `lora` run (authors' flavour: update x alpha), a `chameleon` and a `chameleon_full` run (causal), each
-    exported; then loaded with PEFT in one fresh process."""
+    """A `lora` run (authors' flavour: update x alpha), a `chameleon`, a `chameleon_full` and a `lora_experts` run
+    (causal), each exported; then loaded with PEFT in one fresh process."""
     tmp = tmp_path_factory.mktemp("export")
     out = {}
-    for regime, protocol in [("lora", "authors"), ("chameleon", "causal"), ("chameleon_full", "causal")]:
+    for regime, protocol in [("lora", "authors"), ("chameleon", "causal"), ("chameleon_full", "causal"),
+                             ("lora_experts", "causal")]:
         adapter = Adapter.from_run(trained_run(regime, protocol=protocol), device="cpu")
         out[regime] = adapter, adapter.export_peft(tmp / f"peft-{regime}")
     job = {"exports": [str(folder) for _, folder in out.values()], "prompts": PROMPTS, "result": str(tmp / "peft.st")}
@@ -109,6 +110,21 @@ def test_cluster_adapters_routed_by_peft_give_the_kit_head_conditioned_on_each_c
     assert len(set(labels.tolist())) > 1  # several adapters in one batch, one per row
 
 
+@torch.no_grad()
+def test_expert_adapters_are_routed_as_the_classifier_dispatch(exports):
+    runs, tensors, report = exports
+    i = list(runs).index("lora_experts")
+    adapter, _ = runs["lora_experts"]
+    ids, mask = kit_inputs(adapter, tensors, i)
+    experts, hidden = adapter.adapted.head, adapter.adapted.hidden(ids, mask)
+    emb = adapter.embed(PROMPTS, adapter.cfg.prefix_tokens)  # the classifier reads a line's first tokens
+    chosen = [experts.choose(emb[row:row + 1]) for row in range(len(PROMPTS))]
+    assert report["names"][str(i)] == [f"expert_{k}" for k in chosen]
+    for row, k in enumerate(chosen):
+        experts.selection = k
+        torch.testing.assert_close(tensors[f"logits{i}"][row], adapter.adapted.logits(hidden[row]), atol=1e-5, rtol=0)
+
+
 def test_a_changed_backbone_is_caught(exports, tmp_path):
     _, folder = exports[0]["lora"]
     meta = json.loads((folder / "export.json").read_text())
@@ -136,4 +152,4 @@ def test_export_never_overwrites_and_refuses_what_it_cannot_export(exports, tmp_
     assert "pass --force" in capsys.readouterr().err
     adapter.export_peft(out, force=True)
     assert "SVF rescales the singular values" in unexportable("svf_experts")
-    assert "trains no adapter" in unexportable("unadapted") and not unexportable("lora_experts")
+    assert "trains no adapter" in unexportable("unadapted")
