@@ -47,8 +47,8 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
             continue
         kind = {"int": int, "float": float, "bool": _bool, "int | None": int, "Path": Path}.get(str(f.type), str)
         flags = ["--" + f.name.replace("_", "-")] + (["--model"] if f.name == "backbone" else [])
-        text = f"{helps.get(f.name, '')} (default: the profile's, else {f.default!r})".lstrip()
-        parser.add_argument(*flags, dest=f.name, type=kind, default=None, help=text.replace("%", "%%"))
+        # the field's comment in config.py; the default is the profile's (Config.from_profile)
+        parser.add_argument(*flags, dest=f.name, type=kind, default=None, help=helps.get(f.name, "").replace("%", "%%"))
 
 
 def _add_generate_options(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +58,8 @@ def _add_generate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", default="route", choices=["route", "kmeans", "single"],
                         help="route: nearest training centroid; kmeans: cluster the batch; single: one group")
     parser.add_argument("--n-groups", type=int, default=None, help="k of --group kmeans (default: n / batch_size)")
-    parser.add_argument("--max-new-tokens", type=_positive, default=None, help="default: the run's max_new_tokens")
+    parser.add_argument("--max-new-tokens", type=_at_least(1), default=None,
+                        help="default: the run's max_new_tokens")
     parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
 
 
@@ -79,19 +80,22 @@ def _add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", default="route", choices=["route", "kmeans", "single"],
                         help="how each batch is grouped, one adapter per group (default route)")
     parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
-    for name, (default, about) in LIMITS.items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=_positive, default=default,
+    for name, (default, least, about) in LIMITS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=_at_least(least), default=default,
                             help=f"{about} (default {default})")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _at_least(least: int):
+    """An argparse type: a whole number no smaller than `least`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+    return parse
 
 
 def _bool(text: str) -> bool:

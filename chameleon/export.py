@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -63,27 +64,29 @@ def export_peft(adapter, out: str | Path, force: bool = False) -> Path:
                          "one PEFT LoraConfig cannot hold them")
     rank, scaling = ranks.pop(), scalings.pop()
 
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    base_path = None
-    if cfg.backbone in CONVERTED:  # no Hugging Face copy of it exists elsewhere
-        base_path = "base"
-        base.save_pretrained(tmp / base_path)
-        tokenizer.save_pretrained(tmp / base_path)
-    meta = {"format": "peft", "run": str(adapter.run) if adapter.run else None, "regime": cfg.regime,
-            "protocol": cfg.protocol, "conditioning": cfg.conditioning if REGIMES[cfg.regime].conditioned else None,
-            "adapters": list(updates), "lora_alpha": scaling * rank, "r": rank,
-            "base": {"path": base_path, "name_or_path": cfg.backbone, "sha256": weights_sha256(base)}}
-    _write_adapters(base, tmp, updates, blocks, head_name, rank, scaling,
-                    str((out / base_path).resolve()) if base_path else cfg.backbone)
-    if routing is not None:
-        (tmp / "routing.json").write_text(json.dumps(routing) + "\n")
-    (tmp / EXPORT).write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.copy(Path(__file__).with_name("load_export.py"), tmp / "load_export.py")
-    if out.exists():  # an earlier export, and --force: check_target said so
-        shutil.rmtree(out)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))  # renamed to `out` once complete
+    try:
+        base_path = None
+        if cfg.backbone in CONVERTED:  # no Hugging Face copy of it exists elsewhere
+            base_path = "base"
+            base.save_pretrained(tmp / base_path)
+            tokenizer.save_pretrained(tmp / base_path)
+        meta = {"format": "peft", "run": str(adapter.run) if adapter.run else None, "regime": cfg.regime,
+                "protocol": cfg.protocol, "conditioning": cfg.conditioning if REGIMES[cfg.regime].conditioned else None,
+                "adapters": list(updates), "lora_alpha": scaling * rank, "r": rank,
+                "base": {"path": base_path, "name_or_path": cfg.backbone, "sha256": weights_sha256(base)}}
+        _write_adapters(base, tmp, updates, blocks, head_name, rank, scaling,
+                        str((out / base_path).resolve()) if base_path else cfg.backbone)
+        if routing is not None:
+            (tmp / "routing.json").write_text(json.dumps(routing) + "\n")
+        (tmp / EXPORT).write_text(json.dumps(meta, indent=2) + "\n")
+        shutil.copy(Path(__file__).with_name("load_export.py"), tmp / "load_export.py")
+        if out.exists():  # an earlier export, and --force: check_target said so
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only left behind when something above failed
     return out
 
 

@@ -27,11 +27,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-LIMITS = {"window_ms": (20, "how long the first waiting request waits for others to join its batch, in ms"),
-          "max_batch": (32, "most prompts decoded together"),
-          "max_queue": (64, "most requests waiting for a batch; more get 503"),
-          "max_tokens": (256, "largest max_tokens a request may ask for"),
-          "max_body": (1 << 16, "largest request body, in bytes")}
+LIMITS = {  # name: (default, smallest allowed, what it bounds): `serve` options and create_app's arguments
+    "window_ms": (20, 0, "how long the first waiting request waits for others to join its batch, in ms"),
+    "max_batch": (32, 1, "most prompts decoded together"),
+    "max_queue": (64, 1, "most requests waiting for a batch; more get 503"),
+    "max_tokens": (256, 1, "largest max_tokens a request may ask for"),
+    "max_body": (1 << 16, 1, "largest request body, in bytes")}
 DEFAULT_MAX_TOKENS = 16  # as OpenAI's completions endpoint
 
 
@@ -140,17 +141,19 @@ class Batcher:
         try:
             results, lengths = await asyncio.to_thread(self._generate, prompts, max(r.max_tokens for r in requests),
                                                        requests[0].sampling)
+            start, answers = 0, []
+            for r in requests:
+                answers.append(self._response(r, results[start:start + len(r.prompts)],
+                                              lengths[start:start + len(r.prompts)], len(prompts)))
+                start += len(r.prompts)
         except Exception as err:  # this batch fails, the server goes on
             for r in requests:
                 if not r.future.done():
                     r.future.set_exception(err)
             return
-        start = 0
-        for r in requests:
-            part = slice(start, start + len(r.prompts))
-            start += len(r.prompts)
+        for r, answer in zip(requests, answers):
             if not r.future.done():  # the client may have gone
-                r.future.set_result(self._response(r, results[part], lengths[part], len(prompts)))
+                r.future.set_result(answer)
 
     def _generate(self, prompts: list[str], max_tokens: int, sampling: dict):
         """In the worker thread, the only one that touches the model and the tokenizer."""
@@ -162,7 +165,9 @@ class Batcher:
         choices = []
         for i, r in enumerate(results):
             tokens = r.tokens[:request.max_tokens]  # rows are independent: the first k tokens are the k-token answer
-            choices.append({"index": i, "text": self.adapter.tokenizer.decode(tokens, skip_special_tokens=True),
+            text = self.adapter.tokenizer.decode(tokens, skip_special_tokens=True)
+            cut = [text.find(s) for s in request.sampling.get("stop_strings", ()) if s in text]
+            choices.append({"index": i, "text": text[:min(cut)] if cut else text,  # as OpenAI: without the stop
                             "finish_reason": "stop" if r.stopped and len(r.tokens) <= request.max_tokens else "length",
                             "group": r.group, "group_size": r.group_size, "completion_tokens": len(tokens)})
         completion = sum(c["completion_tokens"] for c in choices)
@@ -180,7 +185,10 @@ def create_app(adapter, group: str = "route", **limits):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
-    limits = {name: limits.get(name, default) for name, (default, _) in LIMITS.items()}
+    unknown = set(limits) - set(LIMITS)
+    if unknown:
+        raise ValueError(f"unknown server limits {sorted(unknown)}; choose among {list(LIMITS)}")
+    limits = {name: limits.get(name, default) for name, (default, _, _) in LIMITS.items()}
     if why := adapter.adapted.unservable():
         raise ValueError(f"{adapter.cfg.regime} cannot be served as loaded: {why}")
 

@@ -257,7 +257,7 @@ class Adapter:
         if eos is None:
             extra["min_new_tokens"] = max_new_tokens
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, **extra, **sampling)
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, **extra, **{"do_sample": False, **sampling})
         new = out[:, inputs["input_ids"].shape[1]:].tolist()
         new = [until_eos(t, self.tokenizer.eos_token_id) for t in new]
         if pad != self.tokenizer.eos_token_id:  # a row stopped by a stop string is filled with padding

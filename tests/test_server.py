@@ -55,6 +55,11 @@ def test_concurrent_requests_are_decoded_together_one_adapter_per_group(adapter,
     assert body["usage"]["completion_tokens"] == sum(len(r.tokens) for r in ref)
     status, body = post(url, {"prompt": "Hello", "max_tokens": 4, "temperature": 0.8, "top_p": 0.9, "model": "x"})
     assert status == 200 and body["choices"][0]["completion_tokens"] <= 4
+    # a stop string ends the answer, and is left out of its text (as OpenAI's endpoint does)
+    greedy = adapter.generate(["Hello"], max_new_tokens=8)[0]
+    text, stop = adapter.tokenizer.decode(greedy.tokens), adapter.tokenizer.decode(greedy.tokens[2:4])
+    status, body = post(url, {"prompt": "Hello", "max_tokens": 8, "stop": stop})
+    assert (status, body["choices"][0]["text"], body["choices"][0]["finish_reason"]) == (200, text[:text.find(stop)], "stop")
 
 
 BAD = [
