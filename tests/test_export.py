@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 job = json.load(sys.stdin)
 sys.path.insert(0, job["exports"][0])
-from load_export import load, route
+from load_export import load, main, route
 tensors, names = {}, {}
 for i, folder in enumerate(job["exports"]):
     model, tokenizer, routing = load(folder)
@@ -39,6 +39,7 @@ for i, folder in enumerate(job["exports"]):
             tensors[f"base{i}"] = model(**enc).logits.contiguous()
     tensors[f"ids{i}"], tensors[f"mask{i}"] = enc["input_ids"], enc["attention_mask"]
 save_file(tensors, job["result"])
+main([job["exports"][1], *job["prompts"][:2]])  # the command line a user runs: greedy answers through PEFT
 print(json.dumps({"names": names, "modules": sorted(sys.modules)}))
 """
 
@@ -58,8 +59,9 @@ def exports(trained_run, tmp_path_factory):
     done = subprocess.run([sys.executable, "-c", FRESH], input=json.dumps(job), capture_output=True, text=True,
                           cwd=tmp, timeout=300, env={**env, "HOME": str(tmp)})  # no PYTHONPATH to the kit
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    return out, load_file(job["result"]), report
+    *answers, report = done.stdout.strip().splitlines()
+    assert [line.split("] ")[1].split(" -> ")[0] for line in answers] == PROMPTS[:2]
+    return out, load_file(job["result"]), json.loads(report)
 
 
 def test_the_fresh_process_never_imported_the_kit(exports):
