@@ -9,9 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import conftest  # pytest puts tests/ on sys.path
 from chameleon.__main__ import main
+from chameleon.backbones import load_backbone
 from chameleon.export import unexportable
 from chameleon.load_export import load
+from chameleon.model import build
 from chameleon.prepare import prepare
 from chameleon.serving import Adapter
 
@@ -44,20 +47,38 @@ print(json.dumps({"names": names, "modules": sorted(sys.modules)}))
 """
 
 
+def built(tmp_path, regime: str) -> Adapter:
+    """An untrained adapter in the authors' flavour (A and B random, never zero): exporting it maps every matrix
+    as a trained run's would, without the training."""
+    cfg = conftest.tiny(tmp_path, regime=regime, protocol="authors")
+    model, tokenizer = load_backbone(cfg.backbone, seed=cfg.seed)
+    adapted = build(cfg, model)
+    with torch.no_grad():  # larger A and B than the init's 0.01: an update the logits show
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.mul_(30)
+    if adapted.experts is not None:  # served under the classifier dispatch, with prompt centroids made up here
+        torch.manual_seed(0)
+        adapted.head.prompt_centroids = torch.nn.functional.normalize(torch.randn(cfg.n_experts, 64), dim=1)
+    return Adapter(adapted, tokenizer, cfg)
+
+
 @pytest.fixture(scope="module")
 def exports(trained_run, tmp_path_factory):
-    """A `lora` run (authors' flavour: update x alpha), a `chameleon`, a `chameleon_full` and a `lora_experts` run
-    (causal), each exported; then loaded with PEFT in one fresh process."""
+    """A trained `lora` run (authors' flavour: update x alpha) and `chameleon` run (causal), and built `lora_full`
+    (LoRA in GPT-2's Conv1D blocks too) and `lora_experts` adapters, each exported; then all loaded with PEFT in
+    one fresh process."""
     tmp = tmp_path_factory.mktemp("export")
-    out = {}
-    for regime, protocol in [("lora", "authors"), ("chameleon", "causal"), ("chameleon_full", "causal"),
-                             ("lora_experts", "causal")]:
-        adapter = Adapter.from_run(trained_run(regime, protocol=protocol), device="cpu")
-        out[regime] = adapter, adapter.export_peft(tmp / f"peft-{regime}")
+    adapters = {"lora": Adapter.from_run(trained_run("lora", protocol="authors"), device="cpu"),
+                "chameleon": Adapter.from_run(trained_run("chameleon", protocol="causal"), device="cpu"),
+                "lora_full": built(tmp, "lora_full"), "lora_experts": built(tmp, "lora_experts")}
+    out = {regime: (adapter, adapter.export_peft(tmp / f"peft-{regime}")) for regime, adapter in adapters.items()}
     job = {"exports": [str(folder) for _, folder in out.values()], "prompts": PROMPTS, "result": str(tmp / "peft.st")}
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_")}
+    # no PYTHONPATH to the kit; one thread: a 2-layer model gains nothing from more, and two torch processes
+    # spinning on the same cores slow each other several times over
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", FRESH], input=json.dumps(job), capture_output=True, text=True,
-                          cwd=tmp, timeout=300, env={**env, "HOME": str(tmp)})  # no PYTHONPATH to the kit
+                          cwd=tmp, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     *answers, report = done.stdout.strip().splitlines()
     assert [line.split("] ")[1].split(" -> ")[0] for line in answers] == PROMPTS[:2]
@@ -93,12 +114,24 @@ def test_lora_export_gives_the_kit_logits(exports):
     assert "lm_head.base_layer.weight" not in str(load_file(folder / "adapter_model.safetensors").keys())
 
 
-@pytest.mark.parametrize("regime", ["chameleon", "chameleon_full"])
 @torch.no_grad()
-def test_cluster_adapters_routed_by_peft_give_the_kit_head_conditioned_on_each_cluster(exports, regime):
+def test_lora_full_export_adapts_gpt2s_conv1d_blocks_as_the_kit(exports):
+    runs, tensors, _ = exports
+    i = list(runs).index("lora_full")
+    adapter, folder = runs["lora_full"]
+    ids, mask = kit_inputs(adapter, tensors, i)
+    kit = adapter.adapted.logits(adapter.adapted.hidden(ids, mask))
+    torch.testing.assert_close(tensors[f"logits{i}"], kit, atol=1e-5, rtol=0)
+    assert (tensors[f"logits{i}"] - tensors[f"base{i}"]).abs().max() > 1e-3
+    targets = json.loads((folder / "adapter_config.json").read_text())["target_modules"]
+    assert len(targets) == 9 and {"lm_head", "transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_proj"} <= set(targets)
+
+
+@torch.no_grad()
+def test_cluster_adapters_routed_by_peft_give_the_kit_head_conditioned_on_each_cluster(exports):
     runs, tensors, report = exports
-    i = list(runs).index(regime)
-    adapter, folder = runs[regime]
+    i = list(runs).index("chameleon")
+    adapter, folder = runs["chameleon"]
     ids, mask = kit_inputs(adapter, tensors, i)
     train, _, centroids = prepare(adapter.cfg, adapter.adapted.model, adapter.tokenizer)
     labels = adapter.assign_groups(adapter.embed(PROMPTS), "route")  # the kit's routing of each prompt
