@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 LIMITS = {  # name: (default, smallest allowed, what it bounds): `serve` options and create_app's arguments
     "window_ms": (20, 0, "how long the first waiting request waits for others to join its batch, in ms"),
@@ -37,6 +37,8 @@ DEFAULT_MAX_TOKENS = 16  # as OpenAI's completions endpoint
 
 
 class BadRequest(ValueError):
+    """A request the server refuses: its message goes to the client with `status`."""
+
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
@@ -48,7 +50,7 @@ class Pending:
     prompts: list[str]
     max_tokens: int
     sampling: dict  # Adapter.generate's sampling arguments; requests decode together only when these agree
-    future: asyncio.Future = field(default=None)
+    future: asyncio.Future | None = None  # set by Batcher.submit
 
 
 def parse(body: bytes, limits: dict) -> Pending:
@@ -124,11 +126,13 @@ class Batcher:
         self.carried, batch, n = None, [first], len(first.prompts)
         deadline = asyncio.get_running_loop().time() + self.window
         while n < self.max_batch:
-            left = deadline - asyncio.get_running_loop().time()
-            try:
-                item = self.queue.get_nowait() if left <= 0 else await asyncio.wait_for(self.queue.get(), left)
-            except (asyncio.QueueEmpty, asyncio.TimeoutError):
-                break
+            try:  # polled, not wait_for(queue.get()): a timeout there can drop an item just taken (Python 3.11)
+                item = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                if asyncio.get_running_loop().time() >= deadline:
+                    break
+                await asyncio.sleep(0.001)
+                continue
             if n + len(item.prompts) > self.max_batch:
                 self.carried = item
                 break
