@@ -206,7 +206,8 @@ def create_app(adapter, group: str = "route", **limits):
     app = FastAPI(title="ChamaleonLLM kit", lifespan=lifespan)
 
     def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "code": status}}, status_code=status)
+        retry = {"Retry-After": "1"} if status == 503 else None  # busy: a client may come back in a second
+        return JSONResponse({"error": {"message": message, "code": status}}, status_code=status, headers=retry)
 
     @app.get("/v1/models")
     async def models():
