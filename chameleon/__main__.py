@@ -1,4 +1,4 @@
-"""Command line: `python -m chameleon {doctor,params,train,compare,notebooks,generate,reinforce,domains,report} [--profile P] [--field value ...]`.
+"""Command line: `python -m chameleon {doctor,params,train,compare,notebooks,generate,export,serve,reinforce,domains,report} [--profile P] [--field value ...]`.
 
 Every Config field is also an option (`--regime lora --max-length 64`), applied on top of the profile.
 """
@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from chameleon.config import PROFILES, REINFORCE_FIELDS, RENAMED, Config, RunFailed
+from chameleon.config import PROFILES, REINFORCE_FIELDS, RENAMED, Config, RunFailed, field_help
 
 
 def doctor(args) -> int:
@@ -41,12 +41,14 @@ def _config(args) -> Config:
 def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     parser.add_argument("--profile", default=None, choices=sorted(PROFILES) + sorted(RENAMED["profile"]),
                         help="named profile (default: $CHAMELEON_PROFILE or cpu; `paper` is the old name of `hub`)")
+    helps = field_help()
     for f in dataclasses.fields(Config):
         if f.name in ("profile", "hyper_hidden", "batchings", *skip):
             continue
         kind = {"int": int, "float": float, "bool": _bool, "int | None": int, "Path": Path}.get(str(f.type), str)
         flags = ["--" + f.name.replace("_", "-")] + {"backbone": ["--model"], "reinforce_steps": ["--steps"]}.get(f.name, [])
-        parser.add_argument(*flags, dest=f.name, type=kind, default=None)
+        # the field's comment in config.py; the default is the profile's (Config.from_profile)
+        parser.add_argument(*flags, dest=f.name, type=kind, default=None, help=helps.get(f.name, "").replace("%", "%%"))
 
 
 def _add_generate_options(parser: argparse.ArgumentParser) -> None:
@@ -56,8 +58,44 @@ def _add_generate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", default="route", choices=["route", "kmeans", "single"],
                         help="route: nearest training centroid; kmeans: cluster the batch; single: one group")
     parser.add_argument("--n-groups", type=int, default=None, help="k of --group kmeans (default: n / batch_size)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's max_new_tokens")
+    parser.add_argument("--max-new-tokens", type=_at_least(1), default=None,
+                        help="default: the run's max_new_tokens")
     parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+
+
+def _add_export_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", help="the folder to write (refused if it exists, unless --force replaces an earlier export)")
+    parser.add_argument("--run", required=True, help="a finished run folder (`train` prints it)")
+    parser.add_argument("--format", default="peft", choices=["peft"],
+                        help="peft: PEFT LoRA adapters (one per cluster for chameleon runs) + the backbone in Hugging Face form")
+    parser.add_argument("--force", action="store_true", help="replace an earlier export in OUT")
+
+
+def _add_serve_options(parser: argparse.ArgumentParser) -> None:
+    from chameleon.server import LIMITS
+
+    parser.add_argument("--run", required=True, help="a finished run folder (`train` prints it)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument("--group", default="route", choices=["route", "kmeans", "single"],
+                        help="how each batch is grouped, one adapter per group (default route)")
+    parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    for name, (default, least, about) in LIMITS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=_at_least(least), default=default,
+                            help=f"{about} (default {default})")
+
+
+def _at_least(least: int):
+    """An argparse type: a whole number no smaller than `least`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+    return parse
 
 
 def _bool(text: str) -> bool:
@@ -187,9 +225,16 @@ def generate(args) -> int:
 
     prompts = list(args.prompts)
     if args.prompts_file:
-        if not Path(args.prompts_file).is_file():
-            raise ValueError(f"--prompts-file {args.prompts_file} is not a file")
-        prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ValueError(f"--prompts-file {path} is not a file")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--prompts-file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                             f"{err.start}); save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {shlex.quote(str(path))} "
+                             f"> prompts-utf8.txt`") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError("no prompts: give them as arguments or one per line in --prompts-file")
     adapter = Adapter.from_run(args.run, device=args.device or "auto")
@@ -199,6 +244,29 @@ def generate(args) -> int:
           f"{len(prompts)} prompts, grouping {args.group}: {len({r.group for r in results})} group(s)")
     for r in results:
         print(f"[group {r.group}, {r.group_size} prompt(s)] prompt: {r.prompt}\n  answer: {r.text}")
+    return 0
+
+
+def export(args) -> int:
+    """Write a trained run as PEFT LoRA adapters that load without the kit."""
+    from chameleon.export import check_target
+    from chameleon.serving import Adapter
+
+    check_target(Path(args.out), args.force)  # before loading the run: a refusal comes at once
+    adapter = Adapter.from_run(args.run, device="cpu")
+    out = adapter.export_peft(args.out, force=args.force)
+    meta = (out / "export.json").read_text()
+    print(f"{Path(args.run).name}: {adapter.cfg.regime} exported to {out}\n{meta}"
+          f"load it without the kit: python {out / 'load_export.py'} {out} \"The history of Rome\"")
+    return 0
+
+
+def serve(args) -> int:
+    """Answer HTTP completion requests with a trained run, batching those that arrive together."""
+    from chameleon.server import LIMITS, serve as run_server
+
+    run_server(args.run, host=args.host, port=args.port, group=args.group, device=args.device or "auto",
+               **{name: getattr(args, name) for name in LIMITS})
     return 0
 
 
@@ -225,6 +293,8 @@ COMMANDS = {"doctor": (doctor, "check torch, the device and every embedded asset
             "compare": (compare, "train every regime under both protocols and write one table"),
             "notebooks": (notebooks, "run notebooks/[0-9]*.ipynb in order into runs/<profile>/, print the results"),
             "generate": (generate, "answer prompts with a trained run (batched, one adapter per group)"),
+            "export": (export, "write a trained run as PEFT LoRA adapters (+ routing for chameleon runs)"),
+            "serve": (serve, "an HTTP server (OpenAI-style /v1/completions) that batches requests into groups"),
             "reinforce": (reinforce, "train one SVF expert with REINFORCE (reward: ROUGE-L) on the instruction task"),
             "domains": (domains, "the domains experiment: --stage lr, then runs, then report (chameleon.domains)"),
             "report": (report, "write RESULTS.md and the README's answers from results/, or --check a reproduction")}
@@ -235,8 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text)
-        if name == "generate":  # the run's config.json sets everything else
-            _add_generate_options(command)
+        if name in ("generate", "export", "serve"):  # the run's config.json sets everything else
+            {"generate": _add_generate_options, "export": _add_export_options, "serve": _add_serve_options}[name](command)
             continue
         if name == "report":  # reads committed tables: no Config
             command.add_argument("--check", type=Path, metavar="OUTPUTS",

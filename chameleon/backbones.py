@@ -28,6 +28,7 @@ from chameleon.config import ROOT
 # GPT-2's pre-tokenisation regex (from its encoder.py); tiktoken's file holds only the merges.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOS = "<|endoftext|>"
+CONVERTED = ("smollm2", "gpt2-arch", "gpt2-tiny")  # built or converted by the kit: no Hugging Face copy elsewhere
 OFFLINE_HINT = ("offline, use the embedded default backbone 'smollm2' (SmolLM2-135M) or 'gpt2-arch' "
                 "(GPT-2's architecture, random weights); `python -m chameleon doctor` shows what is installed")
 

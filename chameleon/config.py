@@ -161,6 +161,29 @@ class Config:
         return self
 
 
+def field_help() -> dict[str, str]:
+    """Each Config field's comment in this file, the command line's help for its option. A comment line of
+    its own continues the field above it, or introduces the field below when that one has no comment."""
+    import inspect
+
+    helps: dict[str, list[str]] = {}
+    field_line = re.compile(r"\s+(\w+): [^#]+?(?:#\s*(.*))?$")
+    pending, last = [], None
+    for line in inspect.getsource(Config).splitlines():
+        text = line.strip()
+        if text.startswith("# ---") or not text:
+            continue
+        if text.startswith("#"):
+            pending.append(text.lstrip("# "))
+        elif (m := field_line.match(line)) and m.group(1) in {f.name for f in dataclasses.fields(Config)}:
+            own = [m.group(2)] if m.group(2) else []
+            if pending and own and last:
+                helps[last] += pending
+            helps[m.group(1)] = own or pending
+            pending, last = [], m.group(1)
+    return {name: " ".join(parts) for name, parts in helps.items()}
+
+
 class RunFailed(RuntimeError):
     """A run stopped for a reason the user can act on (e.g. training.TrainingDiverged). Defined
     here, free of torch, so that the command line can print it as one line."""

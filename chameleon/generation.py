@@ -40,7 +40,6 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from chameleon.clustering import eval_batches
@@ -110,31 +109,59 @@ def tokenize_prompts(tokenizer, prompts: list[str], max_length: int) -> list[lis
 
 
 class GroupedHead:
-    """The head's logits for a batch whose rows are sorted by group: one low-rank update per group.
+    """The head's logits for a batch whose rows belong to groups: one low-rank update per group.
 
     For a ChameleonLLM head the hypernetwork runs once, on the (G, d) group vectors; LoRA experts give
     each group's selected expert (`Adapted.group_adapters`): A (G, r, d_in) and B (G, d_out, r). Each
-    step then adds scaling * (h @ A[g].T) @ B[g].T to the base logits of group g's contiguous rows, in
-    place. Other heads are the same for every group and are called as they are.
+    call then adds scaling * (h @ A[g].T) @ B[g].T to the base logits of group g's rows: in place on a
+    contiguous segment (`batched_greedy` sorts its rows by group), gathered and put back otherwise (rows in
+    a caller's order, `hf.HFAdapted`); the same addmm either way. Other heads are the same for every group
+    and are called as they are.
     """
 
-    def __init__(self, adapted, conds: torch.Tensor | None, selections: list[int] | None, sizes: list[int]):
+    def __init__(self, adapted, conds: torch.Tensor | None, selections: list[int] | None, n_groups: int):
         self.adapted = adapted
-        if any(x is not None and len(x) != len(sizes) for x in (conds, selections)):
-            raise ValueError(f"{len(sizes)} groups need one conditioning vector and one selection each")
+        if any(x is not None and len(x) != n_groups for x in (conds, selections)):
+            raise ValueError(f"{n_groups} groups need one conditioning vector and one selection each")
         self.adapters = adapted.group_adapters(conds, selections)
-        bounds = np.cumsum([0, *sizes]).tolist()
-        self.segments = [(g, s, e) for g, (s, e) in enumerate(zip(bounds, bounds[1:])) if e > s]
+        self._parts: tuple[torch.Tensor, list] | None = None  # (groups, their rows): the same tensor every step
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(n, d_in) hidden states -> (n, vocab) logits."""
+    def __call__(self, hidden: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """(n, d_in) hidden states and the (n,) group of each row -> (n, vocab) logits."""
         if self.adapters is None:
             return self.adapted.logits(hidden)
         A, B, scaling = self.adapters
         out = self.adapted.head.base(hidden)
-        for g, s, e in self.segments:  # as LoRA.forward with group g's A and B, on rows s:e
-            out[s:e].addmm_(hidden[s:e] @ A[g].T * scaling, B[g].T)
+        for g, rows in self.partition(groups):  # as LoRA.forward with group g's A and B, on its rows
+            low = hidden[rows] @ A[g].T * scaling
+            if isinstance(rows, slice):
+                out[rows].addmm_(low, B[g].T)
+            else:
+                out[rows] = torch.addmm(out[rows], low, B[g].T)
         return out
+
+    def partition(self, groups: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
+        """(group, its rows) for each group present: a slice where the rows are contiguous (updated in place),
+        else their indices. Computed once per groups tensor."""
+        if self._parts is None or self._parts[0] is not groups:
+            parts = []
+            for g in groups.unique().tolist():
+                rows = (groups == g).nonzero().view(-1)
+                start, end = rows[0].item(), rows[-1].item() + 1
+                parts.append((g, slice(start, end) if end - start == len(rows) else rows))
+            self._parts = (groups, parts)
+        return self._parts[1]
+
+
+def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (n, longest): every row's last prompt token in the last column."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        mask[row, width - len(p):] = 1
+    return ids, mask
 
 
 @torch.no_grad()
@@ -163,16 +190,9 @@ def batched_greedy(adapted, prompts: list[list[int]], max_new_tokens: int, eos_i
     groups = [0] * n if groups is None else list(groups)
     dev = next(adapted.parameters()).device
     order = sorted(range(n), key=lambda i: groups[i])  # stable: each group becomes one contiguous segment
-    G = max(groups) + 1
-    sizes = np.bincount(groups, minlength=G).tolist()
-    head = GroupedHead(adapted, conds, selections, sizes)
-
-    width = max(len(p) for p in prompts)
-    ids = torch.full((n, width), pad_id, dtype=torch.long, device=dev)
-    mask = torch.zeros((n, width), dtype=torch.long, device=dev)
-    for row, i in enumerate(order):  # left padding: every row's last prompt token is in the last column
-        ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long, device=dev)
-        mask[row, width - len(prompts[i]):] = 1
+    head = GroupedHead(adapted, conds, selections, max(groups) + 1)
+    rows_groups = torch.tensor([groups[i] for i in order], device=dev)
+    ids, mask = left_padded([prompts[i] for i in order], pad_id, dev)
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # real tokens count 0, 1, 2, ... as without padding
     past = None
     new = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=dev)
@@ -182,7 +202,7 @@ def batched_greedy(adapted, prompts: list[list[int]], max_new_tokens: int, eos_i
     for t in range(max_new_tokens):
         out = adapted.body(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
         past = out.past_key_values
-        token = head(out.last_hidden_state[:, -1]).argmax(-1)
+        token = head(out.last_hidden_state[:, -1], rows_groups).argmax(-1)
         token = token.masked_fill(done, pad_id)
         new[:, t] = token
         steps = t + 1
@@ -194,9 +214,13 @@ def batched_greedy(adapted, prompts: list[list[int]], max_new_tokens: int, eos_i
     rows = new[:, :steps].tolist()
     result: list[list[int]] = [[] for _ in range(n)]
     for row, i in enumerate(order):
-        tokens = rows[row]
-        result[i] = tokens[:tokens.index(eos_id)] if eos_id is not None and eos_id in tokens else tokens
+        result[i] = until_eos(rows[row], eos_id)
     return result
+
+
+def until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
+    """The tokens before the first EOS (all of them when eos_id is None)."""
+    return tokens[:tokens.index(eos_id)] if eos_id is not None and eos_id in tokens else tokens
 
 
 def bleu(outputs: list[str], references: list[str]) -> float:

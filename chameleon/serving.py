@@ -29,7 +29,10 @@ LoRA experts differ in the head alone, so a mixed batch decodes together with on
 SVF experts change the body, so their batch is decoded group by group. Other regimes (`unadapted`,
 `lora`, ...) ignore the groups.
 
-Decoding is batched greedy decoding (`generation.batched_greedy`): left-padded prompts, position ids
+With sampling arguments (`generate(..., do_sample=True, top_p=0.9)`, stop_strings, a streamer) the same batch
+decodes through Hugging Face's `generate` on `hf_model`, a `PreTrainedModel` whose head is this batch's grouped
+head (`chameleon.hf`). Without them, decoding is the kit's batched greedy decoding
+(`generation.batched_greedy`, the same tokens as do_sample=False): left-padded prompts, position ids
 counted over real tokens, the body's KV cache, ONE body forward per step for the whole
 batch, EOS stops a row (finished rows are fed padding and their output is dropped). The
 head computes the hypernetwork once per group per request, not per row or per step; rows
@@ -56,7 +59,8 @@ from chameleon.backbones import device as resolve_device, load_backbone
 from chameleon.clustering import assign, kmeans
 from chameleon.config import Config
 from chameleon.embeddings import embedding_mask, mean_embeddings
-from chameleon.generation import batched_greedy, tokenize_prompts
+from chameleon.generation import batched_greedy, tokenize_prompts, until_eos
+from chameleon.hf import HFAdapted, hf_inputs
 from chameleon.model import Adapted
 from chameleon.prepare import prepare, prompt_prefix
 from chameleon.regimes import CONDITIONINGS
@@ -100,9 +104,11 @@ def prompt_embeddings(model, tokenizer, prompts: list[str], cfg: Config, prefix:
 class Adapter:
     """A trained run ready to answer prompts: backbone + adapters + the training centroids."""
 
-    def __init__(self, adapted: Adapted, tokenizer, cfg: Config, centroids: np.ndarray | None = None):
+    def __init__(self, adapted: Adapted, tokenizer, cfg: Config, centroids: np.ndarray | None = None,
+                 run: Path | None = None, cache_dir: Path | None = None):
         self.adapted, self.tokenizer, self.cfg = adapted.eval(), tokenizer, cfg
         self.centroids = centroids
+        self.run, self.cache_dir = run, cache_dir  # where it was loaded from (export reloads the bare backbone)
         self.device = next(adapted.parameters()).device
 
     @classmethod
@@ -124,7 +130,8 @@ class Adapter:
                              f"(`python -m chameleon train` prints it)")
         cfg = read_config(run)
         cfg = cfg if dispatch is None else cfg.replace(dispatch=dispatch)
-        model, tokenizer = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=_backbone_cache(cfg, cache_dir))
+        cache_dir = _backbone_cache(cfg, cache_dir)
+        model, tokenizer = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cache_dir)
         adapted = load_trained(cfg, model, run).to(resolve_device(device))
         stored = read_centroids(run)
         experts = adapted.experts
@@ -134,7 +141,7 @@ class Adapter:
             adapted.bind(train_split, val_split)
         else:
             centroids = stored["centroids"].numpy()
-        return cls(adapted, tokenizer, cfg, centroids)
+        return cls(adapted, tokenizer, cfg, centroids, run, cache_dir)
 
     def embed(self, prompts: list[str], prefix: int | None = None) -> torch.Tensor:
         """(N, d) CPU float32: the prompts' mean embeddings under the run's protocol (see `prompt_embeddings`)."""
@@ -164,9 +171,36 @@ class Adapter:
             emb = self.embed(prompts, prefix)
         return {int(g): emb[torch.from_numpy(labels == g)].mean(0) for g in np.unique(labels)}
 
+    def plan(self, prompts: list[str], group: str = "route", n_groups: int | None = None) -> "Batch":
+        """How a batch of prompts decodes: each prompt's group, each group's conditioning vector and expert."""
+        if group not in GROUPINGS:
+            raise ValueError(f"group={group!r} is not valid; choose one of {list(GROUPINGS)}")
+        if why := self.adapted.unservable():
+            raise ValueError(f"{self.cfg.regime} cannot be served as loaded: {why}")
+        emb = self.embed(prompts)
+        labels = self.assign_groups(emb, group, n_groups)
+        conds = self.conditions(prompts, labels, emb)
+        keys = list(conds)  # the groups present, relabelled 0..G-1 for the decoder
+        index = {g: i for i, g in enumerate(keys)}
+        experts = self.adapted.experts
+        selections = None
+        if experts is not None:  # each group's expert, as the classifier dispatch picks a validation batch's
+            dispatch_emb = self.embed(prompts, prompt_prefix(self.cfg))
+            selections = [experts.choose(dispatch_emb[torch.from_numpy(labels == g)]) for g in keys]
+        stacked = torch.stack([conds[g] for g in keys]).to(self.device) if self.adapted.conditioned else None
+        return Batch(tokenize_prompts(self.tokenizer, prompts, self.cfg.max_length), labels,
+                     [index[int(g)] for g in labels], stacked, selections)
+
+    def hf_model(self, prompts: list[str], group: str = "route", n_groups: int | None = None) -> tuple[HFAdapted, dict]:
+        """A Hugging Face model whose head is this batch's grouped head, and generate's inputs for `prompts`:
+        `model.generate(**inputs, do_sample=True, top_p=0.9, ...)` (see `chameleon.hf`)."""
+        batch = self.plan(prompts, group, n_groups)
+        model = HFAdapted(self.adapted, batch.conds, batch.selections, len(batch.keys), self.tokenizer)
+        return model, hf_inputs(batch.prompt_ids, batch.groups, self.tokenizer.pad_token_id, self.device)
+
     def generate(self, prompts: list[str], max_new_tokens: int | None = None, group: str = "route",
-                 n_groups: int | None = None, ignore_eos: bool = False) -> list[Result]:
-        """Greedy answers to `prompts`, decoded as one batch with one adapter per group.
+                 n_groups: int | None = None, ignore_eos: bool = False, **sampling) -> list[Result]:
+        """Answers to `prompts`, decoded as one batch with one adapter per group.
 
         Args:
             prompts: the texts to continue (for an instruction run: the paper's prompt format,
@@ -175,44 +209,64 @@ class Adapter:
             group: "route", "kmeans" or "single" (see the module docstring).
             n_groups: k of "kmeans" (None: ceil(len(prompts) / cfg.batch_size)).
             ignore_eos: decode max_new_tokens for every prompt (benchmarks: equal work per variant).
+            sampling: Hugging Face `generate` arguments (do_sample, temperature, top_p, top_k, stop_strings,
+                streamer, ...): the batch then decodes through `hf_model`; without them, by the kit's batched
+                greedy decoding (the same tokens as do_sample=False, faster).
         """
-        if group not in GROUPINGS:
-            raise ValueError(f"group={group!r} is not valid; choose one of {list(GROUPINGS)}")
-        if why := self.adapted.unservable():
-            raise ValueError(f"{self.cfg.regime} cannot be served as loaded: {why}")
+        max_new_tokens = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if not prompts:
             return []
-        max_new_tokens = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        batch = self.plan(prompts, group, n_groups)
         eos = None if ignore_eos else self.tokenizer.eos_token_id
-        emb = self.embed(prompts)
-        labels = self.assign_groups(emb, group, n_groups)
-        conds = self.conditions(prompts, labels, emb)
-        ids = list(conds)  # the groups present, relabelled 0..G-1 for the decoder
-        index = {g: i for i, g in enumerate(ids)}
-        experts = self.adapted.experts
-        selections = None
-        if experts is not None:  # each group's expert, as the classifier dispatch picks a validation batch's
-            dispatch_emb = self.embed(prompts, prompt_prefix(self.cfg))
-            selections = [experts.choose(dispatch_emb[torch.from_numpy(labels == g)]) for g in ids]
-        stacked = torch.stack([conds[g] for g in ids]).to(self.device) if self.adapted.conditioned else None
-        prompt_ids = tokenize_prompts(self.tokenizer, prompts, self.cfg.max_length)
-        if self.adapted.body_per_group:  # one decoding batch per group
-            tokens: list[list[int]] = [[] for _ in prompts]
-            for g, selection in zip(ids, selections):
-                rows = np.flatnonzero(labels == g).tolist()
-                self.adapted.svf.selection = selection
-                out = batched_greedy(self.adapted, [prompt_ids[i] for i in rows], max_new_tokens, eos,
-                                     self.tokenizer.pad_token_id)
-                for i, t in zip(rows, out):
-                    tokens[i] = t
+        if self.adapted.body_per_group:  # the body differs per expert: one decoding batch per group
+            parts = [[i for i, g in enumerate(batch.groups) if g == j] for j in range(len(batch.keys))]
         else:
-            tokens = batched_greedy(self.adapted, prompt_ids, max_new_tokens, eos, self.tokenizer.pad_token_id,
-                                    stacked, [index[int(g)] for g in labels], selections)
-        sizes = np.bincount(labels)
+            parts = [list(range(len(prompts)))]
+        tokens: list[list[int]] = [[] for _ in prompts]
+        for rows in parts:
+            for i, t in zip(rows, self._decode(batch, rows, max_new_tokens, eos, sampling)):
+                tokens[i] = t
+        sizes = np.bincount(batch.labels)
         return [Result(prompt=p, text=self.tokenizer.decode(t, skip_special_tokens=True).strip(), tokens=t,
                        group=int(g), group_size=int(sizes[g]), stopped=eos is not None and len(t) < max_new_tokens,
-                       expert=None if selections is None else selections[index[int(g)]])
-                for p, t, g in zip(prompts, tokens, labels)]
+                       expert=None if batch.selections is None else batch.selections[j])
+                for p, t, g, j in zip(prompts, tokens, batch.labels, batch.groups)]
+
+    def _decode(self, batch: "Batch", rows: list[int], max_new_tokens: int, eos: int | None, sampling: dict):
+        """The new tokens of the prompts `rows` of `batch`, EOS excluded."""
+        keys = sorted({batch.groups[i] for i in rows})
+        local = {g: j for j, g in enumerate(keys)}
+        prompt_ids, groups = [batch.prompt_ids[i] for i in rows], [local[batch.groups[i]] for i in rows]
+        conds = None if batch.conds is None else batch.conds[keys]
+        selections = None if batch.selections is None else [batch.selections[g] for g in keys]
+        pad = self.tokenizer.pad_token_id
+        if self.adapted.body_per_group:  # one group's rows: its expert is the body's
+            self.adapted.svf.selection = selections[0]
+        if not sampling:
+            return batched_greedy(self.adapted, prompt_ids, max_new_tokens, eos, pad, conds, groups, selections)
+        if sampling.get("num_return_sequences", 1) != 1:
+            raise ValueError("Adapter.generate returns one answer per prompt; for num_return_sequences > 1 call "
+                             "model, inputs = adapter.hf_model(prompts) and model.generate(**inputs, ...)")
+        model = HFAdapted(self.adapted, conds, selections, len(keys), self.tokenizer)
+        inputs = hf_inputs(prompt_ids, groups, pad, self.device)
+        extra = {"tokenizer": self.tokenizer} if "stop_strings" in sampling else {}
+        if eos is None:
+            extra["min_new_tokens"] = max_new_tokens
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, **extra, **{"do_sample": False, **sampling})
+        new = out[:, inputs["input_ids"].shape[1]:].tolist()
+        new = [until_eos(t, self.tokenizer.eos_token_id) for t in new]
+        if pad != self.tokenizer.eos_token_id:  # a row stopped by a stop string is filled with padding
+            new = [t[:max((k + 1 for k, x in enumerate(t) if x != pad), default=0)] for t in new]
+        return new
+
+    def export_peft(self, out: str | Path, force: bool = False) -> Path:
+        """Write the run as PEFT LoRA adapters that load without the kit (see `chameleon.export`)."""
+        from chameleon.export import export_peft
+
+        return export_peft(self, out, force)
 
     def adapter_bytes(self) -> dict[str, int]:
         """Memory of the adapters: bytes of the trained tensors (LoRA's A and B; for `chameleon` the
@@ -223,6 +277,20 @@ class Adapter:
             h = self.adapted.head.hyper
             per_group = h.rank * (h.d_in + h.d_out) * self.adapted.head.base.weight.element_size()
         return {"trained": trained, "per_group": per_group}
+
+
+@dataclass
+class Batch:
+    """A batch of prompts as `Adapter.plan` lays it out for decoding."""
+    prompt_ids: list[list[int]]  # each prompt's tokens (its last cfg.max_length)
+    labels: np.ndarray  # (N,) each prompt's group as Result reports it (route: the training cluster)
+    groups: list[int]  # each prompt's group relabelled 0..G-1, the decoder's index
+    conds: torch.Tensor | None  # (G, d) each group's conditioning vector (ChameleonLLM heads)
+    selections: list | None  # each group's expert (experts regimes)
+
+    @property
+    def keys(self) -> range:
+        return range(max(self.groups) + 1)
 
 
 def _backbone_cache(cfg: Config, cache_dir) -> Path | None:

@@ -31,3 +31,19 @@ def tiny_gpt2():
     """A 2-layer GPT-2 with GPT-2's real vocabulary (50,257) and Conv1D blocks, seeded; width 32, fresh per test."""
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64)).eval()
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """trained_run(regime, **overrides) -> the folder of a finished run of tiny(...): trained once per session and
+    shared by the files that only read a run (test_export, test_hf_generate, test_server)."""
+    from chameleon import training
+    from chameleon.runs import run_dir
+
+    root = tmp_path_factory.mktemp("shared-runs")
+
+    def train(regime: str, **overrides):
+        cfg = tiny(root, regime=regime, **overrides)
+        training.train(cfg, progress=False)  # a finished run with this config is read back, not retrained
+        return run_dir(cfg)
+    return train

@@ -85,5 +85,5 @@ def test_pyproject_pins_what_requirements_pin():
             assert name not in pins, f"{name} is in two groups of pyproject.toml"
             pins[name] = version
     assert pins == _requirements("requirements.txt")  # so no asset either: they install with --no-deps only
-    assert f"{project['name']}[notebooks,metrics,cluster]" in groups["dev"]  # `make test` runs all of them
+    assert f"{project['name']}[notebooks,metrics,cluster,serve]" in groups["dev"]  # `make test` runs all of them
 

@@ -207,6 +207,15 @@ def test_served_experts_answer_as_the_evaluation_path_dispatches(tmp_path, regim
         assert {r.expert for r in served} == {evaluated.experts.selection}
         assert [r.tokens for r in served] == batched_greedy(evaluated.eval(), prompt_ids, 4, tok.eos_token_id,
                                                             tok.pad_token_id)
+    # a mixed batch through Hugging Face's generate (experts per group; SVF decodes group by group) answers alike
+    mixed = [tok.decode(val_split.input_ids[i, :P].tolist()) for i in range(12)]
+    greedy = adapter.generate(mixed, max_new_tokens=4, group="kmeans", n_groups=3)
+    assert [r.tokens for r in adapter.generate(mixed, max_new_tokens=4, group="kmeans", n_groups=3,
+                                               do_sample=False)] == [r.tokens for r in greedy]
+    assert len({r.expert for r in greedy}) > 1
+    if regime == "svf_experts":  # one Hugging Face model holds one body
+        with pytest.raises(ValueError, match="use Adapter.generate"):
+            adapter.hf_model(mixed, group="kmeans", n_groups=3)
 
 
 def test_expert_settings_name_only_expert_runs(tmp_path):
