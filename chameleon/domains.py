@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from chameleon.config import Config, RunFailed
+from chameleon.config import Config
 from chameleon.regimes import BATCHINGS, REGIMES
 
 
@@ -93,7 +93,8 @@ def trains(row: Row) -> bool:
 def tune(cfg: Config, progress: bool = True) -> pd.DataFrame:
     """Seed 0 of every row that takes its own rate, at each rate of LR_GRID, validated on the dev split;
     rows appended to lr-grid.csv as they land (a diverged run is a row marked so, never a choice)."""
-    from chameleon.training import train
+    from chameleon.runs import plan
+    from chameleon.training import TrainingDiverged, train
 
     path = folder(cfg) / "lr-grid.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,9 +107,10 @@ def tune(cfg: Config, progress: bool = True) -> pd.DataFrame:
             if ((done.row == row.name) & np.isclose(done.lr.astype(float), lr)).any():
                 continue
             try:
-                result = train(row_config(cfg, row, 0, lr, dev=True), progress=progress)
+                for step in plan(row_config(cfg, row, 0, lr, dev=True)):  # experts: their oracle run first
+                    result = train(step, progress=progress)
                 entry = dict(row=row.name, lr=lr, dev_loss=result["val_loss"], status="ok")
-            except RunFailed as err:  # the divergence check: this rate is out
+            except TrainingDiverged as err:  # the divergence check: this rate is out
                 entry = dict(row=row.name, lr=lr, dev_loss=math.nan, status=f"diverged: {str(err)[:80]}")
             done = pd.concat([done, pd.DataFrame([entry])], ignore_index=True)
             done.to_csv(path, index=False)

@@ -214,3 +214,27 @@ def test_the_experiment_runs_stage_by_stage_into_its_tables(tmp_path, labelled, 
     claim = domains.comparisons(domains.line_table(out)).query("batching == @domains.PRIMARY_BATCHING").iloc[0]
     assert f"| chameleon_prefix - chameleon_constant | 2 | {domains.fmt(claim.difference)} |" in text
     assert domains.run_seeds(cfg, seeds=2, progress=False).equals(runs)  # nothing is run twice
+
+
+def test_tune_runs_each_plan_and_records_only_divergence(tmp_path, monkeypatch):
+    """An experts row's oracle run comes first; a diverged run is a row marked so; any other failure stops."""
+    from chameleon import training
+    from chameleon.config import RunFailed
+
+    seen = []
+
+    def fake_train(cfg, progress=True):
+        seen.append((cfg.regime, cfg.dispatch, cfg.lr, cfg.dev_split))
+        if cfg.lr == 1e-2:
+            raise training.TrainingDiverged("val loss blew up")
+        return {"val_loss": 3.0 + cfg.lr}
+
+    monkeypatch.setattr(training, "train", fake_train)
+    monkeypatch.setattr(domains, "ROWS", {"lora_experts": domains.ROWS["lora_experts"]})
+    monkeypatch.setattr(domains, "corpus_table", lambda cfg: pd.DataFrame())
+    grid = domains.tune(tiny(tmp_path), progress=False)
+    assert seen[:2] == [("lora_experts", "oracle", 1e-3, True), ("lora_experts", "classifier", 1e-3, True)]
+    assert list(grid.status.str[:8]) == ["ok", "ok", "diverged"]
+    monkeypatch.setattr(training, "train", lambda cfg, progress=True: (_ for _ in ()).throw(RunFailed("locked")))
+    with pytest.raises(RunFailed):
+        domains.tune(tiny(tmp_path, lr=5e-4, results_dir=tmp_path / "other"), progress=False)
