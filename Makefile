@@ -1,8 +1,10 @@
-# Three commands on a fresh clone:
-#   make lab         set up .venv, register its Jupyter kernel, start JupyterLab on notebooks/
-#   make test        set up .venv, lint, and run the test suite, notebooks included (what CI runs)
+# Two commands do everything on a fresh clone:
 #   make reproduce   set up .venv, run every notebook in order (PROFILE=cpu by default) and the paper-length
 #                    experiment into $(REPRODUCE), then print its numbers beside the committed ones
+#   make test        set up .venv, lint, and run the test suite, notebooks included (what CI runs)
+# and two prepare a workshop and open the notebooks to step through them:
+#   make warm        offline, before a session: convert the backbone, fill the caches, train the smoke runs
+#   make lab         set up .venv, register its Jupyter kernel, start JupyterLab on notebooks/ (docs/workshop.md)
 PROFILE ?= cpu
 REPRODUCE ?= runs/reproduce
 PY := .venv/bin/python
@@ -10,7 +12,7 @@ PY := .venv/bin/python
 export MALLOC_MMAP_THRESHOLD_ ?= 17179869184
 export PYTHONHASHSEED := 0
 
-.PHONY: reproduce test lab notebooks-smoke compare bench doctor
+.PHONY: reproduce test lab warm notebooks-smoke compare bench doctor
 
 .venv/.installed: requirements.txt requirements-assets.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -35,9 +37,24 @@ test: .venv/.installed
 
 # Step through the notebooks: the kit's kernel ("ChamaleonLLM kit") runs .venv's Python; opened this
 # way a notebook uses the cpu profile and shows progress bars on its long cells.
+# Where JupyterLab listens: LAB_IP=0.0.0.0 to reach it from outside a container (e.g. `docker run -p 8888:8888`).
+# As root (a container), jupyter refuses to start without --allow-root: it is added then only. Without a display
+# (no $$DISPLAY, not macOS) no browser is opened: open the http://...?token=... URL that jupyter prints.
+LAB_IP ?= 127.0.0.1
+LAB_PORT ?= 8888
 lab: .venv/.installed
 	$(PY) -m ipykernel install --user --name chameleon-kit --display-name "ChamaleonLLM kit"
-	.venv/bin/jupyter lab notebooks/
+	.venv/bin/jupyter lab notebooks/ --ip=$(LAB_IP) --port=$(LAB_PORT) \
+		$$([ "$$(id -u)" = 0 ] && echo --allow-root) \
+		$$([ -z "$$DISPLAY" ] && [ "$$(uname)" != Darwin ] && echo --no-browser)
+
+# Before a workshop, offline: execute every notebook once on the smoke profile (copies in runs/smoke/, the
+# committed notebooks untouched). That converts the embedded backbone (data/cache/models), fills the embedding,
+# hidden-state and SVD caches, and trains the smoke runs the notebooks read back (results/smoke/), so that in
+# the session each notebook runs in seconds to a minute. It prints each notebook's time (docs/workshop.md).
+# The notebooks that draw the committed cpu / study tables (06, 08, 10) redraw those figures in figures/.
+warm: .venv/.installed
+	$(PY) -m chameleon notebooks --profile smoke
 
 # Refresh the committed notebook outputs and figures/smoke (run after changing a notebook or a figure).
 notebooks-smoke: .venv/.installed

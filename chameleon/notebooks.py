@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,11 +77,13 @@ def run_notebooks(profile: str, out_dir: Path | str | None = None, inject: bool 
         for nb in notebooks or notebook_paths():
             log(f"running {nb.name} ({profile})")
             target = out / nb.name
+            start = time.perf_counter()
             # progress_bar: papermill's count of executed cells, the progress of a long notebook. The kernel logs
             # at ERROR only: its warning about local TCP without encryption would repeat for every notebook.
             papermill.execute_notebook(str(nb), str(target), parameters={"profile": profile} if inject else None,
                                        kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=True,
                                        extra_arguments=["--log-level=ERROR"])
+            log(f"{nb.name}: {time.perf_counter() - start:.0f} s")  # the timings of docs/workshop.md
             if out.resolve() == NOTEBOOKS.resolve():
                 strip_run_metadata(target)
             done.append(target)

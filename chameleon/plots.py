@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from matplotlib.lines import Line2D
 import numpy as np
 import pandas as pd
 
@@ -157,42 +156,37 @@ def umap_2d(emb, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
 
 
 KIND_MARKERS = ("o", "^", "s", "D")  # one marker per kind of example (e.g. paragraph / heading lines)
+# One colour per kind of example (Paul Tol's indigo and sand: no regime's colour, told apart in grey print too).
+KIND_COLOURS = ("#332288", "#DDCC77", "#882255", "#44AA99")
 
 
 def umap_clusters(emb, labels, profile: str, seed: int = 0, name: str = "02_umap_clusters",
-                  kinds=None, what: str = "examples") -> plt.Figure:
-    """Scatter of a 2-D UMAP of the example embeddings, coloured by k-means cluster.
+                  kinds=None, what: str = "examples", xy=None) -> plt.Figure:
+    """Scatter of a 2-D UMAP of the example embeddings: colour and marker by kind, cluster ids at their centroids.
 
-    Cluster ids are arbitrary and there may be dozens, so they are coloured by a continuous map with
-    a colour bar, not a palette that repeats. `kinds` (one label per example, e.g. "heading line" /
-    "paragraph line") gives each kind its own marker and writes its name beside its cloud.
-    `what` names the examples in the title ("train lines").
+    Dozens of arbitrary cluster ids on a colour scale cannot be told apart, so the colour shows what a
+    reader can tell apart, the kind of example (`kinds`, one label per example, e.g. "heading line" /
+    "paragraph line"; one colour without it), and each k-means cluster's id is written at the median
+    position of its members. `what` names the examples in the title ("train lines"); `xy` (n, 2) skips
+    the UMAP (a redraw from the figure's CSV).
     """
-    xy, labels = umap_2d(emb, seed), np.asarray(labels)
+    xy = umap_2d(emb, seed) if xy is None else np.asarray(xy)
+    labels = np.asarray(labels)
     data = pd.DataFrame({"umap_1": xy[:, 0], "umap_2": xy[:, 1], "cluster": labels})
-    if kinds is not None:
-        data["kind"] = list(kinds)
+    data["kind"] = list(kinds) if kinds is not None else what
     k = len(np.unique(labels))
-    fig, ax = plt.subplots(figsize=(9, 6.5))
-    norm = plt.Normalize(-0.5, labels.max() + 0.5)
-    groups = data.groupby("kind", sort=True) if kinds is not None else [(None, data)]
-    handles = []
-    for (kind, pts), marker in zip(groups, KIND_MARKERS):
-        ax.scatter(pts["umap_1"], pts["umap_2"], c=pts["cluster"], cmap="turbo", norm=norm, s=40, alpha=0.85,
-                   marker=marker, edgecolors="black", linewidths=0.3)
-        handles.append(Line2D([], [], marker=marker, ls="", color="lightgrey", markeredgecolor="black",
-                              markersize=8, label=f"{kind}s ({len(pts)})"))
-        if kind is not None:  # name the cloud just above its bulk (a few strays may sit in the other cloud)
-            ax.annotate(f"{kind}s", (pts["umap_1"].median(), pts["umap_2"].quantile(0.95)), xytext=(0, 10),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=14, fontweight="bold",
-                        bbox=dict(boxstyle="round", fc="white", alpha=0.85))
-    colours = plt.cm.ScalarMappable(norm=norm, cmap="turbo")
-    fig.colorbar(colours, ax=ax, label="k-means cluster (id)")
-    if kinds is not None:  # the legend explains the markers only: grey, not a cluster's colour
-        ax.legend(handles=handles, loc="best", fontsize=11, title="marker")
-        ax.margins(x=0.1, y=0.18)  # room for the cloud labels
-    ax.set(title=f"UMAP of mean token embeddings, {len(data)} {what}\n"
-                 f"coloured by k-means cluster (k = {k}; {profile} profile)",
+    fig, ax = plt.subplots(figsize=(9.5, 6.8))
+    for (kind, pts), marker, colour in zip(data.groupby("kind", sort=True), KIND_MARKERS, KIND_COLOURS):
+        ax.scatter(pts["umap_1"], pts["umap_2"], color=colour, s=36, alpha=0.8, marker=marker,
+                   edgecolors="black", linewidths=0.3, label=f"{kind}s ({len(pts)})" if kinds is not None else None)
+    for cluster, pts in data.groupby("cluster"):  # the id at the median of its members: the cluster's place
+        ax.annotate(str(cluster), (pts["umap_1"].median(), pts["umap_2"].median()), ha="center", va="center",
+                    fontsize=9 if k > 20 else 11, fontweight="bold",
+                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.75))
+    if kinds is not None:
+        ax.legend(loc="best", fontsize=11, title="kind of example")
+    ax.set(title=f"UMAP of mean token embeddings, {len(data)} {what} ({profile} profile)\n"
+                 f"numbers: the k-means cluster ids (k = {k}), each at the median of its members",
            xlabel="UMAP 1 (arbitrary units)", ylabel="UMAP 2 (arbitrary units)")
     save(fig, data, name, profile)
     return fig
@@ -222,11 +216,14 @@ def loss_curves(history: pd.DataFrame, profile: str, name: str, metric: str = "v
                 continue
             ax.plot(run["epoch"], run[metric], marker=style.marker, lw=2.5,
                     color=regime_colour(regime), ls=style.linestyle, label=tag)
-        if is_loss and min_span:
+        if is_loss:
             lo, hi = ax.get_ylim()
-            if hi - lo < min_span:
+            if min_span and hi - lo < min_span:
                 mid = (lo + hi) / 2
-                ax.set_ylim(mid - min_span / 2, mid + min_span / 2)
+                lo, hi = mid - min_span / 2, mid + min_span / 2
+            if lo < 0:  # a loss is never negative: the axis starts at 0 (and still spans min_span)
+                lo, hi = 0.0, max(hi, min_span or 0.0)
+            ax.set_ylim(lo, hi)
         ax.set(title=f"{protocol} protocol", xlabel="epoch", ylabel=label)
         ax.xaxis.get_major_locator().set_params(integer=True)
     # one legend, outside the panels, so that no curve hides behind it
@@ -249,7 +246,7 @@ def _ticks(n: int, most: int = 12) -> np.ndarray:
 
 def adapter_norms(norms: pd.DataFrame, similarity: pd.DataFrame, profile: str,
                   name: str = "05_adapter_norms") -> plt.Figure:
-    """Left: Frobenius norms of the generated A, B and update per cluster; right: how much the updates
+    """Left: Frobenius norms of the generated A, B and update per cluster (dots on a log axis); right: how much the updates
     scaling * B @ A of two clusters differ in direction, 1 - cosine similarity, on a log colour scale
     fit to the data (the cosines are often all within 0.01 of 1, which a -1..1 scale shows as one block).
 
@@ -259,12 +256,12 @@ def adapter_norms(norms: pd.DataFrame, similarity: pd.DataFrame, profile: str,
     from matplotlib.colors import LogNorm
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.4), gridspec_kw={"width_ratios": [1.3, 1]})
-    width, x = 0.27, np.arange(len(norms))
-    for i, (col, colour) in enumerate([("norm_A", "#c8c8c8"), ("norm_B", "#8a8a8a"), ("norm_update", "#303030")]):
-        left.bar(x + (i - 1) * width, norms[col], width, color=colour, label=col.replace("norm_", "‖") + "‖")
+    x = np.arange(len(norms))
+    for col, colour, marker in [("norm_A", "#b0b0b0", "s"), ("norm_B", "#707070", "^"), ("norm_update", "#202020", "o")]:
+        left.plot(x, norms[col], ls="", marker=marker, markersize=7, color=colour, label=col.replace("norm_", "‖") + "‖")
     ticks = _ticks(len(norms))
     left.set_xticks(ticks, norms["cluster"].to_numpy()[ticks])
-    left.set_yscale("log")
+    left.set_yscale("log")  # dots, not bars: a bar on a log axis starts at an arbitrary base
     left.set(title=f"Generated adapter size per cluster ({profile} profile)", xlabel="cluster",
              ylabel="Frobenius norm (log scale)")
     left.legend(ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.1), frameon=False)
@@ -338,6 +335,132 @@ def results_bars(table: pd.DataFrame, profile: str, name: str = "06_results", so
             ax.set_ylim(lo, hi * 6 if ax.get_yscale() == "log" else hi * 1.3)
     what = f"mean ± std over {seeds} seeds" if seeds > 1 else "a single seed (no error bars)"
     fig.suptitle(f"Final validation metrics, {profile} profile: {what}" + (f"\n{source}" if source else ""), fontsize=15)
+    fig.tight_layout()
+    save(fig, table, name, profile)
+    return fig
+
+
+# The publication's authors'-protocol losses (chameleon.compare.PAPER_TABLE), marked in black where the kit's runs
+# are set beside them.
+PUBLISHED_LOSSES = {"unadapted": 10.25, "lora": 1.35, "chameleon": 0.375}
+
+
+def paper_length(table: pd.DataFrame, profile: str, name: str = "06_paper_length", source: str | None = None) -> plt.Figure:
+    """The authors'-protocol loss at the paper's lengths, split into what the pad targets and the real targets
+    contribute: loss = p_pad · L_pad + (1 - p_pad) · L_real, one stacked bar per run, one panel per max_length,
+    with the publication's 10.25 / 1.35 / 0.375 marked (black).
+
+    table columns: regime, conditioning, max_length, val_loss, val_loss_pad, val_loss_real (NaN where no target
+    is real), pad_share (a compare() table of `--experiment paper-length`, means over seeds).
+    """
+    lengths = sorted(table["max_length"].unique())
+    fig, axes = plt.subplots(1, len(lengths), figsize=(7.5 * len(lengths), 6.2), squeeze=False, sharey=True)
+    rows = []
+    for ax, length in zip(axes[0], lengths):
+        part = table[table["max_length"] == length].reset_index(drop=True)
+        pad = part["pad_share"] * part["val_loss_pad"]
+        real = (1 - part["pad_share"]) * part["val_loss_real"].fillna(0)
+        x = np.arange(len(part))
+        colours = [regime_colour(r) for r in part["regime"]]
+        ax.bar(x, pad, color=colours, edgecolor="black", lw=0.6, hatch="//", label="pad targets: p_pad · L_pad")
+        ax.bar(x, real, bottom=pad, color=colours, edgecolor="black", lw=0.6, alpha=0.45,
+               label="real targets: (1 - p_pad) · L_real")
+        for i, row in part.iterrows():  # the numbers, in one row clear of the bars and the paper's lines
+            real_text = "–" if pd.isna(row["val_loss_real"]) else f"{row['val_loss_real']:.2f}"
+            ax.text(i, 6.0, f"loss\n{row['val_loss']:.2f}\n\nL_pad\n{row['val_loss_pad']:.0e}\n\nL_real\n{real_text}",
+                    ha="center", va="center", fontsize=9)
+        for regime, loss in PUBLISHED_LOSSES.items():  # the publication's numbers: black, named in the right margin
+            ax.axhline(loss, color="black", ls="--", lw=1.2)
+            if length == lengths[-1]:
+                ax.text(1.01, loss, f"paper, {run_name(regime, '-')}: {loss:g}", transform=ax.get_yaxis_transform(),
+                        ha="left", va="center", fontsize=10)
+        ax.set_xticks(x, [run_name(r, c, "\n") for r, c in zip(part["regime"], part["conditioning"])], rotation=30,
+                      ha="right", fontsize=10)
+        ax.set(title=f"max_length {length}: p_pad = {part['pad_share'].iloc[0]:.3f}",
+               ylabel="authors'-protocol validation loss (nats)" if length == lengths[0] else None)
+        ax.set_ylim(0, 11.2)
+        rows.append(part.assign(loss_from_pad=pad, loss_from_real=real))
+    axes[0][0].legend(loc="upper left", bbox_to_anchor=(0, 0.9), fontsize=10)
+    fig.suptitle(f"Where the authors'-protocol loss comes from at the paper's lengths ({profile} profile)"
+                 + (f"\n{source}" if source else ""), fontsize=14)
+    fig.tight_layout()
+    save(fig, pd.concat(rows, ignore_index=True), name, profile)
+    return fig
+
+
+def paired_forest(paired: pd.DataFrame, profile: str, name: str, title: str, source: str | None = None) -> plt.Figure:
+    """A forest plot: one paired difference (run - reference, same seeds) per row with its 95% interval,
+    filled where the interval excludes 0 (`significant`), hollow where it does not.
+
+    paired columns: difference, low, high, significant, and label (the row's name) or the keys of
+    report.paired_differences (regime, conditioning, scored, reference); optional regime (its colour)
+    and `group`, which starts a new block of rows with its name as a header.
+    """
+    data = paired.reset_index(drop=True).copy()
+    if "label" not in data:
+        data["label"] = [f"{run_name(r, c)}{'' if s in ('all', 'last') or pd.isna(s) else f' [{s}]'} - {ref}"
+                         for r, c, s, ref in zip(data["regime"], data["conditioning"],
+                                                 data.get("scored", pd.Series([None] * len(data))), data["reference"])]
+    groups = data["group"] if "group" in data else pd.Series([""] * len(data))
+    y, pos, headers = 0.0, [], []
+    for i, g in enumerate(groups):
+        if g and (i == 0 or g != groups[i - 1]):
+            headers.append((y, g))
+            y += 1
+        pos.append(y)
+        y += 1
+    fig, ax = plt.subplots(figsize=(11, 0.42 * y + 1.8))
+    for p, (_, row) in zip(pos, data.iterrows()):
+        colour = regime_colour(row["regime"]) if "regime" in data and pd.notna(row.get("regime")) else "#333333"
+        ax.plot([row["low"], row["high"]], [p, p], color=colour, lw=2.5)
+        ax.plot(row["difference"], p, "o", markersize=9, color=colour, markeredgecolor="black",
+                markerfacecolor=colour if row["significant"] else "white")
+    for p, g in headers:
+        ax.text(0.0, p, g, transform=ax.get_yaxis_transform(), ha="left", va="center", fontsize=12, fontweight="bold")
+    ax.axvline(0, color="black", lw=1)
+    ax.set_yticks(pos, data["label"], fontsize=10)
+    ax.set_ylim(y - 0.5, -0.7)
+    ax.grid(axis="y", visible=False)
+    ax.set(xlabel="paired difference in validation loss (nats / token), 95% interval\n"
+                  "< 0: lower loss than the reference; filled: the interval excludes 0, hollow: it does not",
+           title=title + (f"\n{source}" if source else ""))
+    fig.tight_layout()
+    save(fig, data, name, profile)
+    return fig
+
+
+def svf_comparison(table: pd.DataFrame, profile: str, name: str = "08_svf_results", source: str | None = None) -> plt.Figure:
+    """ChamaleonLLM, LoRA and Transformer²'s SVF experts side by side: final validation loss (mean, error bar =
+    std over seeds, drawn in grey so that it shows on a black bar) as horizontal bars, one panel per protocol,
+    each bar marked with its trainable parameters and its forward passes per request.
+
+    table columns: regime, protocol, conditioning, trainable_params, val_loss; optional val_loss_std and
+    passes (NaN: one pass; a hypernetwork head adds one MLP call per group, not a pass).
+    """
+    protocols = protocols_in(table)
+    n = table.groupby("protocol").size().max()
+    fig, axes = plt.subplots(1, len(protocols), figsize=(8 * len(protocols), 0.62 * n + 2.2), squeeze=False)
+    for ax, protocol in zip(axes[0], protocols):
+        part = table[table["protocol"] == protocol].reset_index(drop=True)
+        y = np.arange(len(part))
+        err = part["val_loss_std"].fillna(0) if "val_loss_std" in part else None
+        ax.barh(y, part["val_loss"], xerr=err, color=[regime_colour(r) for r in part["regime"]],
+                       edgecolor="white", error_kw={"ecolor": "#999999", "elinewidth": 2.5, "capsize": 5, "capthick": 2})
+        passes = part["passes"].fillna(1).astype(int) if "passes" in part else pd.Series(1, index=part.index)
+        for i, row in part.iterrows():
+            k = int(passes[i])
+            extra = " + hypernetwork" if row["regime"] in REGIMES and REGIMES[row["regime"]].conditioned else ""
+            end = row["val_loss"] + (0 if err is None else err[i])  # right of the error bar
+            ax.annotate(f"{row['val_loss']:.2f}  |  {int(row['trainable_params']):,} params, {k} pass{'es' if k > 1 else ''}{extra}",
+                        (end, i), xytext=(6, 0), textcoords="offset points", va="center", fontsize=10)
+        ax.set_yticks(y, [run_name(r, c) for r, c in zip(part["regime"], part["conditioning"])], fontsize=11)
+        ax.invert_yaxis()
+        ax.set_xlim(0, part["val_loss"].max() * 1.9)
+        ax.grid(axis="y", visible=False)
+        ax.set(title=f"{protocol} protocol", xlabel="validation loss (nats / token)")
+    seeds = int(table["seeds"].min()) if "seeds" in table else 1
+    fig.suptitle(f"Final validation loss, {profile} profile ({'mean ± std over %d seeds' % seeds if seeds > 1 else 'one seed'});"
+                 " trainable parameters and forward passes per request" + (f"\n{source}" if source else ""), fontsize=14)
     fig.tight_layout()
     save(fig, table, name, profile)
     return fig

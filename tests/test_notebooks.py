@@ -232,3 +232,52 @@ def test_plots_draw_every_protocol_and_conditioning_of_the_tables(tmp_path, monk
         after = [plots.conditioning_row(c).prefix and PROTOCOLS[protocol].scores == "all" for c in labels]
         drawn = [c for c, a in zip(labels, after) if not a] + [c for c, a in zip(labels, after) if a]
         assert [bar.get_hatch() or "" for bar in ax.patches] == [plots.conditioning_row(c).hatch for c in drawn]
+
+
+def test_paper_length_stacks_pad_and_real_parts_to_the_loss_and_marks_the_paper(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHAMELEON_OUTPUTS", str(tmp_path))
+    table = pd.DataFrame({"regime": ["unadapted", "lora"] * 2, "conditioning": "-", "max_length": [160, 160, 256, 256],
+                          "val_loss": [2.98, 0.54, 4.29, 0.002], "val_loss_pad": [2.6, 1e-3, 4.29, 0.002],
+                          "val_loss_real": [8.59, 8.6, np.nan, np.nan], "pad_share": [0.9375, 0.9375, 1.0, 1.0]})
+    fig = plots.paper_length(table, "unit")
+    for ax, part in zip(fig.axes, (table[:2], table[2:])):
+        bars = ax.patches
+        tops = [bars[i].get_height() + bars[i + len(part)].get_height() for i in range(len(part))]
+        assert np.allclose(tops, part["val_loss"], atol=0.01)  # the table above is rounded
+        marked = {round(line.get_ydata()[0], 3) for line in ax.get_lines()}
+        assert set(plots.PUBLISHED_LOSSES.values()) <= marked
+
+
+def test_paired_forest_fills_the_intervals_that_exclude_zero(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHAMELEON_OUTPUTS", str(tmp_path))
+    paired = pd.DataFrame({"regime": ["chameleon", "lora"], "conditioning": ["batch_mean", "-"], "scored": "all",
+                           "reference": "lora_matched", "difference": [-0.09, 0.05], "low": [-0.11, -0.01],
+                           "high": [-0.07, 0.11], "significant": [True, False]})
+    ax = plots.paired_forest(paired, "unit", "forest", "unit").axes[0]
+    points = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert [matplotlib.colors.to_hex(p.get_markerfacecolor()) for p in points] == [
+        plots.REGIME_COLOURS["chameleon"].lower(), "#ffffff"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["chameleon - lora_matched", "lora - lora_matched"]
+
+
+def test_svf_comparison_error_bars_show_on_every_bar_and_mark_params_and_passes(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHAMELEON_OUTPUTS", str(tmp_path))
+    table = pd.DataFrame({"regime": ["chameleon", "svf_experts"], "protocol": "causal",
+                          "conditioning": ["batch_mean", "dispatch=oracle"], "trainable_params": [6603104, 155520],
+                          "val_loss": [3.61, 3.43], "val_loss_std": [0.01, 0.005], "passes": [np.nan, 2], "seeds": 3})
+    ax = plots.svf_comparison(table, "unit").axes[0]
+    bar_colours = {matplotlib.colors.to_hex(b.get_facecolor()) for b in ax.patches}
+    error_colours = {matplotlib.colors.to_hex(c) for coll in ax.collections for c in coll.get_colors()}
+    assert error_colours and not error_colours & bar_colours  # never the colour of a bar (svf_experts is black)
+    texts = [t.get_text() for t in ax.texts]
+    assert "6,603,104 params, 1 pass + hypernetwork" in texts[0] and "155,520 params, 2 passes" in texts[1]
+
+
+def test_umap_colours_by_kind_and_writes_each_cluster_id_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHAMELEON_OUTPUTS", str(tmp_path))
+    xy = np.array([[0, 0], [0, 1], [5, 5], [5, 6], [9, 9]], dtype=float)
+    kinds = ["heading line", "heading line", "paragraph line", "paragraph line", "paragraph line"]
+    ax = plots.umap_clusters(None, [0, 0, 1, 1, 2], "unit", kinds=kinds, xy=xy).axes[0]
+    colours = [matplotlib.colors.to_hex(c.get_facecolors()[0][:3]) for c in ax.collections]
+    assert colours == [c.lower() for c in plots.KIND_COLOURS[:2]]
+    assert sorted(t.get_text() for t in ax.texts) == ["0", "1", "2"]
