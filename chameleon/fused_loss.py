@@ -104,9 +104,11 @@ def fused_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Ten
         raise ValueError("give both low and B (a LoRA update) or neither (the bare head)")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, not {chunk}")
-    if torch.is_autocast_enabled(hidden.device.type):  # a bf16 run (training.precision): the head's loss in float32,
-        # as autocast takes a cross-entropy; the chunks write in place and into buffers, which autocast never casts
-        with torch.autocast(hidden.device.type, enabled=False):
+    kind = hidden.device.type  # some devices ("meta") have no autocast to ask about
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        # a bf16 run (training.precision): the head's loss in float32, as autocast takes a cross-entropy; the
+        # chunks write in place and into buffers, which autocast never casts
+        with torch.autocast(kind, enabled=False):
             return fused_loss_sum(*(None if x is None else x.float() for x in (hidden, weight)), target,
                                   *(None if x is None else x.float() for x in (bias, low, B)), chunk)
     grad = torch.is_grad_enabled()
