@@ -23,8 +23,7 @@ export PYTHONHASHSEED := 0
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-# Two pytest runs side by side, one torch thread each (two threads a process would spin against each other on
-# 2 cores): the unit tests, and every notebook executed once on the smoke profile. nbval runs
+# One pytest run: the unit tests, then every notebook executed once on the smoke profile. nbval runs
 # in lax mode: every cell must run, and the cells marked NBVAL_CHECK_OUTPUT (data, shapes, counts)
 # must print what is committed; numbers a model computes are checked by assertion cells instead,
 # since another CPU changes their last digits. The results and figures the notebooks write go to a
@@ -32,12 +31,9 @@ export PYTHONHASHSEED := 0
 # silenced (TQDM_DISABLE) as in the committed outputs. The linter runs first (ruff.toml), in seconds.
 test: .venv/.installed
 	$(PY) -m ruff check .
-	out=$$(mktemp -d) && export TQDM_DISABLE=1 CHAMELEON_PROFILE=smoke OMP_NUM_THREADS=1 && \
-	{ CHAMELEON_OUTPUTS=$$out/notebooks $(PY) -m pytest -q --durations=8 notebooks --nbval-lax \
-		--nbval-sanitize-with tests/nbval_sanitize.cfg > $$out/notebooks.log 2>&1; echo $$? > $$out/notebooks.rc; } & \
-	CHAMELEON_OUTPUTS=$$out/tests $(PY) -m pytest -q --durations=12 tests; rc=$$?; wait; \
-	echo "--- notebooks (nbval) ---"; cat $$out/notebooks.log; rc_nb=$$(cat $$out/notebooks.rc); rm -rf $$out; \
-	exit $$(( rc || rc_nb ))
+	out=$$(mktemp -d) && CHAMELEON_OUTPUTS=$$out TQDM_DISABLE=1 CHAMELEON_PROFILE=smoke \
+		$(PY) -m pytest -q --durations=25 tests notebooks \
+		--nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg; rc=$$?; rm -rf $$out; exit $$rc
 
 # Step through the notebooks: the kit's kernel ("ChamaleonLLM kit") runs .venv's Python; opened this
 # way a notebook uses the cpu profile and shows progress bars on its long cells.
