@@ -194,13 +194,17 @@ def paired(lines: pd.DataFrame, first: str, second: str, batching: str, seed: in
                 boot_high=float(np.quantile(boot, 0.975)))
 
 
+COLUMNS = ["first", "second", "batching", "seeds", "difference", "t_low", "t_high", "p_seeds", "boot_low", "boot_high",
+           "p_holm"]
+
+
 def comparisons(lines: pd.DataFrame) -> pd.DataFrame:
     """COMPARISONS under every batching; Holm's correction over COMPARISONS on PRIMARY_BATCHING (the claims).
     A difference is `significant` when its Holm-adjusted p < 0.05 and its bootstrap interval excludes 0."""
     rows = [r for b in BATCHINGS for f, s in COMPARISONS if (r := paired(lines, f, s, b))]
-    table = pd.DataFrame(rows)
-    if table.empty:
-        return table
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    if table.empty:  # fewer than 2 seeds of every pair so far
+        return table.assign(significant=pd.Series(dtype=bool))
     claim = table.batching == PRIMARY_BATCHING
     p = table.loc[claim, "p_seeds"].to_numpy()
     order = np.argsort(p)
