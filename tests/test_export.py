@@ -98,14 +98,22 @@ def kit_inputs(adapter, tensors, i):
     return ids, mask
 
 
+def assert_peft_gives_the_kit_logits(exports, name):
+    """The export of run `name`, whose logits through PEFT (the fresh process's) equal the kit's and differ from
+    the bare backbone's; returns its folder."""
+    runs, tensors, _ = exports
+    i = list(runs).index(name)
+    adapter, folder = runs[name]
+    ids, mask = kit_inputs(adapter, tensors, i)
+    kit = adapter.adapted.logits(adapter.adapted.hidden(ids, mask))
+    torch.testing.assert_close(tensors[f"logits{i}"], kit, atol=1e-5, rtol=0)
+    assert (tensors[f"logits{i}"] - tensors[f"base{i}"]).abs().max() > 1e-3  # the adapter does change the logits
+    return folder
+
+
 @torch.no_grad()
 def test_lora_export_gives_the_kit_logits(exports):
-    runs, tensors, _ = exports
-    adapter, folder = runs["lora"]
-    ids, mask = kit_inputs(adapter, tensors, 0)
-    kit = adapter.adapted.logits(adapter.adapted.hidden(ids, mask))
-    torch.testing.assert_close(tensors["logits0"], kit, atol=1e-5, rtol=0)
-    assert (tensors["logits0"] - tensors["base0"]).abs().max() > 1e-3  # the adapter does change the logits
+    folder = assert_peft_gives_the_kit_logits(exports, "lora")
     meta = json.loads((folder / "export.json").read_text())
     config = json.loads((folder / "adapter_config.json").read_text())
     # the authors' flavour scales the update by alpha: PEFT's lora_alpha / r with lora_alpha = alpha * r
@@ -116,13 +124,7 @@ def test_lora_export_gives_the_kit_logits(exports):
 
 @torch.no_grad()
 def test_lora_full_export_adapts_gpt2s_conv1d_blocks_as_the_kit(exports):
-    runs, tensors, _ = exports
-    i = list(runs).index("lora_full")
-    adapter, folder = runs["lora_full"]
-    ids, mask = kit_inputs(adapter, tensors, i)
-    kit = adapter.adapted.logits(adapter.adapted.hidden(ids, mask))
-    torch.testing.assert_close(tensors[f"logits{i}"], kit, atol=1e-5, rtol=0)
-    assert (tensors[f"logits{i}"] - tensors[f"base{i}"]).abs().max() > 1e-3
+    folder = assert_peft_gives_the_kit_logits(exports, "lora_full")
     targets = json.loads((folder / "adapter_config.json").read_text())["target_modules"]
     assert len(targets) == 9 and {"lm_head", "transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_proj"} <= set(targets)
 
