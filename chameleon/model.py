@@ -12,6 +12,8 @@ Components that depend on the data answer the `Component` calls; `Experts` is th
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -264,7 +266,7 @@ class SVFExperts(Experts):
             self.experts.append(nn.ParameterDict({
                 svf_lib.SVF.slot(n): nn.Parameter((0.1 + 0.01 * torch.randn(self.svf[n].S.shape, generator=g))
                                                   .to(self.svf[n].S.device)) for n in self.names}))
-        self._weights: dict = {}  # (selection, version of the z's) -> W', built without gradients
+        self._weights: dict = {}  # hash of the selected z's -> W', built without gradients
 
     def expert(self, k: int) -> dict[str, torch.Tensor]:
         """Expert k as {layer name: z} (the trained Parameters themselves)."""
@@ -283,19 +285,23 @@ class SVFExperts(Experts):
                 return model.base_model(**kwargs)
         return functional_call(model.base_model, self.weights(), args=(), kwargs=kwargs)
 
+    def _build(self, zs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {self.keys[n]: (w.T if self.conv1d[n] else w).to(self.dtype)
+                for n, w in ((n, self.svf.weight(n, z)) for n, z in zs.items())}
+
     def weights(self) -> dict[str, torch.Tensor]:
         """{body parameter name: W'} for the current selection, in the layers' orientation and dtype. Built
-        without gradients, it is kept until a z changes (the key holds the z's version counters, which
-        every in-place update bumps); with gradients on, built anew (its graph is the caller's)."""
-        key = (self.selection, sum(p._version for p in self.experts.parameters()))
-        if torch.is_grad_enabled() or key not in self._weights:
-            out = {self.keys[n]: (w.T if self.conv1d[n] else w).to(self.dtype)
-                   for n, w in ((n, self.svf.weight(n, z)) for n, z in self.zs().items())}
-            if torch.is_grad_enabled():
-                return out
+        without gradients, it is kept until a z changes (the key hashes the selected z's bytes: version counters
+        would not do, a fused optimizer updates in place without bumping them); with gradients on, built anew
+        (its graph is the caller's)."""
+        zs = self.zs()
+        if torch.is_grad_enabled():
+            return self._build(zs)
+        key = hashlib.blake2b(b"".join(z.detach().cpu().numpy().tobytes() for z in zs.values())).hexdigest()
+        if key not in self._weights:
             if len(self._weights) >= self.k:
                 self._weights.clear()
-            self._weights[key] = out
+            self._weights[key] = self._build(zs)
         return self._weights[key]
 
 

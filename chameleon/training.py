@@ -183,6 +183,16 @@ def progress_bar(iterable, progress: bool, **kwargs) -> tqdm:
     return tqdm(iterable, **kwargs) if progress else tqdm(iterable, disable=True, **kwargs)
 
 
+
+def optimizer(cfg: Config, params: list[torch.Tensor]) -> torch.optim.AdamW | None:
+    """AdamW over the trainable parameters (None when nothing trains), fused on CPU and CUDA: one vectorised pass
+    a step instead of one per operation (the hypernetwork's 6.6 M parameters: 3.6 ms a step instead of 14 ms on
+    2 CPU cores, BENCHMARKS.md)."""
+    if not params:
+        return None
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
 def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progress: bool = True) -> dict:
     """Train cfg.regime under cfg.protocol; returns the run's metrics (also written to its folder).
 
@@ -220,7 +230,7 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         cache = cfg.cache_body and not adapted.blocks_adapted
         rows = {s.name: scored_rows(adapted, s, cache, cfg.cache_dir) for s in (train_split, val_split)}
     params = [p for p in adapted.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
+    opt = optimizer(cfg, params)
 
     def begin():
         out.mkdir(parents=True, exist_ok=True)
