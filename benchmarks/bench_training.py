@@ -2,7 +2,7 @@
 
 1. A step (forward + backward + AdamW) of `chameleon` vs `lora` on the same batch, on cached body
    hidden states (head-only) and through the body (full). 2. An epoch of `lora` (64 examples) cached
-   vs full, same per-batch losses. 3. The Makefile's MALLOC_MMAP_THRESHOLD_ on a `lora` step.
+   vs full, same per-batch losses. 3. The kit's allocator setting (chameleon.keep_freed_memory) on a `lora` step.
 Variants alternate (ABAB...), medians reported. Exits non-zero when the head-only step ratio
 exceeds 1.10, the cached epoch is < 5x faster, or the losses differ by more than 1e-4.
 
@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 
 from benchmarks.timing import interleaved, write_report
+from chameleon import keep_freed_memory
 from chameleon.backbones import load_backbone
 from chameleon.clustering import ClusterBatchSampler
 from chameleon.config import Config
 from chameleon.prepare import prepare
 from chameleon.model import build
-from chameleon.training import batch_loss, scored_rows
+from chameleon.training import batch_loss, optimizer, scored_rows
 
 MAX_STEP_RATIO, MIN_CACHE_SPEEDUP, MAX_LOSS_DIFF = 1.10, 5.0, 1e-4
 STEP_REPEATS, EPOCH_REPEATS, CHILD_REPEATS = 9, 3, 6
-MALLOC = ("MALLOC_MMAP_THRESHOLD_", "17179869184")
 CPU = torch.device("cpu")
 OUT = Path(__file__).resolve().parent / "results" / "training.md"
 
@@ -39,8 +39,7 @@ def setup(data_dir: str):
 def trainer(cfg, model, regime):
     adapted = build(cfg.replace(regime=regime), model)
     adapted.train().model.eval()  # as training.train: a frozen body runs without dropout
-    params = [p for p in adapted.parameters() if p.requires_grad]
-    return adapted, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return adapted, optimizer(cfg, [p for p in adapted.parameters() if p.requires_grad])
 
 
 def step(adapted, opt, split, rows, batch) -> float:
@@ -67,7 +66,8 @@ def epoch(cfg, model, split, rows):
     return time.perf_counter() - t0, losses
 
 
-def child(data_dir: str) -> None:  # one process's lora step medians, for the MALLOC_MMAP_THRESHOLD_ comparison
+def child(data_dir: str, setting: str) -> None:  # one process's lora step medians, for the allocator comparison
+    keep_freed_memory(setting == "kit")  # the kit set it when imported; "glibc" puts glibc's defaults back
     cfg, model, split = setup(data_dir)
     adapted = build(cfg.replace(regime="lora"), model)
     rows = {"head-only": scored_rows(adapted, split, True, cfg.cache_dir), "full": scored_rows(adapted, split, False, "")}
@@ -94,20 +94,18 @@ def main() -> int:
     speedup = ep["full"] / ep["head-only"]
     diff = max(abs(a - b) for a, b in zip(losses["head-only"], losses["full"]))
 
-    malloc = {"unset": [], "set": []}
+    malloc = {"glibc": [], "kit": []}
     for _ in range(2):
         for setting in malloc:
-            env = {k: v for k, v in os.environ.items() if k != MALLOC[0]}
-            env.update({MALLOC[0]: MALLOC[1]} if setting == "set" else {})
-            out = subprocess.run([sys.executable, "-m", "benchmarks.bench_training", "--child", data_dir], env=env, check=True,
-                                 capture_output=True, text=True).stdout
+            out = subprocess.run([sys.executable, "-m", "benchmarks.bench_training", "--child", data_dir, setting],
+                                 check=True, capture_output=True, text=True).stdout
             malloc[setting].append(json.loads(out.strip().splitlines()[-1]))
     med = {s: {p: statistics.median(r[p] for r in runs) for p in runs[0]} for s, runs in malloc.items()}
 
     ok = ratio["head-only"] <= MAX_STEP_RATIO and speedup >= MIN_CACHE_SPEEDUP and diff <= MAX_LOSS_DIFF
     md = [f"Command: `python -m benchmarks.bench_training` ({datetime.date.today()})",
           f"Machine: {torch.get_num_threads()} torch threads, {platform.machine()}, torch {torch.__version__}; "
-          f"load average at the start {load:.2f}; {MALLOC[0]} in this process: {os.environ.get(MALLOC[0], 'unset')}",
+          f"load average at the start {load:.2f}",
           f"Batch: {cfg.batch_size} examples x {cfg.max_length} tokens = {len(rows['full'].index(list(range(8))))} "
           f"scored rows; split: {len(split)} examples, {n_rows} rows. Medians of {STEP_REPEATS} interleaved steps.", "",
           "| path | lora step s | chameleon step s | chameleon / lora |", "|---|---|---|---|"]
@@ -118,10 +116,11 @@ def main() -> int:
            f"| head-only on cached hidden states | {ep['head-only']:.2f} | {speedup:.1f}x |",
            f"| one-time cache build ({len(split)} examples) | {cache_build:.2f} | |", "",
            f"Max abs difference of the per-batch losses, cached vs full: {diff:.2e} (limit {MAX_LOSS_DIFF:g}).", "",
-           f"`lora` step with and without {MALLOC[0]}={MALLOC[1]} (own processes, unset/set/unset/set, "
-           f"{CHILD_REPEATS} steps each):", "", "| path | unset s | set s | unset / set |", "|---|---|---|---|"]
-    md += [f"| {p} | {med['unset'][p]:.3f} | {med['set'][p]:.3f} | {med['unset'][p] / med['set'][p]:.2f}x |"
-           for p in med["set"]]
+           f"`lora` step with glibc's allocator defaults and with the kit's `keep_freed_memory()` (own processes, "
+           f"glibc/kit/glibc/kit, {CHILD_REPEATS} steps each):", "",
+           "| path | glibc defaults s | kit s | glibc / kit |", "|---|---|---|---|"]
+    md += [f"| {p} | {med['glibc'][p]:.3f} | {med['kit'][p]:.3f} | {med['glibc'][p] / med['kit'][p]:.2f}x |"
+           for p in med["kit"]]
     md += ["", f"Result: {'PASS' if ok else 'FAIL'} (step ratio <= {MAX_STEP_RATIO}, cached speed-up >= "
                f"{MIN_CACHE_SPEEDUP}x, loss difference <= {MAX_LOSS_DIFF:g})."]
     write_report(OUT, md)
@@ -130,7 +129,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        child(sys.argv[2])
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3])
     else:
         sys.exit(main())

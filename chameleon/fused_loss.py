@@ -8,11 +8,11 @@ produced A or B get theirs from ordinary autograd through `low` and `B`.
 
 Why: on a 49k vocabulary the head dominates a head-only step, and the plain path writes and re-reads
 several logits-sized tensors (logits, a fresh copy for the low-rank update, log-softmax, the gradients of
-both). Here each chunk of rows is turned into softmax - onehot right after its matmul (the softmax into one
-new buffer, the onehot subtracted in place) and folded into the gradients at once (the approach of Liger
-Kernel's fused linear cross-entropy): the same matmuls as the plain path, at most two chunk-sized buffers
-alive. The gradients are computed in the forward pass and scaled by the incoming gradient in backward, so
-nothing is recomputed.
+both). Here each chunk of rows is turned into softmax - onehot in place right after its matmul (log-softmax,
+whose value at the target is the loss, then exp) and folded into the gradients at once (the approach of Liger
+Kernel's fused linear cross-entropy): the same matmuls as the plain path, one chunk-sized buffer alive. The
+gradients are computed in the forward pass and scaled by the incoming gradient in backward, so nothing is
+recomputed.
 """
 from __future__ import annotations
 
@@ -47,30 +47,26 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             z = z.float()  # a no-op for a float32 head; as objectives.loss_sum, the softmax is taken in float32
             keep = t != IGNORE
             t0 = torch.where(keep, t, 0)[:, None]
-            if not train:  # evaluation: log-softmax at the targets is all that is needed
-                loss -= (torch.log_softmax(z, 1).gather(1, t0)[:, 0] * keep).sum()
+            # log-softmax in place (z is this chunk's own buffer): the loss -log p[t] read off it is exact for any
+            # logit gap, and exp of it is the softmax, so no second pass over the vocabulary for a logsumexp
+            torch.log_softmax(z, 1, out=z)
+            loss -= (z.gather(1, t0)[:, 0] * keep).sum()
+            if not train:
                 continue
-            # softmax is one vectorised pass; the loss -log p[t] is read off it, except where p[t] is too small
-            # for float32 (a logit gap of ~70 nats), where logsumexp is exact. No data-dependent branch: no
-            # host sync on a GPU, and the meta device can trace it.
-            d = torch.softmax(z, 1)
-            p = d.gather(1, t0)[:, 0]
-            exact = torch.logsumexp(z, 1) - z.gather(1, t0)[:, 0]
-            rows = torch.where(p < 1e-30, exact, p.log().neg())
-            loss += (rows * keep).sum()
-            del z
-            # d -> softmax - onehot(t), in place; ignored rows contribute nothing
+            d = z.exp_()
+            # d -> softmax - onehot(t), in place. Ignored rows are zeroed where they meet a gradient (a few
+            # rows x r or x d), not with one more pass over rows x vocabulary.
             d.scatter_add_(1, t0, torch.full_like(t0, -1, dtype=d.dtype))
-            d.mul_(keep[:, None])
             dd = d.to(dtype)  # a no-op for a float32 head
             if need_hidden:
-                torch.mm(dd, weight, out=g_hidden[s:s + chunk])
+                torch.mm(dd, weight, out=g_hidden[s:s + chunk]).mul_(keep[:, None])
             if need_low:
-                torch.mm(dd, B, out=g_low[s:s + chunk])
+                torch.mm(dd, B, out=g_low[s:s + chunk]).mul_(keep[:, None])
             if need_B:
-                g_Bt.addmm_(low[s:s + chunk].T.float(), d)
+                g_Bt.addmm_((low[s:s + chunk] * keep[:, None]).T.float(), d)
             if need_bias:
-                g_bias += d.sum(0)
+                g_bias += keep.float() @ d
+            del z, d, dd
         ctx.grads = (g_hidden, None if g_bias is None else g_bias.to(bias.dtype), g_low,
                      None if g_Bt is None else g_Bt.T.contiguous().to(B.dtype))
         return loss
