@@ -74,7 +74,10 @@ bench: .venv/.installed
 	$(PY) -m benchmarks.bench_training
 	$(PY) -m benchmarks.bench_head
 	$(PY) -m benchmarks.bench_serving
-	$(PY) -m benchmarks.bench_memory
+	$(PY) -m benchmarks.bench_serve_http
+	$(PY) -m benchmarks.bench_svf
+	$(PY) -m benchmarks.bench_memory --profile cpu
+	$(PY) -m benchmarks.bench_memory --profile study
 
 doctor: .venv/.installed
 	$(PY) -m chameleon doctor

@@ -61,7 +61,7 @@ def test_alpaca_json_goes_through_the_instruction_post_processing(tmp_path, fake
 
 def test_the_paper_profiles_shapes_run_end_to_end_on_gpt2_arch(tmp_path):
     cfg = Config.from_profile("hub", backbone="gpt2-arch", corpus="wiki", regime="chameleon", protocol="authors",
-                              max_train_examples=32, max_eval_examples=32, epochs=1,
+                              max_train_examples=32, max_eval_examples=8, epochs=1,  # one batch of 32 to train
                               data_dir=tmp_path, results_dir=tmp_path / "results")
     assert (cfg.max_length, cfg.batch_size, cfg.rank, cfg.lr) == (256, 32, 4, 5e-4)
     result = train(cfg, progress=False)
