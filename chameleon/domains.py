@@ -75,6 +75,10 @@ COMPARISONS = [("chameleon_prefix", "chameleon_constant"),  # the primary endpoi
                ("chameleon_prefix", "chameleon_shuffled"), ("chameleon_oracle", "chameleon_constant"),
                ("chameleon_batch_mean", "chameleon_batch_mean_excl")]
 PRIMARY_BATCHING = "kmeans"
+# why two rows can compute the same thing in this experiment (reported when their line losses are identical)
+SAME_WHY = {frozenset(("chameleon_prefix", "chameleon_batch_mean_excl")):
+            " (every row is scored from token 8, so the batch mean without the scored targets averages each line's "
+            "first 8 tokens: the prefix row's vector; comparison 8 is therefore batch_mean - prefix)"}
 BOOTSTRAP = 2000  # resamples of the validation lines
 
 
@@ -269,13 +273,13 @@ def results_text(out: Path) -> str:
     main = ["| row | seeds | lr | trainable params | " + " | ".join(BATCHINGS) + " |", "|---" * (4 + len(BATCHINGS)) + "|"]
     for name, r in losses.iterrows():
         lr = "-" if pd.isna(r.lr) else f"{r.lr:g}"
-        main.append(f"| {name} | {r.seeds} | {lr} | {int(r.params):,} | "
+        main.append(f"| {name} | {int(r.seeds)} | {lr} | {int(r.params):,} | "
                     + " | ".join(f"{r[f'{b} mean']:.3f} ± {r[f'{b} sd']:.3f}" for b in BATCHINGS) + " |")
     claims = table[table.batching == PRIMARY_BATCHING]
     comp = ["| first - second | seeds | difference | 95% t-interval (seeds) | 95% bootstrap (lines) | Holm p | significant |",
             "|---|---|---|---|---|---|---|"]
     for _, c in claims.iterrows():
-        comp.append(f"| {c['first']} - {c['second']} | {c.seeds} | {fmt(c.difference)} | [{fmt(c.t_low)}, {fmt(c.t_high)}] | "
+        comp.append(f"| {c['first']} - {c['second']} | {int(c.seeds)} | {fmt(c.difference)} | [{fmt(c.t_low)}, {fmt(c.t_high)}] | "
                     f"[{fmt(c.boot_low)}, {fmt(c.boot_high)}] | {c.p_holm:.3f} | {'yes' if c.significant else 'no'} |")
     other = ["| first - second | " + " | ".join(BATCHINGS) + " |", "|---" * (1 + len(BATCHINGS)) + "|"]
     for f, s in COMPARISONS:
@@ -309,7 +313,23 @@ def results_text(out: Path) -> str:
         "## The same differences under every batching (bootstrap intervals over lines; descriptive)", "", *other, "",
         f"## Per-domain validation loss ({PRIMARY_BATCHING} batching, mean over seeds)", "",
         dom.to_markdown(floatfmt=".3f"), "",
+        *(["Rows with identical line losses on every seed: "
+           + "; ".join(f"{a} = {b}{SAME_WHY.get(frozenset((a, b)), '')}" for a, b in same) + ".", ""]
+          if (same := identical_rows(lines)) else []),
         "## Answer", "", *answer(claims), ""])
+
+
+def identical_rows(lines: pd.DataFrame) -> list[tuple[str, str]]:
+    """Pairs of rows whose every line loss is equal under every batching on every seed they share."""
+    cols = [f"loss_{b}" for b in BATCHINGS]
+    by_row = {r: g.set_index(["seed", "line"])[cols].sort_index() for r, g in lines.groupby("row", sort=False)}
+    pairs = []
+    for i, a in enumerate(by_row):
+        for b in list(by_row)[i + 1:]:
+            both = by_row[a].index.intersection(by_row[b].index)
+            if len(both) and by_row[a].loc[both].equals(by_row[b].loc[both]):
+                pairs.append((a, b))
+    return pairs
 
 
 def answer(claims: pd.DataFrame) -> list[str]:
