@@ -175,6 +175,14 @@ def test_paired_differences_equal_a_slow_loop():
     assert out["boot_low"] < out["difference"] < out["boot_high"] < 0
 
 
+def test_identical_rows_are_found_and_nothing_else():
+    lines = _lines(seeds=2)
+    copy = lines[lines.row == "chameleon_prefix"].assign(row="chameleon_batch_mean_excl")
+    nudged = copy.assign(row="chameleon_shuffled", loss_mixed=copy.loss_mixed + 1e-12)  # one batching differs
+    lines = pd.concat([lines, copy, nudged], ignore_index=True)
+    assert domains.identical_rows(lines) == [("chameleon_prefix", "chameleon_batch_mean_excl")]
+
+
 def test_holm_adjusts_the_claimed_family():
     lines = _lines()
     extra = lines[lines.row == "chameleon_constant"].assign(row="lora_matched")
