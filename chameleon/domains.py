@@ -311,6 +311,7 @@ def results_text(out: Path) -> str:
         "paired t-test over seeds below 0.05 and the paired bootstrap interval over validation lines excluding 0.",
         "", *comp, "",
         "## The same differences under every batching (bootstrap intervals over lines; descriptive)", "", *other, "",
+        f"![the claimed differences under each batching](../../../figures/{out.parent.name}/domains_comparisons.png)", "",
         f"## Per-domain validation loss ({PRIMARY_BATCHING} batching, mean over seeds)", "",
         dom.to_markdown(floatfmt=".3f"), "",
         *(["Rows with identical line losses on every seed: "
