@@ -342,8 +342,8 @@ def answer(claims: pd.DataFrame) -> list[str]:
         c = hit.iloc[0]
         verdict = ("lower loss (significant)" if c.significant and c.difference < 0 else
                    "higher loss (significant)" if c.significant else "no significant difference")
-        return (f"- {what}: {fmt(c.difference)} nats [{fmt(c.boot_low)}, {fmt(c.boot_high)}] over {c.seeds} seeds: "
-                f"{verdict}.")
+        return (f"- {what}: {fmt(c.difference)} nats (95% over {int(c.seeds)} seeds [{fmt(c.t_low)}, {fmt(c.t_high)}], "
+                f"Holm p {c.p_holm:.3f}; over lines [{fmt(c.boot_low)}, {fmt(c.boot_high)}]): {verdict}.")
     return [say("chameleon_prefix", "chameleon_constant", "Conditioning on the batch (leak-free prefix) vs the same "
                 "hypernetwork on a constant input (primary)"),
             say("chameleon_prefix", "lora_matched", "vs static head LoRA with the same parameter budget"),
