@@ -183,7 +183,6 @@ def progress_bar(iterable, progress: bool, **kwargs) -> tqdm:
     return tqdm(iterable, **kwargs) if progress else tqdm(iterable, disable=True, **kwargs)
 
 
-
 def optimizer(cfg: Config, params: list[torch.Tensor]) -> torch.optim.AdamW | None:
     """AdamW over the trainable parameters (None when nothing trains), fused on CPU and CUDA: one vectorised pass
     a step instead of one per operation (the hypernetwork's 6.6 M parameters: 3.6 ms a step instead of 14 ms on
