@@ -192,6 +192,7 @@ def optimizer(cfg: Config, params: list[torch.Tensor]) -> torch.optim.AdamW | No
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
+
 def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progress: bool = True) -> dict:
     """Train cfg.regime under cfg.protocol; returns the run's metrics (also written to its folder).
 
