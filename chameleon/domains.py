@@ -317,7 +317,7 @@ def results_text(out: Path) -> str:
         *(["Rows with identical line losses on every seed: "
            + "; ".join(f"{a} = {b}{SAME_WHY.get(frozenset((a, b)), '')}" for a, b in same) + ".", ""]
           if (same := identical_rows(lines)) else []),
-        "## Answer", "", *answer(claims), ""])
+        "## Answer", "", *answer(table), ""])
 
 
 def identical_rows(lines: pd.DataFrame) -> list[tuple[str, str]]:
@@ -333,13 +333,16 @@ def identical_rows(lines: pd.DataFrame) -> list[tuple[str, str]]:
     return pairs
 
 
-def answer(claims: pd.DataFrame) -> list[str]:
-    """The answer in sentences, each number read from the comparisons table."""
-    def say(f: str, s: str, what: str) -> str:
-        hit = claims[(claims["first"] == f) & (claims.second == s)]
+def answer(table: pd.DataFrame) -> list[str]:
+    """The answer in sentences, each number read from the comparisons table (the claims on PRIMARY_BATCHING; one
+    descriptive line on batches of one domain each, where per-domain experts are at home)."""
+    def say(f: str, s: str, what: str, batching: str = PRIMARY_BATCHING) -> str:
+        hit = table[(table["first"] == f) & (table.second == s) & (table.batching == batching)]
         if hit.empty:
             return f"- {what}: not measured yet."
         c = hit.iloc[0]
+        if batching != PRIMARY_BATCHING:  # description: no test, the interval over lines only
+            return f"- {what}: {fmt(c.difference)} nats (over lines [{fmt(c.boot_low)}, {fmt(c.boot_high)}])."
         verdict = ("lower loss (significant)" if c.significant and c.difference < 0 else
                    "higher loss (significant)" if c.significant else "no significant difference")
         return (f"- {what}: {fmt(c.difference)} nats (95% over {int(c.seeds)} seeds [{fmt(c.t_low)}, {fmt(c.t_high)}], "
@@ -347,8 +350,11 @@ def answer(claims: pd.DataFrame) -> list[str]:
     return [say("chameleon_prefix", "chameleon_constant", "Conditioning on the batch (leak-free prefix) vs the same "
                 "hypernetwork on a constant input (primary)"),
             say("chameleon_prefix", "lora_matched", "vs static head LoRA with the same parameter budget"),
+            say("chameleon_prefix", "lora", "vs static head LoRA of rank 4"),
             say("chameleon_prefix", "lora_experts_domain", "vs one head LoRA per true domain (oracle dispatch)"),
-            say("chameleon_prefix", "lora_experts", "vs one head LoRA per k-means group (classifier dispatch)")]
+            say("chameleon_prefix", "lora_experts", "vs one head LoRA per k-means group (classifier dispatch)"),
+            say("chameleon_prefix", "lora_experts_domain", "Descriptive, on batches of one training cluster each "
+                "(`clustered`) instead: vs one head LoRA per true domain", "clustered")]
 
 
 def report(cfg: Config) -> Path:
