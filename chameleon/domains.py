@@ -358,36 +358,10 @@ def answer(table: pd.DataFrame) -> list[str]:
 
 
 def report(cfg: Config) -> Path:
+    from chameleon import plots
+
     out = folder(cfg)
     path = out / "RESULTS.md"
     path.write_text(results_text(out))
-    figure(out, Path(cfg.results_dir).parent / "figures" / cfg.profile / "domains_comparisons.png")
+    plots.domains_comparisons(comparisons(line_table(out)), COMPARISONS, BATCHINGS, cfg.profile)
     return path
-
-
-def figure(out: Path, path: Path) -> None:
-    """A forest plot of the claimed differences under each batching (bootstrap intervals over lines)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = comparisons(line_table(out))
-    labels = [f"{f} - {s}" for f, s in COMPARISONS]
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(labels) + 1.2))
-    for j, b in enumerate(BATCHINGS):
-        part = table[table.batching == b].set_index(["first", "second"])
-        for i, (f, s) in enumerate(COMPARISONS):
-            if (f, s) in part.index:
-                c = part.loc[(f, s)]
-                y = i + (j - 1) * 0.22
-                ax.errorbar(c.difference, y, xerr=[[c.difference - c.boot_low], [c.boot_high - c.difference]], fmt="os^"[j],
-                            color=["#0072B2", "#D55E00", "#009E73"][j], label=b if i == 0 else None, capsize=2)
-    ax.axvline(0, color="grey", lw=0.8)
-    ax.set_yticks(range(len(labels)), labels)
-    ax.invert_yaxis()
-    ax.set_xlabel("difference in val loss (nats / token), 95% bootstrap over lines; < 0: first is better")
-    ax.legend(title="batching", loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -464,3 +464,28 @@ def svf_comparison(table: pd.DataFrame, profile: str, name: str = "08_svf_result
     fig.tight_layout()
     save(fig, table, name, profile)
     return fig
+
+
+def domains_comparisons(table: pd.DataFrame, pairs: list[tuple[str, str]], batchings: tuple[str, ...],
+                        profile: str, name: str = "domains_comparisons") -> Path:
+    """A forest plot of the `domains` experiment's claimed differences (first - second) under each batching,
+    with the paired bootstrap intervals over lines (chameleon.domains.comparisons gives the table)."""
+    labels = [f"{f} - {s}" for f, s in pairs]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(labels) + 1.2))
+    shown = []
+    for j, b in enumerate(batchings):
+        part = table[table.batching == b].set_index(["first", "second"])
+        for i, (f, s) in enumerate(pairs):
+            if (f, s) in part.index:
+                c = part.loc[(f, s)]
+                ax.errorbar(c.difference, i + (j - 1) * 0.22, fmt="os^"[j % 3], color=KIND_COLOURS[j % 4],
+                            xerr=[[c.difference - c.boot_low], [c.boot_high - c.difference]], capsize=2,
+                            label=b if not any(r["batching"] == b for r in shown) else None)
+                shown.append({"batching": b, "comparison": labels[i], "difference": c.difference,
+                              "low": c.boot_low, "high": c.boot_high})
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("difference in val loss (nats / token), 95% bootstrap over lines; < 0: first is better")
+    ax.legend(title="batching", loc="lower right", fontsize=8)
+    return save(fig, pd.DataFrame(shown), name, profile)

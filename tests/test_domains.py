@@ -222,6 +222,9 @@ def test_the_experiment_runs_stage_by_stage_into_its_tables(tmp_path, labelled, 
     claim = domains.comparisons(domains.line_table(out)).query("batching == @domains.PRIMARY_BATCHING").iloc[0]
     assert f"| chameleon_prefix - chameleon_constant | 2 | {domains.fmt(claim.difference)} |" in text
     assert domains.run_seeds(cfg, seeds=2, progress=False).equals(runs)  # nothing is run twice
+    monkeypatch.setenv("CHAMELEON_OUTPUTS", str(tmp_path / "outputs"))  # where the figure goes
+    assert domains.report(cfg).read_text() == text
+    assert (tmp_path / "outputs" / "figures" / cfg.profile / "domains_comparisons.png").is_file()
 
 
 def test_tune_runs_each_plan_and_records_only_divergence(tmp_path, monkeypatch):
