@@ -427,9 +427,7 @@ def across_domains(t) -> str:
     lines = t.get("domains_lines")
     if lines is None:
         return "not measured yet."
-    claims = domains_experiment.comparisons(lines)
-    claims = claims[claims.batching == domains_experiment.PRIMARY_BATCHING] if len(claims) else claims
-    return "\n".join(domains_experiment.answer(claims))
+    return "\n".join(domains_experiment.answer(domains_experiment.comparisons(lines)))
 
 
 def readme_with_answers(readme: str, block: str) -> str:
