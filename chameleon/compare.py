@@ -186,6 +186,9 @@ def heads(cfg: Config, seeds: int = 3, progress: bool = True, engine: str = "loc
     """The head-only regimes under the causal protocol (HEAD_RUNS, with baselines on the prefix's
     tokens) and their paired per-seed differences against `lora_matched` and against the
     `shuffled` control, 95% t-intervals. Writes heads-seeds<S>.md / .csv, -runs.csv, -paired.csv."""
+    if seeds < 2:  # checked before any training
+        raise ValueError(f"the heads experiment pairs each regime with its references over seeds, which takes 2 or "
+                         f"more: --seeds {seeds} gives no interval (the committed tables use --seeds 3)")
     per_run = rows(experiment_runs(cfg, "heads", seeds), progress, engine)
     table = summarise(per_run)
     paired = pd.concat([paired_differences(per_run, {"regime": "lora_matched"}),

@@ -112,6 +112,8 @@ def test_paper_length_and_heads_write_their_tables_with_the_command(tmp_path, mo
     assert text.startswith("Produced by `python -m chameleon compare --profile smoke --task lm --experiment "
                            "paper-length --seeds 1 --backbone gpt2-tiny")
     assert "batch_mean_excl" in text and "gpt2 (corpus)" in text
+    with pytest.raises(ValueError, match="--seeds 1 gives no interval"):
+        heads(cfg, seeds=1, progress=False)
     heads(cfg, seeds=2, progress=False)
     paired = pd.read_csv(folder / "heads-seeds2-paired.csv")
     assert set(paired.reference) == {"lora_matched", "chameleon / shuffled"}
