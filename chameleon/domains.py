@@ -335,7 +335,7 @@ def identical_rows(lines: pd.DataFrame) -> list[tuple[str, str]]:
 
 def answer(table: pd.DataFrame) -> list[str]:
     """The answer in sentences, each number read from the comparisons table (the claims on PRIMARY_BATCHING; one
-    descriptive line on batches of one domain each, where per-domain experts are at home)."""
+    descriptive line on batches of one training cluster each, where per-domain experts are at home)."""
     def say(f: str, s: str, what: str, batching: str = PRIMARY_BATCHING) -> str:
         hit = table[(table["first"] == f) & (table.second == s) & (table.batching == batching)]
         if hit.empty:
