@@ -1,8 +1,9 @@
 """Head-only training step on SmolLM2-135M (vocab 49,152, d 576): full logits vs chameleon.fused_loss
 (writes benchmarks/results/head.md).
 
-443 scored rows, the size of bench_training.py's batch (causal protocol, batches of 8 examples x 64
-tokens; the body's real hidden states, computed once, as on the cached path). A step is forward + backward + AdamW.
+443 scored rows, gathered from the first batches of 8 examples x 64 tokens (causal protocol; the body's real
+hidden states, computed once, as on the cached path): the size of bench_training.py's batch when both were
+written, and of the head matmul the targets are stated against. A step is forward + backward + AdamW.
 1. Speed: `plain` (objectives.loss_sum on Adapted.logits: the path before fused_loss) vs `fused`
    (Adapted.loss_sum) for lora, lora_matched and chameleon, and fused at several chunk sizes; variants
    alternate (ABAB...), medians of STEP_REPEATS steps.
@@ -34,7 +35,7 @@ from chameleon.training import optimizer, trimmed
 
 MAX_MATMUL_RATIO, MAX_REL_DIFF = 1.3, 1e-5
 MATMUL = ("head matmul", -1)  # its key among the timed variants
-ROWS = 443  # bench_training.py's batch (8 x 64 tokens) scored 443 rows when its table was made
+ROWS = 443  # bench_training.py's first batch (8 x 64 tokens) scored 443 rows when this was written; 227 now
 STEP_REPEATS, MEMORY_STEPS = 7, 3
 REGIMES, CHUNKS = ("lora", "lora_matched", "chameleon"), (128, 256, 512)
 THREADS = 2
