@@ -122,9 +122,11 @@ def tune(cfg: Config, progress: bool = True) -> pd.DataFrame:
 
 
 def chosen_rates(grid: pd.DataFrame) -> dict[str, float]:
-    """Each row's learning rate: the grid's lowest dev loss of the row it is tuned as (NaN for a row that
-    trains nothing; rows not tuned yet are missing)."""
-    best = grid[grid.status == "ok"].sort_values("dev_loss").groupby("row").lr.first().to_dict()
+    """Each row's learning rate: the grid's lowest dev loss of the row it is tuned as, once every rate of LR_GRID
+    was tried for it (NaN for a row that trains nothing; rows not tuned to the end yet are missing)."""
+    tried = grid.groupby("row").lr.apply(lambda lr: all(np.isclose(lr.astype(float), r).any() for r in LR_GRID))
+    done = grid[grid.row.map(tried) & (grid.status == "ok")]
+    best = done.sort_values("dev_loss").groupby("row").lr.first().to_dict()
     rates = {r.name: best.get(r.tuned_as or r.name) if trains(r) else math.nan for r in ROWS.values()}
     return {name: float(lr) for name, lr in rates.items() if lr is not None}
 

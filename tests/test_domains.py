@@ -196,12 +196,15 @@ def test_holm_adjusts_the_claimed_family():
 
 def test_each_row_takes_the_rate_of_the_row_it_is_tuned_as():
     grid = pd.DataFrame([dict(row="lora", lr=1e-3, dev_loss=3.0, status="ok"),
+                         dict(row="lora", lr=3e-3, dev_loss=3.1, status="ok"),
                          dict(row="lora", lr=1e-2, dev_loss=math.nan, status="diverged: ..."),
                          dict(row="chameleon_prefix", lr=1e-3, dev_loss=2.9, status="ok"),
-                         dict(row="chameleon_prefix", lr=3e-3, dev_loss=2.8, status="ok")])
+                         dict(row="chameleon_prefix", lr=3e-3, dev_loss=2.8, status="ok"),
+                         dict(row="chameleon_prefix", lr=1e-2, dev_loss=2.85, status="ok"),
+                         dict(row="svf", lr=1e-3, dev_loss=2.0, status="ok")])  # its grid not tried to the end
     rates = domains.chosen_rates(grid)
     assert rates["lora"] == 1e-3 and rates["chameleon_prefix"] == rates["chameleon_constant"] == 3e-3
-    assert math.isnan(rates["unadapted"]) and "lora_matched" not in rates  # not tuned yet
+    assert math.isnan(rates["unadapted"]) and "lora_matched" not in rates and "svf" not in rates
 
 
 def test_the_experiment_runs_stage_by_stage_into_its_tables(tmp_path, labelled, monkeypatch):
