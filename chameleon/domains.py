@@ -108,7 +108,7 @@ def tune(cfg: Config, progress: bool = True) -> pd.DataFrame:
         if row.tuned_as or not trains(row):
             continue
         for lr in LR_GRID:
-            if ((done.row == row.name) & np.isclose(done.lr.astype(float), lr)).any():
+            if tried(done, row.name, lr):
                 continue
             try:
                 for step in plan(row_config(cfg, row, 0, lr, dev=True)):  # experts: their oracle run first
@@ -121,11 +121,16 @@ def tune(cfg: Config, progress: bool = True) -> pd.DataFrame:
     return done
 
 
+def tried(grid: pd.DataFrame, row: str, lr: float) -> bool:
+    """Whether the grid holds `row` at rate `lr` (run to the end: ok or diverged)."""
+    return bool(((grid.row == row) & np.isclose(grid.lr.astype(float), lr)).any())
+
+
 def chosen_rates(grid: pd.DataFrame) -> dict[str, float]:
     """Each row's learning rate: the grid's lowest dev loss of the row it is tuned as, once every rate of LR_GRID
     was tried for it (NaN for a row that trains nothing; rows not tuned to the end yet are missing)."""
-    tried = grid.groupby("row").lr.apply(lambda lr: all(np.isclose(lr.astype(float), r).any() for r in LR_GRID))
-    done = grid[grid.row.map(tried) & (grid.status == "ok")]
+    complete = [r for r in grid.row.unique() if all(tried(grid, r, lr) for lr in LR_GRID)]
+    done = grid[grid.row.isin(complete) & (grid.status == "ok")]
     best = done.sort_values("dev_loss").groupby("row").lr.first().to_dict()
     rates = {r.name: best.get(r.tuned_as or r.name) if trains(r) else math.nan for r in ROWS.values()}
     return {name: float(lr) for name, lr in rates.items() if lr is not None}

@@ -185,8 +185,8 @@ def progress_bar(iterable, progress: bool, **kwargs) -> tqdm:
 
 def optimizer(cfg: Config, params: list[torch.Tensor]) -> torch.optim.AdamW | None:
     """AdamW over the trainable parameters (None when nothing trains), fused on CPU and CUDA: one vectorised pass
-    a step instead of one per operation (the hypernetwork's 6.6 M parameters: 3.6 ms a step instead of 14 ms on
-    2 CPU cores, BENCHMARKS.md)."""
+    a step instead of one per operation (the hypernetwork's 6.6 M parameters: about 4 ms a step instead of 14 ms
+    on 2 CPU cores, hand-timed: BENCHMARKS.md "Training step")."""
     if not params:
         return None
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
