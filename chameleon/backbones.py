@@ -36,17 +36,17 @@ OFFLINE_HINT = ("offline, use the embedded default backbone 'smollm2' (SmolLM2-1
 def gpt2_tokenizer() -> PreTrainedTokenizerFast:
     """GPT-2's exact BPE tokenizer, built from the gpt2.tiktoken file that openai-whisper ships.
     A new object each call (a caller may change it), from a conversion done once per process."""
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_gpt2_converted()), bos_token=EOS,
+    tok = PreTrainedTokenizerFast(tokenizer_object=_gpt2_converted(), bos_token=EOS,  # copied: the cached one stays
                                   eos_token=EOS, unk_token=EOS, pad_token=EOS, model_max_length=1024)
     assert tok.eos_token_id == 50256, "gpt2.tiktoken did not give GPT-2's vocabulary"
     return tok
 
 
 @functools.cache  # the conversion of 50k merges takes about a second; every gpt2-tiny run of the tests needs it
-def _gpt2_converted() -> str:
+def _gpt2_converted() -> Tokenizer:
     converter = TikTokenConverter(vocab_file=str(ASSETS["gpt2-bpe"].require()), pattern=GPT2_PATTERN,
                                   extra_special_tokens=[EOS])
-    return converter.converted().to_str()
+    return converter.converted()
 
 
 def load_backbone(name: str, seed: int = 0, cache_dir: Path | None = None):

@@ -206,9 +206,10 @@ REINFORCE_FIELDS = ("objective", "reinforce_steps", "max_grad_norm", "temperatur
 
 # Profiles: plain overrides of the defaults above.
 PROFILES: dict[str, dict] = {
-    # seconds per step on 2 CPU cores: CI, the tests and the committed notebook outputs
+    # seconds per step on 2 CPU cores: CI, the tests and the committed notebook outputs (one epoch: a loss curve is
+    # before and after, and `make test` stays within its budget)
     "smoke": dict(backbone="smollm2", max_train_examples=64, max_eval_examples=32, max_length=32,
-                  batch_size=8, epochs=2, lr=2e-3, max_new_tokens=16, n_generate=4, prefix_tokens=8),
+                  batch_size=8, epochs=1, lr=2e-3, max_new_tokens=16, n_generate=4, prefix_tokens=8),
     # the default of `make reproduce`: every regime on a 2-core machine in about half an hour
     # (the *_full regimes run the 30-layer body forward and backward: they set the budget)
     "cpu": dict(backbone="smollm2", max_train_examples=384, max_eval_examples=96, max_length=32,

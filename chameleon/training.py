@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 import warnings
 from contextlib import contextmanager
@@ -77,7 +78,7 @@ def scored_rows(adapted: Adapted, split: Split, cache: bool, cache_dir: Path, ch
     def chunks():  # written to the cache file as they come: never all in memory (cache.cached_rows)
         dev = next(adapted.parameters()).device
         with torch.inference_mode():
-            for s in tqdm(range(0, len(split), chunk), desc=f"body hidden states ({split.name})", leave=False):
+            for s in progress_bar(range(0, len(split), chunk), True, desc=f"body hidden states ({split.name})", leave=False):
                 ids, attention, target = trimmed(split, list(range(s, min(s + chunk, len(split)))))
                 out = adapted.hidden(ids.to(dev), attention.to(dev))
                 yield out[(target != objectives.IGNORE).to(dev)].float().cpu()
@@ -178,9 +179,10 @@ def precision(cfg: Config, dev: torch.device):
 
 
 def progress_bar(iterable, progress: bool, **kwargs) -> tqdm:
-    """A tqdm bar, or none when `progress` is False. `disable` is passed only then: an explicit
-    value would override tqdm's own environment settings (TQDM_DISABLE=1 in `make test`)."""
-    return tqdm(iterable, **kwargs) if progress else tqdm(iterable, disable=True, **kwargs)
+    """A tqdm bar, or none when `progress` is False or TQDM_DISABLE is set (non-empty, as tqdm reads it). Read here,
+    at each call: tqdm's notebook bars ignore it, and a notebook executed by `make test` or `make notebooks-smoke`
+    would draw a widget into its outputs for every run it trains."""
+    return tqdm(iterable, disable=not progress or bool(os.environ.get("TQDM_DISABLE")), **kwargs)
 
 
 def optimizer(cfg: Config, params: list[torch.Tensor]) -> torch.optim.AdamW | None:
