@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -147,12 +148,20 @@ def cluster_sizes(labels, profile: str, batch_size: int | None = None, name: str
 
 
 def umap_2d(emb, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
-    """A deterministic 2-D UMAP (cosine metric) of the embeddings."""
+    """A deterministic 2-D UMAP (cosine metric) of the embeddings. The exact cosine neighbours (self first, as UMAP
+    lists them) come from scikit-learn: UMAP's own search compiles numba code in every new process, about 6 s on
+    2 cores even for a few dozen points."""
     import umap  # slow import (numba): only when a UMAP is drawn
+    from sklearn.neighbors import NearestNeighbors
 
     emb = np.asarray(emb, dtype=np.float32)
-    reducer = umap.UMAP(n_neighbors=min(n_neighbors, len(emb) - 1), metric="cosine", random_state=seed)
-    return reducer.fit_transform(emb)
+    k = min(n_neighbors, len(emb) - 1)
+    dist, idx = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(emb).kneighbors(emb)
+    reducer = umap.UMAP(n_neighbors=k, metric="cosine", random_state=seed,
+                        precomputed_knn=(idx, dist.astype(np.float32), None))
+    with warnings.catch_warnings():  # without a search index UMAP cannot `transform` new points: never asked here
+        warnings.filterwarnings("ignore", message="precomputed_knn")
+        return reducer.fit_transform(emb)
 
 
 KIND_MARKERS = ("o", "^", "s", "D")  # one marker per kind of example (e.g. paragraph / heading lines)
