@@ -130,6 +130,14 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def _sha256(path: Path) -> str:
+    stat = Path(path).stat()
+    return _sha256_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+# Every SmolLM2 load names its converted copy by the GGUF's hash (98 MB: ~0.2 s), so it is hashed once per
+# process; size and mtime are in the key, so a file replaced or touched since is hashed again.
+@functools.cache
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
