@@ -152,4 +152,4 @@ def test_progress_bars_obey_the_argument_and_tqdm_disable(monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")
     assert progress_bar(range(3), True).disable and progress_bar(range(3), False).disable
     monkeypatch.delenv("TQDM_DISABLE")
-    assert progress_bar(range(3), False).disable and not progress_bar(range(3), True, file=open(os.devnull, "w")).disable
+    assert progress_bar(range(3), False).disable and not progress_bar(range(3), True).disable
