@@ -1,6 +1,5 @@
 """The method end to end on a 2-layer GPT-2 with GPT-2's real tokenizer (the smoke profile's data)."""
 import math
-import os
 from functools import partial
 
 import pytest
