@@ -281,7 +281,8 @@ def results_text(out: Path) -> str:
     for name, r in losses.iterrows():
         lr = "-" if pd.isna(r.lr) else f"{r.lr:g}"
         main.append(f"| {name} | {int(r.seeds)} | {lr} | {int(r.params):,} | "
-                    + " | ".join(f"{r[f'{b} mean']:.3f} ± {r[f'{b} sd']:.3f}" for b in BATCHINGS) + " |")
+                    + " | ".join(f"{r[f'{b} mean']:.3f}" + (f" ± {r[f'{b} sd']:.3f}" if r.seeds > 1 else " (one seed)")
+                                 for b in BATCHINGS) + " |")
     claims = table[table.batching == PRIMARY_BATCHING]
     comp = ["| first - second | seeds | difference | 95% t-interval (seeds) | 95% bootstrap (lines) | Holm p | significant |",
             "|---|---|---|---|---|---|---|"]
