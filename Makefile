@@ -31,14 +31,10 @@ export PYTHONHASHSEED := 0
 # since another CPU changes their last digits. The results and figures the notebooks write go to a
 # temporary folder (CHAMELEON_OUTPUTS), so that `make test` changes no tracked file, and tqdm is
 # silenced (TQDM_DISABLE) as in the committed outputs. The linter runs first (ruff.toml), in seconds.
-# Two pytest-xdist workers (TEST_WORKERS) share the cores: much of a test is imports, kernel start-ups and
-# subprocesses, which leave one worker's cores idle. Files are the units, so a notebook's cells run in order in
-# one kernel; tests/conftest.py keeps the notebooks that share runs together and splits the threads.
-TEST_WORKERS ?= 2
 test: .venv/.installed
 	$(PY) -m ruff check .
 	out=$$(mktemp -d) && CHAMELEON_OUTPUTS=$$out TQDM_DISABLE=1 CHAMELEON_PROFILE=smoke \
-		$(PY) -m pytest -q --durations=25 -n $(TEST_WORKERS) tests notebooks \
+		$(PY) -m pytest -q --durations=25 tests notebooks \
 		--nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg; rc=$$?; rm -rf $$out; exit $$rc
 
 # Step through the notebooks: the kit's kernel ("ChamaleonLLM kit") runs .venv's Python; opened this

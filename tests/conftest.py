@@ -2,40 +2,12 @@
     import conftest  # pytest puts tests/ on sys.path
     tiny = functools.partial(conftest.tiny, epochs=2)
 and calls tiny(tmp_path, regime=..., ...) as before."""
-import os
-
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from chameleon import Config
 from chameleon.backbones import load_backbone
-
-# Under pytest-xdist (`make test` runs two workers) each worker gets its share of the cores, and so do the notebook
-# kernels and subprocesses it starts (they inherit OMP_NUM_THREADS): two workers of 2 threads on 2 cores would each
-# run several times slower than one.
-WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if WORKERS > 1:
-    threads = max(1, len(os.sched_getaffinity(0)) // WORKERS)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
-
-# Notebooks 03-06 and 09 train and read back the same smoke runs (06 reads 03-05's, 09 trains what 04 did): they
-# run in order on one worker. Every other file is a unit of its own, so that a notebook's cells run in order in
-# its kernel and a module's fixtures are built once. (xdist's own `--dist loadgroup` cannot do this under pytest 9:
-# it renames node ids, which pytest 9 no longer lets it do.)
-SHARED_RUNS = ("03_", "04_", "05_", "06_", "09_")
-
-
-def pytest_xdist_make_scheduler(config, log):
-    from xdist.scheduler import LoadScopeScheduling
-
-    class ByFile(LoadScopeScheduling):
-        def _split_scope(self, nodeid):
-            file = nodeid.split("::", 1)[0]
-            shares = file.endswith(".ipynb") and os.path.basename(file).startswith(SHARED_RUNS)
-            return "notebooks with shared runs" if shares else file
-    return ByFile(config, log)
 
 
 def tiny(tmp_path, **overrides) -> Config:
