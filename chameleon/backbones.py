@@ -1,6 +1,6 @@
 """Backbones: one function, `load_backbone(name)`, returns (model, tokenizer).
 
-- "smollm2": the embedded SmolLM2-135M-Instruct. Its GGUF file is converted once (11-15 s on 2 cores)
+- "smollm2": the embedded SmolLM2-135M-Instruct. Its GGUF file is converted once (9-15 s on 2 cores)
   and saved as an fp32 safetensors copy under data/cache/models, keyed by the GGUF file's
   hash; later loads read that copy (well under 2 s).
 - "gpt2-arch": GPT-2 small's exact architecture, randomly initialised from the seed, with
