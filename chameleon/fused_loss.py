@@ -8,8 +8,8 @@ produced A or B get theirs from ordinary autograd through `low` and `B`.
 
 Why: on a 49k vocabulary the head dominates a head-only step, and the plain path writes and re-reads
 several logits-sized tensors (logits, a fresh copy for the low-rank update, log-softmax, the gradients of
-both). Here each chunk of rows is turned into softmax - onehot in place right after its matmul (log-softmax,
-whose value at the target is the loss, then exp) and folded into the gradients at once (the approach of Liger
+both). Here each chunk of rows is turned into softmax - onehot in place right after its matmul (the softmax's
+value at the target gives the loss) and folded into the gradients at once (the approach of Liger
 Kernel's fused linear cross-entropy): the same matmuls as the plain path, one chunk-sized buffer alive. The
 gradients are computed in the forward pass and scaled by the incoming gradient in backward, so nothing is
 recomputed.
@@ -22,6 +22,8 @@ IGNORE = -100
 # Rows per chunk: 512 x 49,152 float32 logits = 96 MiB. On a loaded 2-core CPU smaller chunks were slower
 # (each chunk streams the whole 113 MB head weight again), see benchmarks/bench_head.py and BENCHMARKS.md.
 CHUNK = 512
+# Below this, p[t] (a logit gap over ~69 nats) nears float32's denormals, where log p[t] loses digits.
+TINY = 1e-30
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -47,13 +49,23 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             z = z.float()  # a no-op for a float32 head; as objectives.loss_sum, the softmax is taken in float32
             keep = t != IGNORE
             t0 = torch.where(keep, t, 0)[:, None]
-            # log-softmax in place (z is this chunk's own buffer): the loss -log p[t] read off it is exact for any
-            # logit gap, and exp of it is the softmax, so no second pass over the vocabulary for a logsumexp
-            torch.log_softmax(z, 1, out=z)
-            loss -= (z.gather(1, t0)[:, 0] * keep).sum()
+            # softmax in place (z is this chunk's own buffer): one pass over the vocabulary gives both the loss,
+            # -log p[t], and the gradient, p - onehot (log-softmax then exp took two)
+            d = torch.softmax(z, 1, out=z)
+            p_t = d.gather(1, t0)[:, 0]
+            nll = -p_t.log()
+            far = keep & (p_t < TINY)
+            # rare: those rows' log-softmax is recomputed, so the loss stays exact for any logit gap (meta tensors,
+            # which trace devices, hold no values to test)
+            if not far.is_meta and far.any():
+                rows = far.nonzero()[:, 0]
+                zf = h[rows] @ weight.T + (0 if bias is None else bias)
+                if low is not None:
+                    zf += low[s:s + chunk][rows] @ B.T
+                nll[rows] = -torch.log_softmax(zf.float(), 1).gather(1, t0[rows])[:, 0]
+            loss += torch.where(keep, nll, 0).sum()
             if not train:
                 continue
-            d = z.exp_()
             # d -> softmax - onehot(t), in place. Ignored rows are zeroed where they meet a gradient (a few
             # rows x r or x d), not with one more pass over rows x vocabulary.
             d.scatter_add_(1, t0, torch.full_like(t0, -1, dtype=d.dtype))

@@ -103,7 +103,7 @@ def test_gpt2_tiny_head_with_lora_through_adapted(tiny_gpt2):
     close(got, want)
     for a, b in zip(grads(got, inputs), grads(want, inputs), strict=True):
         close(a, b)
-    with torch.no_grad():  # evaluation: the logsumexp-only path
+    with torch.no_grad():  # evaluation: the loss without gradients
         close(adapted.loss_sum(hidden, target, chunk=16), want.detach())
 
 
