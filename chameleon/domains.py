@@ -75,6 +75,9 @@ COMPARISONS = [("chameleon_prefix", "chameleon_constant"),  # the primary endpoi
                ("chameleon_prefix", "chameleon_shuffled"), ("chameleon_oracle", "chameleon_constant"),
                ("chameleon_batch_mean", "chameleon_batch_mean_excl")]
 PRIMARY_BATCHING = "kmeans"
+# Transformer²'s rows, added after the plan "without changing the claims" (PLAN.md): the same paired differences
+# under every batching, described, outside the Holm family
+DESCRIBED = [("svf", "chameleon_prefix"), ("svf_experts", "svf"), ("svf_experts_cem", "svf_experts")]
 # why two rows can compute the same thing in this experiment (reported when their line losses are identical)
 SAME_WHY = {frozenset(("chameleon_prefix", "chameleon_batch_mean_excl")):
             " (every row is scored from token 8, so the batch mean without the scored targets averages each line's "
@@ -226,6 +229,25 @@ def comparisons(lines: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def described(lines: pd.DataFrame) -> pd.DataFrame:
+    """DESCRIBED under every batching: the intervals of `comparisons`, no test (the pairs are not claims)."""
+    rows = [r for f, s in DESCRIBED for b in BATCHINGS if (r := paired(lines, f, s, b))]
+    return pd.DataFrame(rows, columns=COLUMNS[:-1])
+
+
+def by_batching(table: pd.DataFrame, pairs: list[tuple[str, str]]) -> list[str]:
+    """A markdown table: each pair's difference [bootstrap interval over lines] under every batching."""
+    out = ["| first - second | " + " | ".join(BATCHINGS) + " |", "|---" * (1 + len(BATCHINGS)) + "|"]
+    for f, s in pairs:
+        cells = []
+        for b in BATCHINGS:
+            hit = table[(table["first"] == f) & (table.second == s) & (table.batching == b)]
+            cells.append("-" if hit.empty else f"{fmt(hit.difference.iloc[0])} [{fmt(hit.boot_low.iloc[0])}, "
+                         f"{fmt(hit.boot_high.iloc[0])}]")
+        out.append(f"| {f} - {s} | " + " | ".join(cells) + " |")
+    return out
+
+
 def per_domain(lines: pd.DataFrame, batching: str = PRIMARY_BATCHING) -> pd.DataFrame:
     """Token-weighted val loss per row and domain (mean over seeds)."""
     col = f"loss_{batching}"
@@ -289,14 +311,7 @@ def results_text(out: Path) -> str:
     for _, c in claims.iterrows():
         comp.append(f"| {c['first']} - {c['second']} | {int(c.seeds)} | {fmt(c.difference)} | [{fmt(c.t_low)}, {fmt(c.t_high)}] | "
                     f"[{fmt(c.boot_low)}, {fmt(c.boot_high)}] | {c.p_holm:.3f} | {'yes' if c.significant else 'no'} |")
-    other = ["| first - second | " + " | ".join(BATCHINGS) + " |", "|---" * (1 + len(BATCHINGS)) + "|"]
-    for f, s in COMPARISONS:
-        cells = []
-        for b in BATCHINGS:
-            hit = table[(table["first"] == f) & (table.second == s) & (table.batching == b)]
-            cells.append("-" if hit.empty else f"{fmt(hit.difference.iloc[0])} [{fmt(hit.boot_low.iloc[0])}, "
-                         f"{fmt(hit.boot_high.iloc[0])}]")
-        other.append(f"| {f} - {s} | " + " | ".join(cells) + " |")
+    extra = described(lines)
     dom = per_domain(lines)
     grid_md = grid.assign(dev_loss=grid.dev_loss.map(lambda v: "-" if pd.isna(v) else f"{v:.4f}"))
     rates = chosen_rates(grid)
@@ -318,14 +333,18 @@ def results_text(out: Path) -> str:
         "Difference = first - second (negative: the first has the lower loss). Significant: Holm-adjusted p of the "
         "paired t-test over seeds below 0.05 and the paired bootstrap interval over validation lines excluding 0.",
         "", *comp, "",
-        "## The same differences under every batching (bootstrap intervals over lines; descriptive)", "", *other, "",
+        "## The same differences under every batching (bootstrap intervals over lines; descriptive)", "",
+        *by_batching(table, COMPARISONS), "",
         f"![the claimed differences under each batching](../../../figures/{out.parent.name}/domains_comparisons.png)", "",
+        *(["## Transformer²'s rows (added after the plan, outside its claims; bootstrap intervals over lines)", "",
+           "SVF rescales the singular values of every MLP matrix of the body; the other rows adapt the head only.",
+           "", *by_batching(extra, DESCRIBED), ""] if len(extra) else []),
         f"## Per-domain validation loss ({PRIMARY_BATCHING} batching, mean over seeds)", "",
         dom.to_markdown(floatfmt=".3f"), "",
         *(["Rows with identical line losses on every seed: "
            + "; ".join(f"{a} = {b}{SAME_WHY.get(frozenset((a, b)), '')}" for a, b in same) + ".", ""]
           if (same := identical_rows(lines)) else []),
-        "## Answer", "", *answer(table), ""])
+        "## Answer", "", *answer(table, extra), ""])
 
 
 def identical_rows(lines: pd.DataFrame) -> list[tuple[str, str]]:
@@ -341,9 +360,14 @@ def identical_rows(lines: pd.DataFrame) -> list[tuple[str, str]]:
     return pairs
 
 
-def answer(table: pd.DataFrame) -> list[str]:
+def answer(table: pd.DataFrame, extra: pd.DataFrame) -> list[str]:
     """The answer in sentences, each number read from the comparisons table (the claims on PRIMARY_BATCHING; one
-    descriptive line on batches of one training cluster each, where per-domain experts are at home)."""
+    descriptive line on batches of one training cluster each, where per-domain experts are at home) and, once
+    Transformer²'s rows are in, one from the `described` table."""
+    def diff(f: str, s: str, batching: str) -> str:
+        c = extra[(extra["first"] == f) & (extra.second == s) & (extra.batching == batching)].iloc[0]
+        return f"{fmt(c.difference)} nats [{fmt(c.boot_low)}, {fmt(c.boot_high)}] on `{batching}`"
+
     def say(f: str, s: str, what: str, batching: str = PRIMARY_BATCHING) -> str:
         hit = table[(table["first"] == f) & (table.second == s) & (table.batching == batching)]
         if hit.empty:
@@ -362,7 +386,13 @@ def answer(table: pd.DataFrame) -> list[str]:
             say("chameleon_prefix", "lora_experts_domain", "vs one head LoRA per true domain (oracle dispatch)"),
             say("chameleon_prefix", "lora_experts", "vs one head LoRA per k-means group (classifier dispatch)"),
             say("chameleon_prefix", "lora_experts_domain", "Descriptive, on batches of one training cluster each "
-                "(`clustered`) instead: vs one head LoRA per true domain", "clustered")]
+                "(`clustered`) instead: vs one head LoRA per true domain", "clustered"),
+            *([f"- Transformer²'s rows, descriptive ({int(extra.seeds.min())} seeds, outside the plan's claims; "
+               f"intervals over lines): one SVF expert on the body's MLP matrices vs the hypernetwork head: "
+               f"{diff('svf', 'chameleon_prefix', PRIMARY_BATCHING)}; one SVF expert per k-means group (classifier "
+               f"dispatch) vs that one expert: " + ", ".join(diff("svf_experts", "svf", b) for b in BATCHINGS) + "."]
+              if {("svf", "chameleon_prefix"), ("svf_experts", "svf")} <= set(zip(extra["first"], extra.second))
+              else [])]
 
 
 def report(cfg: Config) -> Path:

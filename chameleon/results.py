@@ -427,7 +427,8 @@ def across_domains(t) -> str:
     lines = t.get("domains_lines")
     if lines is None:
         return "not measured yet."
-    return "\n".join(domains_experiment.answer(domains_experiment.comparisons(lines)))
+    return "\n".join(domains_experiment.answer(domains_experiment.comparisons(lines),
+                                                 domains_experiment.described(lines)))
 
 
 def readme_with_answers(readme: str, block: str) -> str:

@@ -194,6 +194,25 @@ def test_holm_adjusts_the_claimed_family():
     assert table[table.batching != domains.PRIMARY_BATCHING].p_holm.isna().all()
 
 
+def test_transformer2_rows_are_described_beside_the_claims_never_in_their_family():
+    lines = _lines(seeds=3)
+    prefix = lines[lines.row == "chameleon_prefix"]
+    losses = [f"loss_{b}" for b in BATCHINGS]
+    shifted = [prefix.assign(row=row, **{c: prefix[c] - gain * prefix.tokens for c in losses})
+               for row, gain in (("svf", 0.3), ("svf_experts", 0.2))]  # nats per token below the prefix row
+    lines = pd.concat([lines, *shifted], ignore_index=True)
+    table, extra = domains.comparisons(lines), domains.described(lines)
+    assert not {"svf", "svf_experts"} & (set(table["first"]) | set(table.second))  # not in the Holm family
+    assert sorted(extra.groupby(["first", "second"]).batching.count().items()) == [
+        (("svf", "chameleon_prefix"), 3), (("svf_experts", "svf"), 3)]
+    assert extra.set_index(["first", "second"]).difference.groupby(level=[0, 1]).mean().to_dict() == pytest.approx(
+        {("svf", "chameleon_prefix"): -0.3, ("svf_experts", "svf"): 0.1})
+    said = domains.answer(table, extra)[-1]
+    assert said.startswith("- Transformer²'s rows, descriptive (3 seeds") and "-0.300 nats" in said
+    assert said.count("+0.100 nats") == len(BATCHINGS)
+    assert domains.answer(table, domains.described(_lines(seeds=3)))[-1].startswith("- Descriptive, on batches")
+
+
 def test_each_row_takes_the_rate_of_the_row_it_is_tuned_as():
     grid = pd.DataFrame([dict(row="lora", lr=1e-3, dev_loss=3.0, status="ok"),
                          dict(row="lora", lr=3e-3, dev_loss=3.1, status="ok"),
