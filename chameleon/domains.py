@@ -338,7 +338,9 @@ def results_text(out: Path) -> str:
         f"![the claimed differences under each batching](../../../figures/{out.parent.name}/domains_comparisons.png)", "",
         *(["## Transformer²'s rows (added after the plan, outside its claims; bootstrap intervals over lines)", "",
            "SVF rescales the singular values of every MLP matrix of the body; the other rows adapt the head only.",
-           "", *by_batching(extra, DESCRIBED), ""] if len(extra) else []),
+           "", *by_batching(extra, DESCRIBED), "",
+           f"![Transformer²'s rows under each batching](../../../figures/{out.parent.name}/domains_transformer2.png)",
+           ""] if len(extra) else []),
         f"## Per-domain validation loss ({PRIMARY_BATCHING} batching, mean over seeds)", "",
         dom.to_markdown(floatfmt=".3f"), "",
         *(["Rows with identical line losses on every seed: "
@@ -401,5 +403,8 @@ def report(cfg: Config) -> Path:
     out = folder(cfg)
     path = out / "RESULTS.md"
     path.write_text(results_text(out))
-    plots.domains_comparisons(comparisons(line_table(out)), COMPARISONS, BATCHINGS, cfg.profile)
+    lines = line_table(out)
+    plots.domains_comparisons(comparisons(lines), COMPARISONS, BATCHINGS, cfg.profile)
+    if len(extra := described(lines)):
+        plots.domains_comparisons(extra, DESCRIBED, BATCHINGS, cfg.profile, name="domains_transformer2")
     return path

@@ -496,5 +496,5 @@ def domains_comparisons(table: pd.DataFrame, pairs: list[tuple[str, str]], batch
     ax.set_yticks(range(len(labels)), labels)
     ax.invert_yaxis()
     ax.set_xlabel("difference in val loss (nats / token), 95% bootstrap over lines; < 0: first is better")
-    ax.legend(title="batching", loc="lower right", fontsize=8)
+    ax.legend(title="batching", loc="best", fontsize=8)
     return save(fig, pd.DataFrame(shown), name, profile)

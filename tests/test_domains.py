@@ -247,6 +247,7 @@ def test_the_experiment_runs_stage_by_stage_into_its_tables(tmp_path, labelled, 
     monkeypatch.setenv("CHAMELEON_OUTPUTS", str(tmp_path / "outputs"))  # where the figure goes
     assert domains.report(cfg).read_text() == text
     assert (tmp_path / "outputs" / "figures" / cfg.profile / "domains_comparisons.png").is_file()
+    assert not (tmp_path / "outputs" / "figures" / cfg.profile / "domains_transformer2.png").exists()  # no SVF rows
 
 
 def test_tune_runs_each_plan_and_records_only_divergence(tmp_path, monkeypatch):
