@@ -346,7 +346,7 @@ def results_text(out: Path) -> str:
         *(["Rows with identical line losses on every seed: "
            + "; ".join(f"{a} = {b}{SAME_WHY.get(frozenset((a, b)), '')}" for a, b in same) + ".", ""]
           if (same := identical_rows(lines)) else []),
-        "## Answer", "", *answer(table, extra), ""])
+        "## Answer", "", *answer(table), *([f"- {said}"] if (said := transformer2_answer(extra)) else []), ""])
 
 
 def identical_rows(lines: pd.DataFrame) -> list[tuple[str, str]]:
@@ -362,14 +362,9 @@ def identical_rows(lines: pd.DataFrame) -> list[tuple[str, str]]:
     return pairs
 
 
-def answer(table: pd.DataFrame, extra: pd.DataFrame) -> list[str]:
+def answer(table: pd.DataFrame) -> list[str]:
     """The answer in sentences, each number read from the comparisons table (the claims on PRIMARY_BATCHING; one
-    descriptive line on batches of one training cluster each, where per-domain experts are at home) and, once
-    Transformer²'s rows are in, one from the `described` table."""
-    def diff(f: str, s: str, batching: str) -> str:
-        c = extra[(extra["first"] == f) & (extra.second == s) & (extra.batching == batching)].iloc[0]
-        return f"{fmt(c.difference)} nats [{fmt(c.boot_low)}, {fmt(c.boot_high)}] on `{batching}`"
-
+    descriptive line on batches of one training cluster each, where per-domain experts are at home)."""
     def say(f: str, s: str, what: str, batching: str = PRIMARY_BATCHING) -> str:
         hit = table[(table["first"] == f) & (table.second == s) & (table.batching == batching)]
         if hit.empty:
@@ -388,13 +383,21 @@ def answer(table: pd.DataFrame, extra: pd.DataFrame) -> list[str]:
             say("chameleon_prefix", "lora_experts_domain", "vs one head LoRA per true domain (oracle dispatch)"),
             say("chameleon_prefix", "lora_experts", "vs one head LoRA per k-means group (classifier dispatch)"),
             say("chameleon_prefix", "lora_experts_domain", "Descriptive, on batches of one training cluster each "
-                "(`clustered`) instead: vs one head LoRA per true domain", "clustered"),
-            *([f"- Transformer²'s rows, descriptive ({int(extra.seeds.min())} seeds, outside the plan's claims; "
-               f"intervals over lines): one SVF expert on the body's MLP matrices vs the hypernetwork head: "
-               f"{diff('svf', 'chameleon_prefix', PRIMARY_BATCHING)}; one SVF expert per k-means group (classifier "
-               f"dispatch) vs that one expert: " + ", ".join(diff("svf_experts", "svf", b) for b in BATCHINGS) + "."]
-              if {("svf", "chameleon_prefix"), ("svf_experts", "svf")} <= set(zip(extra["first"], extra.second))
-              else [])]
+                "(`clustered`) instead: vs one head LoRA per true domain", "clustered")]
+
+
+def transformer2_answer(extra: pd.DataFrame) -> str | None:
+    """One sentence on Transformer²'s rows, each number read from the `described` table; None before they ran."""
+    if not {("svf", "chameleon_prefix"), ("svf_experts", "svf")} <= set(zip(extra["first"], extra.second)):
+        return None
+
+    def diff(f: str, s: str, batching: str) -> str:
+        c = extra[(extra["first"] == f) & (extra.second == s) & (extra.batching == batching)].iloc[0]
+        return f"{fmt(c.difference)} nats [{fmt(c.boot_low)}, {fmt(c.boot_high)}] on `{batching}`"
+    return (f"On the six domains (descriptive: {int(extra.seeds.min())} seeds, rows added after the domains "
+            f"plan, intervals over lines), one SVF expert against the hypernetwork head: "
+            f"{diff('svf', 'chameleon_prefix', PRIMARY_BATCHING)}; one SVF expert per k-means group (classifier "
+            f"dispatch) against that one expert: " + ", ".join(diff("svf_experts", "svf", b) for b in BATCHINGS) + ".")
 
 
 def report(cfg: Config) -> Path:

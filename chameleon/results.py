@@ -417,7 +417,7 @@ heterogeneous incoming batches grouped at inference ([{DOMAINS}]({DOMAINS}), pla
 
 **ChamaleonLLM or Transformer²?** On this data one SVF expert ({one_expert.trainable_params:,} parameters on the MLP
 matrices) reaches {pm(one_expert)} causal, below the ChamaleonLLM head ({cham.trainable_params:,} parameters,
-{pm(cham)}); three SVF experts reach {span(experts.val_loss)} whatever the dispatch.
+{pm(cham)}); three SVF experts reach {span(experts.val_loss)} whatever the dispatch.{transformer2_across_domains(t)}
 [RESULTS.md](RESULTS.md), [docs/transformer2.md](docs/transformer2.md).
 {ANSWERS[1]}"""
 
@@ -427,8 +427,14 @@ def across_domains(t) -> str:
     lines = t.get("domains_lines")
     if lines is None:
         return "not measured yet."
-    return "\n".join(domains_experiment.answer(domains_experiment.comparisons(lines),
-                                                 domains_experiment.described(lines)))
+    return "\n".join(domains_experiment.answer(domains_experiment.comparisons(lines)))
+
+
+def transformer2_across_domains(t) -> str:
+    """The domains experiment's sentence on Transformer²'s rows, after a space, or nothing before they ran."""
+    lines = t.get("domains_lines")
+    said = None if lines is None else domains_experiment.transformer2_answer(domains_experiment.described(lines))
+    return f" {said}" if said else ""
 
 
 def readme_with_answers(readme: str, block: str) -> str:

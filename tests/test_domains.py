@@ -207,10 +207,10 @@ def test_transformer2_rows_are_described_beside_the_claims_never_in_their_family
         (("svf", "chameleon_prefix"), 3), (("svf_experts", "svf"), 3)]
     assert extra.set_index(["first", "second"]).difference.groupby(level=[0, 1]).mean().to_dict() == pytest.approx(
         {("svf", "chameleon_prefix"): -0.3, ("svf_experts", "svf"): 0.1})
-    said = domains.answer(table, extra)[-1]
-    assert said.startswith("- Transformer²'s rows, descriptive (3 seeds") and "-0.300 nats" in said
+    said = domains.transformer2_answer(extra)
+    assert said.startswith("On the six domains (descriptive: 3 seeds") and "-0.300 nats" in said
     assert said.count("+0.100 nats") == len(BATCHINGS)
-    assert domains.answer(table, domains.described(_lines(seeds=3)))[-1].startswith("- Descriptive, on batches")
+    assert domains.transformer2_answer(domains.described(_lines(seeds=3))) is None
 
 
 def test_each_row_takes_the_rate_of_the_row_it_is_tuned_as():
