@@ -235,15 +235,23 @@ def described(lines: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS[:-1])
 
 
+def pick(table: pd.DataFrame, first: str, second: str, batching: str) -> pd.Series | None:
+    """The row of a `comparisons` or `described` table for first - second under `batching`, or None."""
+    hit = table[(table["first"] == first) & (table.second == second) & (table.batching == batching)]
+    return None if hit.empty else hit.iloc[0]
+
+
+def over_lines(c: pd.Series) -> str:
+    """A row's bootstrap interval over lines, "[low, high]"."""
+    return f"[{fmt(c.boot_low)}, {fmt(c.boot_high)}]"
+
+
 def by_batching(table: pd.DataFrame, pairs: list[tuple[str, str]]) -> list[str]:
     """A markdown table: each pair's difference [bootstrap interval over lines] under every batching."""
     out = ["| first - second | " + " | ".join(BATCHINGS) + " |", "|---" * (1 + len(BATCHINGS)) + "|"]
     for f, s in pairs:
-        cells = []
-        for b in BATCHINGS:
-            hit = table[(table["first"] == f) & (table.second == s) & (table.batching == b)]
-            cells.append("-" if hit.empty else f"{fmt(hit.difference.iloc[0])} [{fmt(hit.boot_low.iloc[0])}, "
-                         f"{fmt(hit.boot_high.iloc[0])}]")
+        cells = ["-" if (c := pick(table, f, s, b)) is None else f"{fmt(c.difference)} {over_lines(c)}"
+                 for b in BATCHINGS]
         out.append(f"| {f} - {s} | " + " | ".join(cells) + " |")
     return out
 
@@ -310,7 +318,7 @@ def results_text(out: Path) -> str:
             "|---|---|---|---|---|---|---|"]
     for _, c in claims.iterrows():
         comp.append(f"| {c['first']} - {c['second']} | {int(c.seeds)} | {fmt(c.difference)} | [{fmt(c.t_low)}, {fmt(c.t_high)}] | "
-                    f"[{fmt(c.boot_low)}, {fmt(c.boot_high)}] | {c.p_holm:.3f} | {'yes' if c.significant else 'no'} |")
+                    f"{over_lines(c)} | {c.p_holm:.3f} | {'yes' if c.significant else 'no'} |")
     extra = described(lines)
     dom = per_domain(lines)
     grid_md = grid.assign(dev_loss=grid.dev_loss.map(lambda v: "-" if pd.isna(v) else f"{v:.4f}"))
@@ -366,16 +374,15 @@ def answer(table: pd.DataFrame) -> list[str]:
     """The answer in sentences, each number read from the comparisons table (the claims on PRIMARY_BATCHING; one
     descriptive line on batches of one training cluster each, where per-domain experts are at home)."""
     def say(f: str, s: str, what: str, batching: str = PRIMARY_BATCHING) -> str:
-        hit = table[(table["first"] == f) & (table.second == s) & (table.batching == batching)]
-        if hit.empty:
+        c = pick(table, f, s, batching)
+        if c is None:
             return f"- {what}: not measured yet."
-        c = hit.iloc[0]
         if batching != PRIMARY_BATCHING:  # description: no test, the interval over lines only
-            return f"- {what}: {fmt(c.difference)} nats (over lines [{fmt(c.boot_low)}, {fmt(c.boot_high)}])."
+            return f"- {what}: {fmt(c.difference)} nats (over lines {over_lines(c)})."
         verdict = ("lower loss (significant)" if c.significant and c.difference < 0 else
                    "higher loss (significant)" if c.significant else "no significant difference")
         return (f"- {what}: {fmt(c.difference)} nats (95% over {int(c.seeds)} seeds [{fmt(c.t_low)}, {fmt(c.t_high)}], "
-                f"Holm p {c.p_holm:.3f}; over lines [{fmt(c.boot_low)}, {fmt(c.boot_high)}]): {verdict}.")
+                f"Holm p {c.p_holm:.3f}; over lines {over_lines(c)}): {verdict}.")
     return [say("chameleon_prefix", "chameleon_constant", "Conditioning on the batch (leak-free prefix) vs the same "
                 "hypernetwork on a constant input (primary)"),
             say("chameleon_prefix", "lora_matched", "vs static head LoRA with the same parameter budget"),
@@ -392,8 +399,8 @@ def transformer2_answer(extra: pd.DataFrame) -> str | None:
         return None
 
     def diff(f: str, s: str, batching: str) -> str:
-        c = extra[(extra["first"] == f) & (extra.second == s) & (extra.batching == batching)].iloc[0]
-        return f"{fmt(c.difference)} nats [{fmt(c.boot_low)}, {fmt(c.boot_high)}] on `{batching}`"
+        c = pick(extra, f, s, batching)
+        return f"{fmt(c.difference)} nats {over_lines(c)} on `{batching}`"
     return (f"On the six domains (descriptive: {int(extra.seeds.min())} seeds, rows added after the domains "
             f"plan, intervals over lines), one SVF expert against the hypernetwork head: "
             f"{diff('svf', 'chameleon_prefix', PRIMARY_BATCHING)}; one SVF expert per k-means group (classifier "

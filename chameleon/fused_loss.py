@@ -42,10 +42,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         g_Bt = torch.zeros(B.T.shape, dtype=torch.float32, device=B.device) if need_B else None
         g_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
         for s in range(0, hidden.shape[0], chunk):
-            h, t = hidden[s:s + chunk], target[s:s + chunk]
+            h, t, lw = hidden[s:s + chunk], target[s:s + chunk], None if low is None else low[s:s + chunk]
             z = torch.addmm(bias, h, weight.T) if bias is not None else h @ weight.T
-            if low is not None:
-                z.addmm_(low[s:s + chunk], B.T)  # in place: no second logits-sized buffer
+            if lw is not None:
+                z.addmm_(lw, B.T)  # in place: no second logits-sized buffer
             z = z.float()  # a no-op for a float32 head; as objectives.loss_sum, the softmax is taken in float32
             keep = t != IGNORE
             t0 = torch.where(keep, t, 0)[:, None]
@@ -60,8 +60,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             if not far.is_meta and far.any():
                 rows = far.nonzero()[:, 0]
                 zf = h[rows] @ weight.T + (0 if bias is None else bias)
-                if low is not None:
-                    zf += low[s:s + chunk][rows] @ B.T
+                if lw is not None:
+                    zf += lw[rows] @ B.T
                 nll[rows] = -torch.log_softmax(zf.float(), 1).gather(1, t0[rows])[:, 0]
             loss += torch.where(keep, nll, 0).sum()
             if not train:
@@ -75,7 +75,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             if need_low:
                 torch.mm(dd, B, out=g_low[s:s + chunk]).mul_(keep[:, None])
             if need_B:
-                g_Bt.addmm_((low[s:s + chunk] * keep[:, None]).T.float(), d)
+                g_Bt.addmm_((lw * keep[:, None]).T.float(), d)
             if need_bias:
                 g_bias += keep.float() @ d
             del z, d, dd
