@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import os
@@ -18,7 +19,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -35,18 +35,33 @@ OFFLINE_HINT = ("offline, use the embedded default backbone 'smollm2' (SmolLM2-1
 
 def gpt2_tokenizer() -> PreTrainedTokenizerFast:
     """GPT-2's exact BPE tokenizer, built from the gpt2.tiktoken file that openai-whisper ships.
-    A new object each call (a caller may change it), from a conversion done once per process."""
-    tok = PreTrainedTokenizerFast(tokenizer_object=_gpt2_converted(), bos_token=EOS,  # copied: the cached one stays
-                                  eos_token=EOS, unk_token=EOS, pad_token=EOS, model_max_length=1024)
+    A new object each call (`own_copy`), from a conversion done once per process."""
+    return own_copy(_gpt2_built())
+
+
+@functools.cache  # the conversion of 50k merges takes about a second; every gpt2-tiny run of the tests needs it
+def _gpt2_built() -> PreTrainedTokenizerFast:
+    converter = TikTokenConverter(vocab_file=str(ASSETS["gpt2-bpe"].require()), pattern=GPT2_PATTERN,
+                                  extra_special_tokens=[EOS])
+    tok = PreTrainedTokenizerFast(tokenizer_object=converter.converted(), bos_token=EOS, eos_token=EOS,
+                                  unk_token=EOS, pad_token=EOS, model_max_length=1024)
     assert tok.eos_token_id == 50256, "gpt2.tiktoken did not give GPT-2's vocabulary"
     return tok
 
 
-@functools.cache  # the conversion of 50k merges takes about a second; every gpt2-tiny run of the tests needs it
-def _gpt2_converted() -> Tokenizer:
-    converter = TikTokenConverter(vocab_file=str(ASSETS["gpt2-bpe"].require()), pattern=GPT2_PATTERN,
-                                  extra_special_tokens=[EOS])
-    return converter.converted()
+@functools.cache  # keyed by the converted copy's folder, whose name holds the GGUF file's hash
+def _pretrained_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def own_copy(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """A new tokenizer whose settings (special tokens, padding and truncation sides, ...) are its caller's own,
+    sharing `tok`'s backend: the vocabulary and merges, which the kit never changes and whose copy costs 0.15 s,
+    most of loading a tiny test model. So tokens added to one (`add_tokens`) are added to both, and like one
+    tokenizer, the two are for one thread at a time."""
+    new = copy.copy(tok)
+    new.__dict__.update((k, copy.deepcopy(v)) for k, v in tok.__dict__.items() if k != "_tokenizer")
+    return new
 
 
 def load_backbone(name: str, seed: int = 0, cache_dir: Path | None = None):
@@ -92,16 +107,16 @@ def _load_pretrained(name: str):
 
 def _load_smollm2(cache_dir: Path):
     gguf = ASSETS["smollm2"].require()
-    copy = cache_dir / "models" / f"smollm2-{_sha256(gguf)[:16]}"
-    if (copy / "model.safetensors").is_file():
+    folder = cache_dir / "models" / f"smollm2-{_sha256(gguf)[:16]}"
+    if (folder / "model.safetensors").is_file():
         try:
-            return AutoModelForCausalLM.from_pretrained(copy), AutoTokenizer.from_pretrained(copy)
+            return AutoModelForCausalLM.from_pretrained(folder), own_copy(_pretrained_tokenizer(folder))
         except Exception as err:  # a truncated or damaged copy: it is only a cache, so convert again
-            warnings.warn(f"the converted SmolLM2 copy in {copy} is unreadable ({type(err).__name__}: {err}); "
+            warnings.warn(f"the converted SmolLM2 copy in {folder} is unreadable ({type(err).__name__}: {err}); "
                           f"converting the GGUF file again", stacklevel=2)
-            shutil.rmtree(copy, ignore_errors=True)
-    _convert_gguf(gguf, copy)
-    return AutoModelForCausalLM.from_pretrained(copy), AutoTokenizer.from_pretrained(copy)
+            shutil.rmtree(folder, ignore_errors=True)
+    _convert_gguf(gguf, folder)
+    return AutoModelForCausalLM.from_pretrained(folder), own_copy(_pretrained_tokenizer(folder))
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:

@@ -46,6 +46,16 @@ def test_gpt2_tokenizer_round_trips(gpt2_tok, text):
     assert gpt2_tok.decode(gpt2_tok.encode(text)) == text
 
 
+@pytest.mark.parametrize("name", ["gpt2-tiny", "smollm2"])
+def test_each_load_gets_a_tokenizer_whose_settings_are_its_own(name):
+    a, b = (load_backbone(name)[1] for _ in range(2))
+    a.padding_side, a.pad_token = "left", "!"
+    assert (b.padding_side, b.pad_token) == ("right", b.eos_token)
+    pad_a, pad_b, word = a.convert_tokens_to_ids("!"), b.eos_token_id, b("Hello")["input_ids"]
+    assert a("Hello", padding="max_length", max_length=3)["input_ids"] == [pad_a] * (3 - len(word)) + word
+    assert b("Hello", padding="max_length", max_length=3)["input_ids"] == word + [pad_b] * (3 - len(word))
+
+
 # --- GPT-2's architecture, randomly initialised ---
 
 @pytest.fixture(scope="module")
