@@ -78,7 +78,10 @@ def load_backbone(name: str, seed: int = 0, cache_dir: Path | None = None):
     elif name in ("gpt2-arch", "gpt2-tiny"):
         torch.manual_seed(seed)
         config = GPT2Config() if name == "gpt2-arch" else GPT2Config(n_layer=2, n_embd=64, n_head=2)
-        model, tok = GPT2LMHeadModel(config), gpt2_tokenizer()
+        with torch.device("meta"):  # built empty, then initialised once by GPT-2's rules (not by torch's first)
+            model = GPT2LMHeadModel(config)
+        model, tok = model.to_empty(device="cpu"), gpt2_tokenizer()
+        model.init_weights()
     else:
         model, tok = _load_pretrained(name)
     if tok.pad_token is None:  # GPT-2 has none; both the paper and PEFT pad with EOS

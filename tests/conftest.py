@@ -33,6 +33,15 @@ def tiny_gpt2():
     return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64)).eval()
 
 
+def line_per_cluster(adapter) -> list[str]:
+    """The first training line of each training cluster: prompts that a routing adapter sends to different
+    clusters (each line to its own: the k-means assignment), whatever gpt2-tiny's random weights make of made-up ones."""
+    from chameleon.prepare import prepare
+
+    split, _, _ = prepare(adapter.cfg, adapter.adapted.model, adapter.tokenizer)
+    return [split.texts[list(split.labels).index(c)] for c in sorted(set(split.labels))]
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """trained_run(regime, **overrides) -> the folder of a finished run of tiny(...): trained once per session and

@@ -67,13 +67,14 @@ def built(tmp_path, regime: str) -> Adapter:
 def exports(trained_run, tmp_path_factory):
     """A trained `lora` run (authors' flavour: update x alpha) and `chameleon` run (causal), and built `lora_full`
     (LoRA in GPT-2's Conv1D blocks too) and `lora_experts` adapters, each exported; then all loaded with PEFT in
-    one fresh process."""
+    one fresh process, which reads PROMPTS and a training line of each of the chameleon run's clusters."""
     tmp = tmp_path_factory.mktemp("export")
     adapters = {"lora": Adapter.from_run(trained_run("lora", protocol="authors"), device="cpu"),
                 "chameleon": Adapter.from_run(trained_run("chameleon", protocol="causal"), device="cpu"),
                 "lora_full": built(tmp, "lora_full"), "lora_experts": built(tmp, "lora_experts")}
     out = {regime: (adapter, adapter.export_peft(tmp / f"peft-{regime}")) for regime, adapter in adapters.items()}
-    job = {"exports": [str(folder) for _, folder in out.values()], "prompts": PROMPTS, "result": str(tmp / "peft.st")}
+    prompts = PROMPTS + conftest.line_per_cluster(adapters["chameleon"])
+    job = {"exports": [str(folder) for _, folder in out.values()], "prompts": prompts, "result": str(tmp / "peft.st")}
     # no PYTHONPATH to the kit; one thread: a 2-layer model gains nothing from more, and two torch processes
     # spinning on the same cores slow each other several times over
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp), "OMP_NUM_THREADS": "1"}
@@ -82,7 +83,7 @@ def exports(trained_run, tmp_path_factory):
     assert done.returncode == 0, done.stderr[-3000:]
     *answers, report = done.stdout.strip().splitlines()
     assert [line.split("] ")[1].split(" -> ")[0] for line in answers] == PROMPTS[:2]
-    return out, load_file(job["result"]), json.loads(report)
+    return out, load_file(job["result"]), {**json.loads(report), "prompts": prompts}
 
 
 def test_the_fresh_process_never_imported_the_kit(exports):
@@ -91,9 +92,9 @@ def test_the_fresh_process_never_imported_the_kit(exports):
     assert not [m for m in report["modules"] if m == "chameleon" or m.startswith("chameleon.")]
 
 
-def kit_inputs(adapter, tensors, i):
+def kit_inputs(adapter, tensors, i, prompts):
     ids, mask = tensors[f"ids{i}"], tensors[f"mask{i}"]
-    ref = adapter.tokenizer(PROMPTS, return_tensors="pt", padding=True)  # the exported tokenizer is the kit's
+    ref = adapter.tokenizer(prompts, return_tensors="pt", padding=True)  # the exported tokenizer is the kit's
     assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
     return ids, mask
 
@@ -101,10 +102,10 @@ def kit_inputs(adapter, tensors, i):
 def assert_peft_gives_the_kit_logits(exports, name):
     """The export of run `name`, whose logits through PEFT (the fresh process's) equal the kit's and differ from
     the bare backbone's; returns its folder."""
-    runs, tensors, _ = exports
+    runs, tensors, report = exports
     i = list(runs).index(name)
     adapter, folder = runs[name]
-    ids, mask = kit_inputs(adapter, tensors, i)
+    ids, mask = kit_inputs(adapter, tensors, i, report["prompts"])
     kit = adapter.adapted.logits(adapter.adapted.hidden(ids, mask))
     torch.testing.assert_close(tensors[f"logits{i}"], kit, atol=1e-5, rtol=0)
     assert (tensors[f"logits{i}"] - tensors[f"base{i}"]).abs().max() > 1e-3  # the adapter does change the logits
@@ -134,9 +135,9 @@ def test_cluster_adapters_routed_by_peft_give_the_kit_head_conditioned_on_each_c
     runs, tensors, report = exports
     i = list(runs).index("chameleon")
     adapter, folder = runs["chameleon"]
-    ids, mask = kit_inputs(adapter, tensors, i)
+    ids, mask = kit_inputs(adapter, tensors, i, report["prompts"])
     train, _, centroids = prepare(adapter.cfg, adapter.adapted.model, adapter.tokenizer)
-    labels = adapter.assign_groups(adapter.embed(PROMPTS), "route")  # the kit's routing of each prompt
+    labels = adapter.assign_groups(adapter.embed(report["prompts"]), "route")  # the kit's routing of each prompt
     assert report["names"][str(i)] == [f"cluster_{c}" for c in labels]
     assert len(json.loads((folder / "routing.json").read_text())["centroids"]) == len(centroids) == 4
     # each row's cluster's mean conditioning vector, and the kit's head with one adapter per row
@@ -151,10 +152,10 @@ def test_expert_adapters_are_routed_as_the_classifier_dispatch(exports):
     runs, tensors, report = exports
     i = list(runs).index("lora_experts")
     adapter, _ = runs["lora_experts"]
-    ids, mask = kit_inputs(adapter, tensors, i)
+    ids, mask = kit_inputs(adapter, tensors, i, report["prompts"])
     experts, hidden = adapter.adapted.head, adapter.adapted.hidden(ids, mask)
-    emb = adapter.embed(PROMPTS, adapter.cfg.prefix_tokens)  # the classifier reads a line's first tokens
-    chosen = [experts.choose(emb[row:row + 1]) for row in range(len(PROMPTS))]
+    emb = adapter.embed(report["prompts"], adapter.cfg.prefix_tokens)  # the classifier reads a line's first tokens
+    chosen = [experts.choose(emb[row:row + 1]) for row in range(len(emb))]
     assert report["names"][str(i)] == [f"expert_{k}" for k in chosen]
     for k in set(chosen):  # the whole batch through expert k (the base head's product as PEFT forms it), its rows
         experts.selection = k

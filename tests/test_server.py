@@ -13,6 +13,8 @@ from chameleon.__main__ import main
 from chameleon.server import background, create_app
 from chameleon.serving import Adapter
 
+import conftest  # pytest puts tests/ on sys.path
+
 PROMPTS = ["The history of Rome begins with", "Photosynthesis turns light into", "Hello", "In 1854 the city of",
            "The quick brown fox", "Once upon a time"]
 
@@ -46,10 +48,11 @@ def test_concurrent_requests_are_decoded_together_one_adapter_per_group(adapter,
     for i, (_, body) in enumerate(answers):
         choice = body["choices"][0]
         assert choice["completion_tokens"] <= 2 + i and {"group", "group_size", "text"} <= choice.keys()
-    # one request with every prompt is one batch: the answers of Adapter.generate on that batch, group by group
-    status, body = post(url, {"prompt": PROMPTS, "max_tokens": 5})
-    ref = adapter.generate(PROMPTS, max_new_tokens=5, group="route")
-    assert status == 200 and body["batch"]["prompts"] == len(PROMPTS)
+    # one request with several prompts is one batch: the answers of Adapter.generate on that batch, group by group
+    prompts = PROMPTS[:2] + conftest.line_per_cluster(adapter)
+    status, body = post(url, {"prompt": prompts, "max_tokens": 5})
+    ref = adapter.generate(prompts, max_new_tokens=5, group="route")
+    assert status == 200 and body["batch"]["prompts"] == len(prompts)
     assert [(c["group"], c["text"].strip()) for c in body["choices"]] == [(r.group, r.text) for r in ref]
     assert len({c["group"] for c in body["choices"]}) > 1
     assert body["usage"]["completion_tokens"] == sum(len(r.tokens) for r in ref)
