@@ -41,12 +41,16 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         # B's gradient is gathered transposed, (r, V): low.T @ d runs ~4x faster on CPU than d.T @ low
         g_Bt = torch.zeros(B.T.shape, dtype=torch.float32, device=B.device) if need_B else None
         g_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
-        for s in range(0, hidden.shape[0], chunk):
-            h, t, lw = hidden[s:s + chunk], target[s:s + chunk], None if low is None else low[s:s + chunk]
+
+        def logits(h, lw):
             z = torch.addmm(bias, h, weight.T) if bias is not None else h @ weight.T
             if lw is not None:
                 z.addmm_(lw, B.T)  # in place: no second logits-sized buffer
-            z = z.float()  # a no-op for a float32 head; as objectives.loss_sum, the softmax is taken in float32
+            return z.float()  # a no-op for a float32 head; as objectives.loss_sum, the softmax is taken in float32
+
+        for s in range(0, hidden.shape[0], chunk):
+            h, t, lw = hidden[s:s + chunk], target[s:s + chunk], None if low is None else low[s:s + chunk]
+            z = logits(h, lw)
             keep = t != IGNORE
             t0 = torch.where(keep, t, 0)[:, None]
             # softmax in place (z is this chunk's own buffer): one pass over the vocabulary gives both the loss,
@@ -59,10 +63,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             # which trace devices, hold no values to test)
             if not far.is_meta and far.any():
                 rows = far.nonzero()[:, 0]
-                zf = h[rows] @ weight.T + (0 if bias is None else bias)
-                if lw is not None:
-                    zf += lw[rows] @ B.T
-                nll[rows] = -torch.log_softmax(zf.float(), 1).gather(1, t0[rows])[:, 0]
+                zf = logits(h[rows], None if lw is None else lw[rows])
+                nll[rows] = -torch.log_softmax(zf, 1).gather(1, t0[rows])[:, 0]
             loss += torch.where(keep, nll, 0).sum()
             if not train:
                 continue
