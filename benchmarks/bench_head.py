@@ -13,6 +13,8 @@ written, and of the head matmul the targets are stated against. A step is forwar
    minus VmRSS before) over the next MEMORY_STEPS steps.
 4. The head matmul alone (rows x d @ d x vocab, the one product a step cannot avoid), timed among the steps:
    every step is reported as a multiple of it, a ratio that holds on any CPU.
+5. The least time the hypernetwork's AdamW step takes at the memory bandwidth measured in the run, and so the
+   least the fused chameleon step can cost beside the fused lora step.
 Exits non-zero when the fused lora or chameleon step (default chunk) takes more than MAX_MATMUL_RATIO times
 the matmul, or loss or gradients differ by more than MAX_REL_DIFF (relative to the largest entry).
 
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from benchmarks.timing import interleaved, write_report
+from benchmarks.timing import adamw_floor, interleaved, write_report
 from chameleon import objectives
 from chameleon.backbones import load_backbone
 from chameleon.config import Config
@@ -149,6 +151,7 @@ def main() -> int:
     wall = time.perf_counter() - t0
     load_after = os.getloadavg()[0]
     agree = {regime: agreement(cfg, model, regime, data) for regime in REGIMES}
+    floor, how = adamw_floor(sum(p.numel() for p in build(cfg.replace(regime="chameleon"), model).head.hyper.parameters()))
 
     memory = {}
     for regime, chunk in variants:
@@ -157,8 +160,11 @@ def main() -> int:
         memory[(regime, chunk)] = json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
     speed = {k: rows / s for k, s in seconds.items()}
-    ok_speed = all(seconds[(r, CHUNK)] <= MAX_MATMUL_RATIO * matmul for r in ("lora", "chameleon"))
-    ok_diff = all(a["loss_rel"] <= MAX_REL_DIFF and a["grad_rel"] <= MAX_REL_DIFF for a in agree.values())
+    checks = {f"fused {r} (chunk {CHUNK}) within {MAX_MATMUL_RATIO}x the head matmul":
+              seconds[(r, CHUNK)] <= MAX_MATMUL_RATIO * matmul for r in ("lora", "chameleon")}
+    checks[f"differences <= {MAX_REL_DIFF:g} relative"] = all(a["loss_rel"] <= MAX_REL_DIFF and a["grad_rel"] <= MAX_REL_DIFF
+                                                               for a in agree.values())
+    ok = all(checks.values())
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     name = lambda c: "plain" if c == 0 else f"fused, chunk {c}"  # noqa: E731
@@ -178,7 +184,10 @@ def main() -> int:
         ratio = f"{seconds[(regime, 0)] / seconds[(regime, chunk)]:.2f}x" if chunk else ""
         mem = f"{memory[(regime, chunk)]:.0f}"
         md.append(f"| {regime} | {name(chunk)} | {seconds[(regime, chunk)]:.3f} | {speed[(regime, chunk)]:.0f} | "
-                  f"{seconds[(regime, chunk)] / matmul:.2f}x | {ratio} | {mem} |")
+                  f"{seconds[(regime, chunk)] / matmul:.3f}x | {ratio} | {mem} |")
+    lora = seconds[("lora", CHUNK)] / matmul
+    md += ["", f"`chameleon`'s hypernetwork update: {how}. With the fused `lora` step at {lora:.3f}x the matmul, no "
+               f"implementation of that update gets the fused `chameleon` step under {lora + floor / matmul:.3f}x here."]
     md += ["", f"Peak memory growth: one fresh process per variant; after a warm-up step on one row (library "
                f"initialisation and AdamW state, the same for both paths), the peak resident memory (VmHWM, reset "
                f"through /proc/self/clear_refs) over {MEMORY_STEPS} steps minus the resident memory before them.", "",
@@ -188,12 +197,11 @@ def main() -> int:
            "|---|---|---|---|---|---|"]
     md += [f"| {r} | {a['loss']:.4f} | {a['loss_abs']:.1e} | {a['loss_rel']:.1e} | {a['grad_abs']:.1e} | "
            f"{a['grad_rel']:.1e} |" for r, a in agree.items()]
-    md += ["", f"Result: {'PASS' if ok_speed and ok_diff else 'FAIL'} (fused lora and chameleon, chunk {CHUNK}, within "
-               f"{MAX_MATMUL_RATIO}x the head matmul: {'yes' if ok_speed else 'no'}; differences <= {MAX_REL_DIFF:g} relative: "
-               f"{'yes' if ok_diff else 'no'})."]
+    md += ["", f"Result: {'PASS' if ok else 'FAIL'} ("
+               + "; ".join(f"{what}: {'yes' if held else 'no'}" for what, held in checks.items()) + ")."]
     write_report(OUT, md)
     shutil.rmtree(data_dir, ignore_errors=True)
-    return 0 if ok_speed and ok_diff else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""What every benchmark shares: interleaved timing and writing its report."""
+"""What every benchmark shares: interleaved timing, the machine's memory bandwidth and writing its report."""
 from __future__ import annotations
 
 import statistics
 import time
 from pathlib import Path
+
+import torch
 
 
 def interleaved(fns: dict, repeats: int, warmup: bool = False) -> dict:
@@ -17,6 +19,31 @@ def interleaved(fns: dict, repeats: int, warmup: bool = False) -> dict:
             if r or not warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+# Memory traffic that no implementation of an AdamW step avoids, in passes over its float32 parameters: it reads them
+# and its two moments and writes the three back. The forward, the backward and the gradient are counted as free.
+ADAMW_PASSES = 6
+
+
+def memory_bandwidth(mb: int = 512, repeats: int = 9) -> float:
+    """Bytes per second that a copy between two float32 buffers far larger than the cache moves (read and write
+    counted): what one pass over tensors that cannot stay cached gets here, measured in the benchmark's own run."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / interleaved({"copy": lambda: dst.copy_(src)}, repeats, warmup=True)["copy"]
+
+
+def adamw_floor(n_params: int) -> tuple[float, str]:
+    """The least seconds an AdamW step over n float32 parameters takes here (ADAMW_PASSES at the bandwidth measured
+    now; it binds where the 3 x 4n bytes of state do not stay cached between steps, as beside a 49k-vocabulary
+    head), and a sentence saying how it was computed."""
+    bandwidth, mb = memory_bandwidth(), 4 * n_params / 1e6
+    seconds = ADAMW_PASSES * 4 * n_params / bandwidth
+    return seconds, (f"{n_params:,} float32 parameters ({mb:.1f} MB); AdamW reads them and its two moments and writes "
+                     f"the three back, {ADAMW_PASSES} passes or {ADAMW_PASSES * mb:.0f} MB (the forward, the backward "
+                     f"and the gradient counted free); at the {bandwidth / 1e9:.1f} GB/s of a 512 MB copy in this run, "
+                     f"{seconds * 1e3:.1f} ms")
 
 
 def write_report(out: Path, lines: list[str]) -> None:
