@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from benchmarks.timing import adamw_floor, interleaved, write_report
+from benchmarks.timing import adamw_floor, interleaved, verdict, write_report
 from chameleon import objectives
 from chameleon.backbones import load_backbone
 from chameleon.config import Config
@@ -164,7 +164,6 @@ def main() -> int:
               seconds[(r, CHUNK)] <= MAX_MATMUL_RATIO * matmul for r in ("lora", "chameleon")}
     checks[f"differences <= {MAX_REL_DIFF:g} relative"] = all(a["loss_rel"] <= MAX_REL_DIFF and a["grad_rel"] <= MAX_REL_DIFF
                                                                for a in agree.values())
-    ok = all(checks.values())
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     name = lambda c: "plain" if c == 0 else f"fused, chunk {c}"  # noqa: E731
@@ -197,11 +196,9 @@ def main() -> int:
            "|---|---|---|---|---|---|"]
     md += [f"| {r} | {a['loss']:.4f} | {a['loss_abs']:.1e} | {a['loss_rel']:.1e} | {a['grad_abs']:.1e} | "
            f"{a['grad_rel']:.1e} |" for r, a in agree.items()]
-    md += ["", f"Result: {'PASS' if ok else 'FAIL'} ("
-               + "; ".join(f"{what}: {'yes' if held else 'no'}" for what, held in checks.items()) + ")."]
-    write_report(OUT, md)
+    write_report(OUT, md + ["", verdict(checks)])
     shutil.rmtree(data_dir, ignore_errors=True)
-    return 0 if ok else 1
+    return 0 if all(checks.values()) else 1
 
 
 if __name__ == "__main__":

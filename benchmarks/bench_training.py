@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.timing import adamw_floor, interleaved, write_report
+from benchmarks.timing import adamw_floor, interleaved, verdict, write_report
 from chameleon import keep_freed_memory
 from chameleon.backbones import load_backbone
 from chameleon.clustering import ClusterBatchSampler
@@ -107,7 +107,6 @@ def main() -> int:
     checks = {f"head-only step ratio <= {MAX_STEP_RATIO}x": ratio["head-only"] <= MAX_STEP_RATIO,
               f"cached speed-up >= {MIN_CACHE_SPEEDUP}x": speedup >= MIN_CACHE_SPEEDUP,
               f"loss difference <= {MAX_LOSS_DIFF:g}": diff <= MAX_LOSS_DIFF}
-    ok = all(checks.values())
     md = [f"Command: `python -m benchmarks.bench_training` ({datetime.date.today()})",
           f"Machine: {torch.get_num_threads()} torch threads, {platform.machine()}, torch {torch.__version__}; "
           f"load average at the start {load:.2f}",
@@ -130,11 +129,9 @@ def main() -> int:
            "| path | glibc defaults s | kit s | glibc / kit |", "|---|---|---|---|"]
     md += [f"| {p} | {med['glibc'][p]:.3f} | {med['kit'][p]:.3f} | {med['glibc'][p] / med['kit'][p]:.2f}x |"
            for p in med["kit"]]
-    md += ["", f"Result: {'PASS' if ok else 'FAIL'} ("
-               + "; ".join(f"{what}: {'yes' if held else 'no'}" for what, held in checks.items()) + ")."]
-    write_report(OUT, md)
+    write_report(OUT, md + ["", verdict(checks)])
     shutil.rmtree(data_dir, ignore_errors=True)
-    return 0 if ok else 1
+    return 0 if all(checks.values()) else 1
 
 
 if __name__ == "__main__":

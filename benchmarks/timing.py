@@ -46,6 +46,12 @@ def adamw_floor(n_params: int) -> tuple[float, str]:
                      f"{seconds * 1e3:.1f} ms")
 
 
+def verdict(checks: dict[str, bool]) -> str:
+    """A report's last line: PASS when every check held, and each check's own answer."""
+    answers = "; ".join(f"{what}: {'yes' if held else 'no'}" for what, held in checks.items())
+    return f"Result: {'PASS' if all(checks.values()) else 'FAIL'} ({answers})."
+
+
 def write_report(out: Path, lines: list[str]) -> None:
     """Write the markdown report (benchmarks/results/<name>.md) and show it."""
     out.parent.mkdir(parents=True, exist_ok=True)
