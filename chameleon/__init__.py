@@ -14,9 +14,9 @@ def keep_freed_memory(keep: bool = True) -> bool:
     """Have glibc keep freed memory in the heap for the next allocation (keep=False: its defaults, 128 KiB).
 
     By default glibc maps every block above 128 KiB afresh and gives it back when freed, so each of the LM
-    head's logits-sized temporaries (443 x 49,152 floats: 87 MB) is page-faulted in again at every step: with
-    glibc's defaults a `lora` step ran 1.16x slower on cached hidden states and 1.57x through the body
-    (`python -m benchmarks.bench_training`, BENCHMARKS.md "Training step"). Called when the kit is imported;
+    head's logits-sized temporaries (443 x 49,152 floats: 87 MB) is page-faulted in again at every step, which
+    slows a `lora` step on cached hidden states and more so through the body (the measured ratios: `python -m
+    benchmarks.bench_training`, BENCHMARKS.md "Training step"). Called when the kit is imported;
     the cost is that the process's resident memory stays at its peak. Returns False where the C library is
     not glibc (nothing is changed there)."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
