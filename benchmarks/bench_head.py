@@ -20,13 +20,13 @@ the matmul, or loss or gradients differ by more than MAX_REL_DIFF (relative to t
 
     python -m benchmarks.bench_head
 """
-import datetime, json, os, platform, re, shutil, subprocess, sys, tempfile, time  # noqa: E401
+import datetime, json, os, platform, shutil, subprocess, sys, tempfile, time  # noqa: E401
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from benchmarks.timing import adamw_floor, interleaved, verdict, write_report
+from benchmarks.timing import adamw_floor, interleaved, proc_status, verdict, write_report
 from chameleon import objectives
 from chameleon.backbones import load_backbone
 from chameleon.config import Config
@@ -104,11 +104,6 @@ def agreement(cfg, model, regime, data) -> dict:
             "grad_abs": max(diffs[1:]), "grad_rel": max(rel[1:])}
 
 
-def status(key: str) -> int:
-    """kB of a /proc/self/status field (VmRSS, VmHWM)."""
-    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
 def child(data_dir: str, regime: str, chunk: int) -> None:
     """One variant in a fresh process: resident-memory growth over its first MEMORY_STEPS steps."""
     torch.set_num_threads(THREADS)
@@ -119,11 +114,11 @@ def child(data_dir: str, regime: str, chunk: int) -> None:
     # One step on a single row first: libraries initialise and AdamW allocates its state (the same for
     # both paths), so the growth measured below is the step's own working memory.
     step(adapted, opt, {"hidden": data["hidden"][:1], "target": data["target"][:1], "cond": data["cond"]}, chunk)
-    before = status("VmRSS")
+    before = proc_status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
     for _ in range(MEMORY_STEPS):
         step(adapted, opt, data, chunk)
-    print(json.dumps({"peak_mb": (status("VmHWM") - before) / 1024}))
+    print(json.dumps({"peak_mb": (proc_status("VmHWM") - before) / 1024}))
 
 
 def main() -> int:

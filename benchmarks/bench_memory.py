@@ -1,12 +1,14 @@
 """Peak memory of a head-only run (lora, causal, the body's hidden states cached) at a profile's size
 (writes benchmarks/results/memory-<profile>.md).
 
-Three fresh processes, each reporting its own peak RSS (ru_maxrss): one that only loads the backbone
-and prepares the data (the floor); the run with no cache yet (the body runs once and its hidden
-states go to the cache file chunk by chunk); the run again with the cache in place (the head trains
-on rows read from the file). The cache is read by rows (chameleon.cache.RowFile), so both runs should
-stay near the floor however large the cache file, whose size the report gives beside them. At the
-hub's size the file holds (scored tokens) x 768 x 4 bytes for GPT-2: about 3 GB per million tokens.
+Three fresh processes, each reporting its own peak RSS (ru_maxrss) and the peak of its anonymous memory
+(RssAnon, sampled every 5 ms: RSS also counts the file-backed pages of the memory-mapped cache, which the
+kernel drops under pressure): one that only loads the backbone and prepares the data (the floor); the run
+with no cache yet (the body runs once and its hidden states go to the cache file chunk by chunk); the run
+again with the cache in place (the head trains on rows read from the file). The cache is read by rows
+(chameleon.cache.RowFile), so the runs' own memory should stay near the floor's however large the cache
+file, whose size the report gives beside them. At the hub's size the file holds (scored tokens) x 768 x 4
+bytes for GPT-2: about 3 GB per million tokens.
 
     python -m benchmarks.bench_memory --profile cpu
     python -m benchmarks.bench_memory --profile study
@@ -23,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.timing import write_report
+from benchmarks.timing import AnonPeak, proc_status, write_report
 from chameleon.config import ROOT, Config
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -36,7 +38,8 @@ def config(profile: str, data_dir: str, backbone: str | None) -> Config:
 
 
 def child(phase: str, profile: str, data_dir: str, backbone: str | None) -> None:
-    """One phase in this process; prints its peak RSS in MB and the cache file's size as JSON."""
+    """One phase in this process; prints its peak RSS and anonymous memory in MB and the cache file's size as JSON."""
+    anon = AnonPeak()
     cfg = config(profile, data_dir, backbone)
     if phase == "floor":
         from chameleon.backbones import load_backbone
@@ -52,6 +55,7 @@ def child(phase: str, profile: str, data_dir: str, backbone: str | None) -> None
         train(cfg, progress=False)
     files = list((cfg.cache_dir / "hidden").glob("*.safetensors"))
     print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KB on Linux
+                      "anon_mb": max(anon.peak_kb, proc_status("RssAnon")) / 1024,
                       "cache_mb": sum(f.stat().st_size for f in files) / 2**20}))
 
 
@@ -89,8 +93,9 @@ def main() -> int:
              + (f" --backbone {args.backbone}" if args.backbone else ""),
              "", f"lora, causal, {cfg.backbone}, {cfg.max_train_examples} train / {cfg.max_eval_examples} validation "
              f"examples of {cfg.max_length} tokens, batch {cfg.batch_size}, {cfg.epochs} epochs.",
-             "", "| process | peak RSS (MB) | hidden-state cache on disk (MB) |", "|---|---|---|",
-             *[f"| {name} | {p['peak_mb']:.0f} | {p['cache_mb']:.1f} |" for name, p in (
+             "", "| process | peak RSS (MB) | peak anonymous memory (MB) | hidden-state cache on disk (MB) |",
+             "|---|---|---|---|",
+             *[f"| {name} | {p['peak_mb']:.0f} | {p['anon_mb']:.0f} | {p['cache_mb']:.1f} |" for name, p in (
                  ("backbone + data only (floor)", phases["floor"]), ("run, cache written", phases["cold"]),
                  ("run, cache read", phases["warm"]))]]
     write_report(OUT / f"memory-{args.profile}.md", lines)

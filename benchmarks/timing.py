@@ -1,7 +1,9 @@
 """What every benchmark shares: interleaved timing, the machine's memory bandwidth and writing its report."""
 from __future__ import annotations
 
+import re
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +46,27 @@ def adamw_floor(n_params: int) -> tuple[float, str]:
                      f"the three back, {ADAMW_PASSES} passes or {ADAMW_PASSES * mb:.0f} MB (the forward, the backward "
                      f"and the gradient counted free); at the {bandwidth / 1e9:.1f} GB/s of a 512 MB copy in this run, "
                      f"{seconds * 1e3:.1f} ms")
+
+
+def proc_status(key: str) -> int:
+    """kB of a field of /proc/self/status (VmRSS, VmHWM, RssAnon, ...); Linux only."""
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+class AnonPeak(threading.Thread):
+    """The largest RssAnon seen, sampled every `every` seconds while the process works: its own memory, without
+    file-backed pages such as those of a memory-mapped cache, which RSS and its peak count alike (Linux keeps a
+    peak of the whole resident size only). A peak shorter than `every` can be missed."""
+
+    def __init__(self, every: float = 0.005):
+        super().__init__(daemon=True)
+        self.every, self.peak_kb = every, proc_status("RssAnon")
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            self.peak_kb = max(self.peak_kb, proc_status("RssAnon"))
+            time.sleep(self.every)
 
 
 def verdict(checks: dict[str, bool]) -> str:
