@@ -1,4 +1,4 @@
-"""What every benchmark shares: interleaved timing, the machine's memory bandwidth and writing its report."""
+"""What every benchmark shares: interleaved timing, the memory bandwidth and /proc readings it is judged by, the report."""
 from __future__ import annotations
 
 import re
