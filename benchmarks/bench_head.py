@@ -32,7 +32,7 @@ from chameleon.backbones import load_backbone
 from chameleon.config import Config
 from chameleon.fused_loss import CHUNK
 from chameleon.prepare import prepare
-from chameleon.model import build
+from chameleon.model import build, hyper_parameters
 from chameleon.training import optimizer, trimmed
 
 MAX_MATMUL_RATIO, MAX_REL_DIFF = 1.3, 1e-5
@@ -146,7 +146,7 @@ def main() -> int:
     wall = time.perf_counter() - t0
     load_after = os.getloadavg()[0]
     agree = {regime: agreement(cfg, model, regime, data) for regime in REGIMES}
-    floor, how = adamw_floor(sum(p.numel() for p in build(cfg.replace(regime="chameleon"), model).head.hyper.parameters()))
+    floor, how = adamw_floor(hyper_parameters(cfg, model))
 
     memory = {}
     for regime, chunk in variants:

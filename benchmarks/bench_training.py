@@ -20,7 +20,7 @@ from chameleon.backbones import load_backbone
 from chameleon.clustering import ClusterBatchSampler
 from chameleon.config import Config
 from chameleon.prepare import prepare
-from chameleon.model import build
+from chameleon.model import build, hyper_parameters
 from chameleon.training import batch_loss, optimizer, scored_rows
 
 MAX_STEP_RATIO, MIN_CACHE_SPEEDUP, MAX_LOSS_DIFF = 1.10, 5.0, 1e-4
@@ -86,7 +86,7 @@ def main() -> int:
     steps = interleaved(step_fns(cfg, model, split, rows, ["lora", "chameleon"], ["head-only", "full"]), STEP_REPEATS,
                         warmup=True)
     ratio = {p: steps[f"chameleon {p}"] / steps[f"lora {p}"] for p in ("head-only", "full")}
-    floor, how = adamw_floor(sum(p.numel() for p in build(cfg.replace(regime="chameleon"), model).head.hyper.parameters()))
+    floor, how = adamw_floor(hyper_parameters(cfg, model))
     epochs, losses = {"head-only": [], "full": []}, {}
     for _ in range(EPOCH_REPEATS):
         for path in epochs:

@@ -412,13 +412,18 @@ class Adapted(nn.Module):
         return n or sum(p.numel() for p in self.model.parameters())
 
 
-def matched_rank(cfg: Config, model: nn.Module) -> int:
-    """Head-LoRA rank whose parameter count is nearest the `chameleon` hypernetwork's (counted on the
-    module itself, built on the meta device: no memory, and never out of date with its architecture)."""
+def hyper_parameters(cfg: Config, model: nn.Module) -> int:
+    """Trainable parameters of the `chameleon` hypernetwork on `model`'s head (counted on the module itself, built
+    on the meta device: no memory, and never out of date with its architecture)."""
     d_in, d_out = dims(model.get_output_embeddings())
     with torch.device("meta"):
         hyper = HyperNetwork(model.get_input_embeddings().embedding_dim, d_in, d_out, cfg.rank, cfg.hyper_hidden)
-    return max(1, round(trainable_parameters(hyper) / (d_in + d_out)))
+    return trainable_parameters(hyper)
+
+
+def matched_rank(cfg: Config, model: nn.Module) -> int:
+    """Head-LoRA rank whose parameter count is nearest the `chameleon` hypernetwork's."""
+    return max(1, round(hyper_parameters(cfg, model) / sum(dims(model.get_output_embeddings()))))
 
 
 def svf_parameters(model: nn.Module) -> int:
