@@ -166,15 +166,21 @@ def compare(args) -> int:
 
 
 def domains(args) -> int:
-    """The `domains` experiment, stage by stage (chameleon.domains)."""
+    """A domains experiment, stage by stage: the first (chameleon.domains, --profile domains) or the second, with
+    its positive control (chameleon.domains_control, --profile domains_control)."""
     cfg = _config(args)
-    from chameleon import domains as experiment
+    from chameleon import domains as first, domains_control as second
 
+    experiment = {"domains_control": second}.get(cfg.profile, first)
     if args.stage == "lr":
         print(experiment.tune(cfg).to_markdown(index=False))
     elif args.stage == "runs":
         experiment.run_seeds(cfg, args.seeds)
-        print(f"runs written to {experiment.folder(cfg) / 'runs.csv'}; now --stage report")
+        print(f"runs written to {first.folder(cfg) / 'runs.csv'}; now --stage report")
+    elif args.stage == "diagnose":
+        if not hasattr(experiment, "diagnose"):
+            raise ValueError("--stage diagnose belongs to the second experiment: add --profile domains_control")
+        print(f"written: {experiment.diagnose(cfg)}")
     else:
         print(f"written: {experiment.report(cfg)}")
     return 0
@@ -324,9 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="overwrite notebooks/*.ipynb with the executed copies (committed outputs: smoke)")
             command.add_argument("--only", nargs="+", metavar="PREFIX", help="only the notebooks starting with these, e.g. 01 02")
         if name == "domains":
-            command.add_argument("--stage", required=True, choices=["lr", "runs", "report"],
-                                 help="lr: the learning-rate grid at seed 0 on the dev split; runs: every row at its "
-                                      "rate for --seeds seeds; report: RESULTS.md and the figure from the CSVs")
+            command.add_argument("--stage", required=True, choices=["lr", "runs", "report", "diagnose"],
+                                 help="lr: the dev stage at seed 0 (rates; with --profile domains_control also the "
+                                      "recipes, their control and the epochs); runs: every row for --seeds seeds; "
+                                      "report: RESULTS.md and the figures from the CSVs; diagnose (domains_control): "
+                                      "what the hypernetwork reads and writes, from the run folders")
             command.add_argument("--seeds", type=int, default=5, help="runs: seeds 0 .. N-1")
         if name == "compare":
             command.add_argument("--seeds", type=int, default=1, help="seeds per run; the table shows mean ± std")

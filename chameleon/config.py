@@ -39,6 +39,11 @@ class Config:
     max_length: int = 256  # tokens per example; the paper right-pads every example to this length
     dev_split: bool = False  # validate on a dev split carved from train (data.DEV_SHARE of it, by a hash of the
     # text): how a learning rate is chosen without ever reading the validation split
+    dev_key: str = "text"  # what the dev split is carved by: a hash of the "text" (the first domains experiment) or of
+    # the example's "group" (its article, file or conversation: no source on both sides; corpora with that column)
+    route_by: str = "full"  # what a validation line is routed to a training cluster by, and what k-means groups an
+    # incoming batch by: the "full" text (continuation included, as the paper) or its first prefix_tokens ("prefix":
+    # leak-free, against the training clusters' prefix centroids)
     # --- protocol and regime ---
     protocol: str = "causal"  # a row of regimes.PROTOCOLS: "authors" (the authors' code, exactly) or "causal"
     regime: str = "chameleon"  # a row of chameleon.regimes.REGIMES: unadapted, lora, chameleon, lora_matched, ...
@@ -53,6 +58,9 @@ class Config:
     # scaled by alpha / r_matched, 33x less than rank 4's), or "scaled" so its scaling equals the rank-`rank` LoRA's
     hyper_hidden: tuple[int, ...] = (64, 32)  # hypernetwork hidden widths, as in the paper
     hyper_dropout: float = 0.5  # hypernetwork dropout, as in the paper
+    cond_norm: str = "none"  # what the hypernetwork reads: the conditioning vector as it is ("none", the paper) or
+    # "standardize"d, each dimension centred and scaled by the per-line training vectors' mean and std (stored with the
+    # run, applied wherever a vector meets the hypernetwork: training, evaluation, serving, export)
     # --- experts (regimes svf, svf_experts, lora_experts; see model.Experts and chameleon.svf) ---
     n_experts: int = 3  # *_experts: k of the coarse k-means on the examples' cluster embeddings, one expert per group
     expert_groups: str = "kmeans"  # *_experts: groups by k-means ("kmeans") or by the corpus's true domain ("domain":
@@ -101,6 +109,11 @@ class Config:
         self.profile = RENAMED["profile"].get(self.profile, self.profile)
 
     @property
+    def route_prefix(self) -> int | None:
+        """How many of a text's first tokens route it to a training cluster (route_by), None: all of them."""
+        return self.prefix_tokens if self.route_by == "prefix" else None
+
+    @property
     def cache_dir(self) -> Path:
         return Path(self.data_dir) / "cache"
 
@@ -127,7 +140,8 @@ class Config:
         choices = {"task": TASKS, "protocol": tuple(PROTOCOLS), "regime": tuple(REGIMES),
                    "matched_alpha": ("same", "scaled"), "expert_groups": ("kmeans", "domain"),
                    "conditioning": tuple(c for c, row in CONDITIONINGS.items() if self.task in row.tasks),
-                   "dispatch": tuple(DISPATCHES), "objective": OBJECTIVES, "precision": PRECISIONS}
+                   "dispatch": tuple(DISPATCHES), "objective": OBJECTIVES, "precision": PRECISIONS,
+                   "cond_norm": COND_NORMS, "route_by": ("full", "prefix"), "dev_key": ("text", "group")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid here; choose one of {list(allowed)}")
@@ -156,7 +170,8 @@ class Config:
                              "choose 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         if not 0 <= self.score_from < self.max_length - 1:
             raise ValueError(f"score_from={self.score_from} must lie in [0, max_length - 1)")
-        if CONDITIONINGS[self.conditioning].prefix and not 1 <= self.prefix_tokens < self.max_length - 1:
+        if (CONDITIONINGS[self.conditioning].prefix or self.route_by == "prefix") and \
+                not 1 <= self.prefix_tokens < self.max_length - 1:
             raise ValueError(f"prefix_tokens={self.prefix_tokens} must lie in [1, max_length - 1)")
         return self
 
@@ -192,6 +207,7 @@ class RunFailed(RuntimeError):
 TASKS = ("lm", "instructions")
 OBJECTIVES = ("loss", "reinforce")
 PRECISIONS = ("fp32", "bf16")
+COND_NORMS = ("none", "standardize")
 # Old names still accepted: "paper" once named the protocol, a profile and the publication's numbers at once.
 # Now "paper" is the publication alone; the protocol of the authors' code is "authors", their setting `hub`.
 RENAMED = {"protocol": {"paper": "authors"}, "profile": {"paper": "hub"}}
@@ -200,7 +216,7 @@ EXPERT_FIELDS = ("n_experts", "dispatch", "cem_shots", "cem_population", "cem_it
 # Fields added after runs were committed: left out of a run's name at their default (runs.run_name), so those
 # runs keep their folders; a value other than the default changes what a run computes, and its name.
 ADDED_FIELDS = ("score_from", "dev_split", "matched_alpha", "expert_groups", "batchings", "cem_held_out", "accumulate",
-                "precision")
+                "precision", "cond_norm", "route_by", "dev_key")
 # Fields that only REINFORCE reads: left out of next-token runs' names (runs.run_name) and of the other commands' options.
 REINFORCE_FIELDS = ("objective", "reinforce_steps", "max_grad_norm", "temperature", "kl_coef")
 
@@ -227,6 +243,9 @@ PROFILES: dict[str, dict] = {
     "hub": dict(backbone="gpt2", corpus="wikitext-2-raw-v1", instructions="alpaca", max_length=256,
                   batch_size=32, epochs=10, lr=5e-4, rank=4, alpha=1.0),
 }
+# the positive control and the primary question again (chameleon.domains_control): the domains profile with lines
+# routed and grouped by their prefix alone, and the dev split carved by article / file / conversation
+PROFILES["domains_control"] = dict(PROFILES["domains"], route_by="prefix", dev_key="group")
 
 # The paper's instruction-tuning runs used other hyper-parameters than its WikiText runs.
 TASK_OVERRIDES: dict[tuple[str, str], dict] = {

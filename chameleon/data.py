@@ -86,7 +86,8 @@ def _domains_corpus() -> DatasetDict:
     for domain in ("encyclopedia", "code", *DIALOGUES):
         mine = sorted((r for r in rows if r["domain"] == domain), key=lambda r: _hash("keep:" + r["text"]))
         kept += mine[:PER_DOMAIN]
-    return _hash_split(kept, key=lambda r: r["key"], name="domains", fractions=(0.7, 0.2)).remove_columns("key")
+    # the key stays as column "group": a dev split carved by it (Config.dev_key) keeps a file's blocks together
+    return _hash_split(kept, key=lambda r: r["key"], name="domains", fractions=(0.7, 0.2)).rename_column("key", "group")
 
 
 def _code_blocks() -> list[dict]:
@@ -122,10 +123,14 @@ def _hash(text: str) -> float:
     return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) / 16**8
 
 
-def carve_dev(ds: Dataset, split: str) -> Dataset:
+def carve_dev(ds: Dataset, split: str, key: str = "text") -> Dataset:
     """The train split without its dev part ("train"), or the dev part ("validation"): DEV_SHARE of the
-    train split by a hash of the text, the same on every machine."""
-    dev = [_hash("dev:" + t) < DEV_SHARE for t in ds["text"]]
+    train split by a hash of column `key` (Config.dev_key), the same on every machine. Carved by "group" (the
+    article, file or conversation the corpus was split by), no source has examples on both sides."""
+    if key not in ds.column_names:
+        raise ValueError(f"dev_key={key!r}: this corpus has no {key!r} column (it has {ds.column_names}); use "
+                         f"dev_key='text', or a corpus that records each example's group (--corpus domains)")
+    dev = [_hash("dev:" + t) < DEV_SHARE for t in ds[key]]
     return ds.select([i for i, d in enumerate(dev) if d == (split == "validation")])
 
 

@@ -32,6 +32,11 @@ class Row:
     seeds: int = 5  # at most this many seeds (rows that train through the body cost several times more)
 
     @property
+    def conditioned(self) -> bool:
+        """It trains the hypernetwork head (the recipe's fields apply: chameleon.domains_control)."""
+        return REGIMES[self.overrides["regime"]].conditioned
+
+    @property
     def body(self) -> bool:
         """It trains through the body (no cached hidden states): run after every head-only row."""
         return not REGIMES[self.overrides["regime"]].frozen_body
@@ -89,8 +94,9 @@ def folder(cfg: Config) -> Path:
     return Path(cfg.results_dir) / cfg.profile / cfg.task
 
 
-def row_config(cfg: Config, row: Row, seed: int, lr: float | None = None, dev: bool = False) -> Config:
-    return cfg.replace(seed=seed, dev_split=dev, **row.overrides, **({"lr": lr} if lr else {}))
+def row_config(cfg: Config, row: Row, seed: int, lr: float | None = None, dev: bool = False, **settings) -> Config:
+    """cfg for `row` at `seed` (on the dev split if `dev`), at rate `lr` and with any other chosen `settings`."""
+    return cfg.replace(seed=seed, dev_split=dev, **row.overrides, **({"lr": lr} if lr else {}), **settings)
 
 
 def trains(row: Row) -> bool:
@@ -139,33 +145,37 @@ def chosen_rates(grid: pd.DataFrame) -> dict[str, float]:
     return {name: float(lr) for name, lr in rates.items() if lr is not None}
 
 
-def run_seeds(cfg: Config, seeds: int, progress: bool = True) -> pd.DataFrame:
-    """Every row at its chosen rate, seed after seed (so each finished seed completes a paired set);
-    runs.csv and lines/ grow as runs finish, and rows already there are not run again."""
+def run_seeds(cfg: Config, seeds: int, progress: bool = True, rows: dict[str, Row] | None = None,
+              settings: dict[str, dict] | None = None) -> pd.DataFrame:
+    """Every row of `rows` (default ROWS) with its chosen `settings` (default: its rate from lr-grid.csv), seed after
+    seed (so each finished seed completes a paired set); runs.csv and lines/ grow as runs finish, and rows already
+    there are not run again."""
     from chameleon.runs import LINES, plan, run_dir
     from chameleon.training import train
 
-    out = folder(cfg)
-    grid_path = out / "lr-grid.csv"
-    if not grid_path.exists():
-        raise ValueError(f"{grid_path} is missing: run `python -m chameleon domains --stage lr` first")
-    rates = chosen_rates(pd.read_csv(grid_path))
+    out, rows = folder(cfg), rows or ROWS
+    if settings is None:
+        grid_path = out / "lr-grid.csv"
+        if not grid_path.exists():
+            raise ValueError(f"{grid_path} is missing: run `python -m chameleon domains --stage lr` first")
+        settings = {name: {} if math.isnan(lr) else {"lr": lr} for name, lr in chosen_rates(pd.read_csv(grid_path)).items()}
     path = out / "runs.csv"
     done = pd.read_csv(path) if path.exists() else pd.DataFrame()
     (out / "lines").mkdir(parents=True, exist_ok=True)
-    order = [(seed, row) for body in (False, True) for seed in range(seeds) for row in ROWS.values()
+    order = [(seed, row) for body in (False, True) for seed in range(seeds) for row in rows.values()
              if row.body == body and seed < row.seeds]  # every head-only row first, seed after seed
     for seed, row in order:
         if not done.empty and ((done.row == row.name) & (done.seed == seed)).any():
             continue
-        if row.name not in rates:
-            raise ValueError(f"no learning rate for {row.name} in {grid_path}: run --stage lr to the end")
-        run = row_config(cfg, row, seed, None if math.isnan(rates[row.name]) else rates[row.name])
+        if row.name not in settings:
+            raise ValueError(f"no learning rate for {row.name} in {out}: run --stage lr to the end")
+        run = row_config(cfg, row, seed, **settings[row.name])
         for step in plan(run):
             result = train(step, progress=progress)
         lines = pd.read_csv(run_dir(run) / LINES)
         lines.to_csv(out / "lines" / f"{row.name}-seed{seed}.csv", index=False, float_format="%.6f")
         entry = dict(row=row.name, seed=seed, lr=run.lr if trains(row) else math.nan,
+                     **{k: v for k, v in settings[row.name].items() if k != "lr"},
                      trainable_params=result["trainable_params"], seconds=result["seconds"],
                      **{f"loss_{b}": v for b, v in result["batchings"].items()}, run=run_dir(run).name)
         done = pd.concat([done, pd.DataFrame([entry])], ignore_index=True)
@@ -203,7 +213,7 @@ def paired(lines: pd.DataFrame, first: str, second: str, batching: str, seed: in
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(tokens), (BOOTSTRAP, len(tokens)))
     boot = diff.mean(1)[idx].sum(1) / tokens[idx].sum(1)
-    return dict(first=first, second=second, batching=batching, seeds=n, difference=mean, t_low=mean - half,
+    return dict(first=first, second=second, batching=batching, seeds=n, difference=mean, sd=sd, t_low=mean - half,
                 t_high=mean + half, p_seeds=p, boot_low=float(np.quantile(boot, 0.025)),
                 boot_high=float(np.quantile(boot, 0.975)))
 
@@ -220,13 +230,17 @@ def comparisons(lines: pd.DataFrame) -> pd.DataFrame:
     if table.empty:  # fewer than 2 seeds of every pair so far
         return table.assign(significant=pd.Series(dtype=bool))
     claim = table.batching == PRIMARY_BATCHING
-    p = table.loc[claim, "p_seeds"].to_numpy()
-    order = np.argsort(p)
-    adjusted = np.empty_like(p)
-    adjusted[order] = np.minimum(1, np.maximum.accumulate((len(p) - np.arange(len(p))) * p[order]))
-    table.loc[claim, "p_holm"] = adjusted
+    table.loc[claim, "p_holm"] = holm(table.loc[claim, "p_seeds"].to_numpy())
     table["significant"] = claim & (table.p_holm < 0.05) & ((table.boot_low > 0) | (table.boot_high < 0))
     return table
+
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjusted p-values of one family."""
+    order = np.argsort(p)
+    adjusted = np.empty(len(p))
+    adjusted[order] = np.minimum(1, np.maximum.accumulate((len(p) - np.arange(len(p))) * p[order]))
+    return adjusted
 
 
 def described(lines: pd.DataFrame) -> pd.DataFrame:
@@ -288,10 +302,15 @@ def minimum_detectable(study: pd.DataFrame, n: int = 5, alpha: float = 0.05 / le
     rows = []
     for _, r in study.iterrows():
         sd = float(np.std([float(x) for x in r.per_seed.split()], ddof=1))
-        t = stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)
         rows.append(dict(comparison=f"{r.regime} {r.conditioning} ({r.scored}) - {r.reference}", sd_per_seed=sd,
-                         detectable=t * sd / math.sqrt(n)))
+                         detectable=detectable(sd, n, alpha, power)))
     return pd.DataFrame(rows)
+
+
+def detectable(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest difference a two-sided paired t-test over n seeds detects with `power` at level `alpha`, when
+    the per-seed differences spread with standard deviation `sd`."""
+    return float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
 
 
 def fmt(x: float, digits: int = 3) -> str:

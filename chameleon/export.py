@@ -129,7 +129,8 @@ def _head_updates(adapter) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]]
     conds = torch.stack([train.cond_emb[torch.from_numpy(train.labels == c)].mean(0) for c in range(len(centroids))])
     with torch.no_grad():
         A, B = head.generate_adapter(conds.to(head.base.weight))
-    return {n: (A[c], B[c]) for c, n in enumerate(names)}, _routing(adapter, torch.from_numpy(centroids), names, None)
+    return {n: (A[c], B[c]) for c, n in enumerate(names)}, _routing(adapter, torch.from_numpy(centroids), names,
+                                                                     cfg.route_prefix)
 
 
 def _routing(adapter, centroids: torch.Tensor, names: list[str], prefix: int | None) -> dict:

@@ -62,7 +62,8 @@ class HyperNetwork(nn.Module):
 class ChameleonHead(nn.Module):
     """A frozen LM head plus a LoRA update whose A and B come from a HyperNetwork of the conditioning vector.
 
-    The head is held, not copied, so its weight stays tied to the input embedding.
+    The head is held, not copied, so its weight stays tied to the input embedding. The hypernetwork reads
+    (cond - cond_shift) / cond_scale: the identity unless `standardize` fits them to the training vectors.
     """
 
     def __init__(self, base: nn.Module, d_cond: int, rank: int, alpha: float, flavour: str = "authors",
@@ -83,14 +84,24 @@ class ChameleonHead(nn.Module):
         d_in, d_out = dims(base)
         w = base.weight
         self.hyper = HyperNetwork(d_cond, d_in, d_out, rank, hidden, dropout, flavour).to(w.device, w.dtype)
+        self.register_buffer("cond_shift", torch.zeros(d_cond, device=w.device, dtype=w.dtype))
+        self.register_buffer("cond_scale", torch.ones(d_cond, device=w.device, dtype=w.dtype))
+
+    @torch.no_grad()
+    def standardize(self, vectors: torch.Tensor, eps: float = 1e-6) -> None:
+        """Centre and scale every dimension of what the hypernetwork reads by the mean and std of `vectors`
+        (N, d_cond): the per-line training vectors, whose large common component would otherwise make every
+        input look alike to it."""
+        self.cond_shift.copy_(vectors.mean(0))
+        self.cond_scale.copy_(vectors.std(0) + eps)
 
     def generate_adapter(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (A, B) this head would apply for `cond`; see HyperNetwork.forward for shapes."""
-        return self.hyper(cond)
+        return self.hyper((cond - self.cond_shift) / self.cond_scale)
 
     def factors(self, hidden: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scaling * hidden @ A.T, B) for one adapter shared by the batch (cond 1-D)."""
-        A, B = self.hyper(cond)
+        A, B = self.generate_adapter(cond)
         return hidden @ A.T * self.scaling, B
 
     def forward(self, hidden: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -103,6 +114,6 @@ class ChameleonHead(nn.Module):
         """
         if cond.dim() == 1:
             return low_rank_update(self.base(hidden), *self.factors(hidden, cond))
-        A, B = self.hyper(cond)  # example i of hidden goes through its own A[i], B[i]
+        A, B = self.generate_adapter(cond)  # example i of hidden goes through its own A[i], B[i]
         delta = torch.einsum("n...r,nor->n...o", torch.einsum("n...i,nri->n...r", hidden, A), B)
         return self.base(hidden) + self.scaling * delta

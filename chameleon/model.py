@@ -60,6 +60,29 @@ class Component:
         return []
 
 
+class Standardized(Component):
+    """Config.cond_norm "standardize": the hypernetwork reads every vector centred and scaled per dimension by the
+    mean and std of the training split's per-line conditioning vectors (ChameleonHead.standardize), stored with
+    the run, so that serving and export apply what training did."""
+
+    def __init__(self, head: ChameleonHead):
+        self.head = head
+
+    def bind(self, adapted: "Adapted", train_split, val_split) -> None:
+        self.head.standardize(train_split.cond_own)
+
+    def bound(self) -> dict[str, torch.Tensor]:
+        return {"cond_shift": self.head.cond_shift.cpu().contiguous(), "cond_scale": self.head.cond_scale.cpu().contiguous()}
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "cond_shift" not in tensors:
+            raise ValueError("this run standardizes the hypernetwork's input (cond_norm='standardize') but its folder "
+                             "stores no statistics (centroids.safetensors): train it again with this version of the kit")
+        with torch.no_grad():
+            self.head.cond_shift.copy_(tensors["cond_shift"])
+            self.head.cond_scale.copy_(tensors["cond_scale"])
+
+
 class Experts(Component, nn.Module):
     """K adapters of one kind (subclasses: SVF z vectors, head LoRAs), one per coarse group of the data, and
     the dispatch (`regimes.DISPATCHES`, cfg.dispatch) that picks one, or a mixture, for each batch.
@@ -312,14 +335,16 @@ class Adapted(nn.Module):
     head-only regime can run on hidden states computed once (see training.scored_rows).
     """
 
-    def __init__(self, model: nn.Module, head: nn.Module, blocks_adapted: bool, svf: SVFExperts | None = None):
+    def __init__(self, model: nn.Module, head: nn.Module, blocks_adapted: bool, svf: SVFExperts | None = None,
+                 others: tuple[Component, ...] = ()):
         super().__init__()
         self.model, self.head, self.blocks_adapted, self.svf = model, head, blocks_adapted, svf
+        self.others = others  # components that are not modules of their own (Standardized)
         self.conditioned = isinstance(head, ChameleonHead)
 
     @property
     def components(self) -> list[Component]:
-        return [m for m in (self.head, self.svf) if isinstance(m, Component)]
+        return [m for m in (self.head, self.svf) if isinstance(m, Component)] + list(self.others)
 
     @property
     def experts(self) -> Experts | None:
@@ -458,4 +483,5 @@ def build(cfg: Config, model: nn.Module) -> Adapted:
     else:
         head = ChameleonHead(base, model.get_input_embeddings().embedding_dim, cfg.rank, cfg.alpha, flavour,
                              cfg.hyper_hidden, cfg.hyper_dropout)
-    return Adapted(model, head, blocks_adapted=not regime.frozen_body, svf=svf)
+    others = (Standardized(head),) if isinstance(head, ChameleonHead) and cfg.cond_norm == "standardize" else ()
+    return Adapted(model, head, blocks_adapted=not regime.frozen_body, svf=svf, others=others)

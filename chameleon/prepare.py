@@ -40,7 +40,9 @@ class Split:
     domains: np.ndarray | None = None  # (N,) each example's domain, where the corpus labels them: read only by the
     # oracle controls (Conditioning.pool "domain", Config.expert_groups "domain") and the per-domain tables
     group_emb: torch.Tensor | None = None  # (N, d) what an incoming batch is grouped by at inference (regimes.BATCHINGS):
-    # the conditioning's own embedding before pooling, or the prompt's for experts
+    # the conditioning's own embedding before pooling, the prompt's for experts, the prefix's under route_by "prefix"
+    cond_own: torch.Tensor | None = None  # (N, d) each example's own conditioning vector before pooling: what
+    # Config.cond_norm's statistics are taken over
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -52,7 +54,7 @@ def load_split_texts(cfg: Config, split: str, tokenizer=None) -> dict:
     n = cfg.max_train_examples if split == "train" else cfg.max_eval_examples
     if cfg.task == "lm":
         corpus = load_lm_corpus(cfg.corpus)
-        source = carve_dev(corpus["train"], split) if cfg.dev_split else corpus[split]
+        source = carve_dev(corpus["train"], split, cfg.dev_key) if cfg.dev_split else corpus[split]
         ds = subsample(source, n, cfg.data_seed)
         texts = {"full": list(ds["text"]), **({"domain": list(ds["domain"])} if "domain" in ds.column_names else {})}
     else:
@@ -99,36 +101,64 @@ def prepare(cfg: Config, model, tokenizer, raw: dict | None = None) -> tuple[Spl
                           stacklevel=2)
     parts = {s: _encode(cfg, model, tokenizer, s, texts) for s, texts in raw.items()}
     domains = {s: np.array(texts["domain"]) if "domain" in texts else None for s, texts in raw.items()}
-    pool = CONDITIONINGS[cfg.conditioning].pool
+    pool, train_own = CONDITIONINGS[cfg.conditioning].pool, parts["train"]["cond_emb"]
     for s, part in parts.items():
-        part["group_emb"] = part["prompt_emb"] if part["prompt_emb"] is not None else part["cond_emb"]
-        part["cond_emb"] = pooled(parts["train"]["cond_emb"], domains["train"], part["cond_emb"], domains[s], pool)
+        part["group_emb"] = next(e for e in (part["route_emb"], part["prompt_emb"], part["cond_emb"]) if e is not None)
+        part["cond_own"] = part["cond_emb"]
+        part["cond_emb"] = pooled(train_own, domains["train"], part["cond_emb"], domains[s], pool, s)
+    route = {s: part.pop("route_emb") for s, part in parts.items()}
     k = cfg.n_clusters or default_k(len(parts["train"]["input_ids"]), cfg.batch_size)
     train_labels, centroids = kmeans(parts["train"]["cluster_emb"], k, cfg.seed)
-    labels = {"train": train_labels, "validation": assign(parts["validation"]["cluster_emb"], centroids)}
+    if cfg.route_by == "prefix":  # validation lines meet the training clusters through what they show first
+        centroids = member_means(route["train"], train_labels, k)
+    by = route["validation"] if cfg.route_by == "prefix" else parts["validation"]["cluster_emb"]
+    labels = {"train": train_labels, "validation": assign(by, centroids)}
     splits = [Split(name=s, texts=raw[s]["full"], labels=labels[s], pad_id=tokenizer.pad_token_id, domains=domains[s],
                     **parts[s])
               for s in ("train", "validation")]
     return splits[0], splits[1], centroids
 
 
+def member_means(emb: torch.Tensor, labels: np.ndarray, k: int) -> np.ndarray:
+    """(k, d) the mean of each cluster's members' embeddings (Config.route_by "prefix": the prefix centroids)."""
+    return np.stack([emb[torch.from_numpy(labels == c)].mean(0).numpy() for c in range(k)]).astype(np.float32)
+
+
 def pooled(train_emb: torch.Tensor, train_domains: np.ndarray | None, emb: torch.Tensor,
-           domains: np.ndarray | None, pool: str) -> torch.Tensor:
+           domains: np.ndarray | None, pool: str, split: str = "validation") -> torch.Tensor:
     """Each example's conditioning embedding under a conditioning's `pool` (regimes.Conditioning): its own
-    ("example"), the training split's mean ("all") or its true domain's training mean ("domain"), so that
-    a batch's mean is that of the pooled vectors of its members."""
+    ("example"), the training split's mean ("all"), its true domain's training mean ("domain"), or its true
+    domain's code ("code"; "code_permuted": on the validation split, the code of the next domain in sorted order,
+    so that no domain keeps its own), so that a batch's mean is that of the pooled vectors of its members."""
     if pool == "example":
         return emb
     if pool == "all":
         return train_emb.mean(0).expand_as(emb).clone()
     if domains is None or train_domains is None:
-        raise ValueError("the `oracle` conditioning reads each example's domain, and this corpus has none; use "
+        raise ValueError("the oracle conditionings read each example's domain, and this corpus has none; use "
                          "--corpus domains or a JSONL corpus with a \"domain\" field on every line")
-    means = {d: train_emb[torch.from_numpy(train_domains == d)].mean(0) for d in np.unique(train_domains)}
-    if missing := sorted(set(domains) - set(means)):
+    names = sorted(set(train_domains))
+    if missing := sorted(set(domains) - set(names)):
         raise ValueError(f"domain(s) {missing} have no training example to take a mean over; give each domain "
                          "training lines")
+    if pool == "domain":
+        means = {d: train_emb[torch.from_numpy(train_domains == d)].mean(0) for d in names}
+    else:
+        means = dict(zip(names, domain_codes(train_emb, len(names))))
+        if pool == "code_permuted" and split != "train":
+            means = {d: means[names[(i + 1) % len(names)]] for i, d in enumerate(names)}
     return torch.stack([means[d] for d in domains])
+
+
+CODE_SEED = 20260  # the oracle_separable codes are the same in every run: a property of the corpus, not of a seed
+
+
+def domain_codes(train_emb: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, d) fixed random codes, one per domain: mean + std * N(0, I) with the per-dimension mean and std of the
+    per-line training vectors, so that codes differ from each other as two random lines do, in the same units."""
+    g = torch.Generator().manual_seed(CODE_SEED)
+    noise = torch.randn(n, train_emb.shape[1], generator=g, dtype=torch.float64)
+    return (train_emb.double().mean(0) + train_emb.double().std(0) * noise).to(train_emb.dtype)
 
 
 def prompt_prefix(cfg: Config) -> int | None:
@@ -180,8 +210,9 @@ def _encode(cfg: Config, model, tokenizer, split: str, texts: dict) -> dict:
     if REGIMES[cfg.regime].experts:  # what the classifier dispatch reads: never the continuation
         prefix = prompt_prefix(cfg)
         prompt_emb = embed(f"prefix{prefix}" if prefix else cluster_key, cluster_key, prefix)
+    route_emb = embed(f"prefix{cfg.prefix_tokens}", cluster_key, cfg.prefix_tokens) if cfg.route_by == "prefix" else None
     return dict(input_ids=ids, attention=objectives.attention_mask(ids, real, cfg.protocol), prompt_emb=prompt_emb,
-                targets=target,
+                targets=target, route_emb=route_emb,
                 cluster_emb=embed(cluster_key, cluster_key), cond_emb=cond_emb)
 
 

@@ -113,8 +113,12 @@ class Conditioning:
     marker: str  # marker in loss curves
     about: str
     pool: str = "example"  # what a batch's vector averages: its examples' own embeddings ("example"), the
-    # training split's mean for every example ("all": one vector for every batch, the parametrisation alone) or
-    # the mean of the example's true domain in the training split ("domain": reads the label, an upper bound)
+    # training split's mean for every example ("all": one vector for every batch, the parametrisation alone),
+    # the mean of the example's true domain in the training split ("domain": reads the label), a fixed random
+    # code per true domain ("code", drawn with the per-line vectors' per-dimension mean and std: chameleon.prepare)
+    # or those codes permuted across the domains at inference ("code_permuted")
+    trained_as: str = ""  # the conditioning whose trained run this row evaluates (runs.trained_by): a control
+    # applied at inference alone ("": the row trains its own weights)
 
 
 CONDITIONINGS: dict[str, Conditioning] = {c.name: c for c in [
@@ -136,6 +140,12 @@ CONDITIONINGS: dict[str, Conditioning] = {c.name: c for c in [
     Conditioning("oracle", ("lm",), "full", False, False, False, False, "oo", (0, (3, 1, 1, 1)), "*",
                  "upper bound: the mean training embedding of each example's true domain (reads the domain label)",
                  pool="domain"),
+    Conditioning("oracle_separable", ("lm",), "full", False, False, False, False, "**", (0, (5, 1)), "d",
+                 "positive control: a fixed random code per true domain, as spread as single lines are (reads the label)",
+                 pool="code"),
+    Conditioning("oracle_permuted", ("lm",), "full", False, False, False, False, "||", (0, (1, 2)), "v",
+                 "negative check: oracle_separable's trained run, each domain given another domain's code at inference",
+                 pool="code_permuted", trained_as="oracle_separable"),
 ]}
 NO_CONDITIONING = Conditioning("-", ("lm", "instructions"), "full", False, False, False, False, "", "-", "o",
                                "a regime without a hypernetwork")

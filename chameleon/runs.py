@@ -68,9 +68,12 @@ def trained_by(cfg: Config) -> Config | None:
     """The run whose trained weights cfg's run evaluates, or None when it trains its own. Experts are
     trained under the training dispatch (regimes.Dispatch.trains: each batch to its true group's expert)
     whatever cfg.dispatch says, so a run under another dispatch evaluates that run's experts: as in
-    Transformer², experts are trained once and the dispatch is a choice made at inference."""
+    Transformer², experts are trained once and the dispatch is a choice made at inference. Likewise a
+    conditioning applied at inference alone (Conditioning.trained_as) evaluates the run of the one it names."""
     if REGIMES[cfg.regime].experts and not DISPATCHES[cfg.dispatch].trains:
         return cfg.replace(dispatch=TRAINING_DISPATCH)
+    if REGIMES[cfg.regime].conditioned and (source := CONDITIONINGS[cfg.conditioning].trained_as):
+        return cfg.replace(conditioning=source)
     return None
 
 

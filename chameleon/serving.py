@@ -167,7 +167,7 @@ class Adapter:
     def conditions(self, prompts: list[str], labels: np.ndarray, emb: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Each group's conditioning vector: the mean of its prompts' conditioning embeddings."""
         prefix = self.cfg.prefix_tokens if CONDITIONINGS[self.cfg.conditioning].prefix else None
-        if emb is None or prefix is not None:
+        if emb is None or prefix != self.cfg.route_prefix:
             emb = self.embed(prompts, prefix)
         return {int(g): emb[torch.from_numpy(labels == g)].mean(0) for g in np.unique(labels)}
 
@@ -177,7 +177,7 @@ class Adapter:
             raise ValueError(f"group={group!r} is not valid; choose one of {list(GROUPINGS)}")
         if why := self.adapted.unservable():
             raise ValueError(f"{self.cfg.regime} cannot be served as loaded: {why}")
-        emb = self.embed(prompts)
+        emb = self.embed(prompts, self.cfg.route_prefix)
         labels = self.assign_groups(emb, group, n_groups)
         conds = self.conditions(prompts, labels, emb)
         keys = list(conds)  # the groups present, relabelled 0..G-1 for the decoder
