@@ -22,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import stats
 
 from chameleon import domains as first
 from chameleon.config import Config
 from chameleon.domains import (Row, by_batching, corpus_table, detectable, folder, fmt, holm, identical_rows,
                                line_table, over_lines, paired, per_domain, row_config, trains)
-from chameleon.regimes import BATCHINGS
+from chameleon.regimes import BATCHINGS, CONDITIONINGS
 
 # what the hypernetwork rows may be trained with (Config fields); the paper's first
 RECIPES = {"paper": dict(cond_norm="none", hyper_dropout=0.5),
@@ -304,6 +305,14 @@ def answer(v: dict, dev_passed: bool) -> str:
             f"passes; {primary}: {bound}; the largest benefit the seed interval allows is {-p['t_low']:.3f} nats.")
 
 
+def answer_of(out: Path) -> str:
+    """`answer` from the committed CSVs under `out` (once the dev stage has finished)."""
+    _, dev_passed = chosen_recipe(pd.read_csv(out / "recipes.csv"))
+    if not (out / "runs.csv").exists():
+        return "its validation runs have not landed yet."
+    return answer(verdicts(line_table(out)), dev_passed)
+
+
 def table_row(c: dict, *extra: str) -> str:
     return (f"| {c['first']} - {c['second']} | `{c['batching']}` | {c['seeds']} | {fmt(c['difference'])} | "
             f"{seed_interval(c)} | {over_lines(pd.Series(c))} | " + " | ".join(extra) + " |")
@@ -403,7 +412,7 @@ def results_text(out: Path) -> str:
                  "across validation k-means groups and across domains, relative to its mean.", "",
                  diag.to_markdown(index=False, floatfmt=".3f"), "",
                  f"![diagnostics](../../../figures/{out.parent.name}/diagnostics.png)", ""]
-    text += ["## Answer", "", answer(v, dev_passed), ""]
+    text += ["## Answer", "", answer_of(out), ""]
     return "\n".join(text)
 
 
@@ -426,3 +435,88 @@ def realised_spreads(first_out: Path, n: int = SEEDS) -> pd.DataFrame:
         rows.append(dict(comparison=f"{f} - {s}", batching=b, first_experiment=f"{c['first']} - {c['second']}",
                          sd_per_seed=round(c["sd"], 4), detectable=round(detectable(c["sd"], n), 4)))
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------- diagnostics: run folders in, one CSV out
+
+PROBE_ROWS = 256  # validation rows whose logits' update is compared across inputs
+
+
+def diagnosed_runs(out: Path) -> list[tuple[str, str, str, dict]]:
+    """(stage, recipe, row, Config fields) of every conditioned run the diagnostics read: on dev, each recipe's
+    prefix, constant and separable runs at seed 0 (the control check); on validation, seed 0 of each conditioned
+    row that trains (the permuted row reads the separable row's weights)."""
+    grid, recipes = pd.read_csv(out / "lr-grid.csv"), pd.read_csv(out / "recipes.csv")
+    runs = [("dev", recipe, name, dict(lr=chosen_rate(grid, "chameleon_prefix", recipe), dev_split=True,
+                                       **RECIPES[recipe]))
+            for recipe in recipes.recipe for name in ("chameleon_prefix", CONTROL[1], CONTROL[0])]
+    if (out / "runs.csv").exists():
+        done, chosen = set(pd.read_csv(out / "runs.csv").query("seed == 0").row), settings(out)
+        recipe = chosen_recipe(recipes)[0]
+        runs += [("validation", recipe, name, chosen[name]) for name, row in ROWS.items()
+                 if row.conditioned and not CONDITIONINGS[row.overrides["conditioning"]].trained_as and name in done]
+    return runs
+
+
+def geometry(x_train, train_domains, x_val, val_domains) -> dict:
+    """How distinguishable the hypernetwork's inputs are: the mean pairwise cosine of the domains' mean inputs, the
+    share of the inputs' second moment along their common (mean) direction, and a logistic probe's validation
+    accuracy at telling the domain from one line's input."""
+    from sklearn.linear_model import LogisticRegression
+
+    names = sorted(set(train_domains))
+    means = torch.stack([x_val[torch.from_numpy(val_domains == d)].mean(0) for d in names]).double()
+    unit = means / means.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    cos = unit @ unit.T
+    pairs = cos[~torch.eye(len(names), dtype=torch.bool)]
+    common = float(x_val.double().mean(0).square().sum() / x_val.double().square().sum(1).mean().clamp(min=1e-30))
+    probe = LogisticRegression(max_iter=2000).fit(x_train.double().numpy(), train_domains)
+    return dict(domain_cosine=float(pairs.mean()), common_share=common,
+                probe_accuracy=float((probe.predict(x_val.double().numpy()) == val_domains).mean()))
+
+
+@torch.no_grad()
+def update_spread(head, hidden: torch.Tensor, conds: torch.Tensor) -> float:
+    """sqrt(mean_g ||D_g - mean D||^2) / ||mean D||, D_g = the logits' update on `hidden` for input conds[g]: how far
+    the generated adapter moves with its input, relative to its common part (0: one static adapter)."""
+    A, B = head.generate_adapter(conds)  # (G, r, d_in), (G, d_out, r)
+    deltas = [head.scaling * (hidden @ a.T) @ b.T for a, b in zip(A, B)]
+    mean = torch.stack(deltas).mean(0)
+    spread = torch.stack([(d - mean).square().sum() for d in deltas]).mean().sqrt()
+    return float(spread / mean.norm().clamp(min=1e-30))
+
+
+@torch.no_grad()
+def diagnose(cfg: Config) -> Path:
+    """diagnostics.csv and its figure: for every run of `diagnosed_runs`, the geometry of what its hypernetwork reads
+    (after cond_norm) and the spread of its generated update across validation k-means groups and across domains."""
+    from chameleon import plots
+    from chameleon.backbones import load_backbone
+    from chameleon.clustering import incoming_batches
+    from chameleon.prepare import prepare
+    from chameleon.runs import load_trained
+    from chameleon.training import scored_rows
+
+    out = folder(cfg)
+    model, tokenizer = load_backbone(cfg.backbone, cache_dir=cfg.cache_dir)
+    table = []
+    for stage, recipe, name, chosen in diagnosed_runs(out):
+        run = cfg.replace(seed=0, **ROWS[name].overrides, **chosen)
+        adapted = load_trained(run, model)
+        train_split, val, _ = prepare(run, model, tokenizer)
+        head = adapted.head
+        read = {s.name: (s.cond_emb - head.cond_shift) / head.cond_scale for s in (train_split, val)}
+        rows = scored_rows(adapted, val, True, run.cache_dir)
+        hidden = rows.hidden[torch.arange(min(PROBE_ROWS, len(rows.target)))]
+        groups = torch.stack([val.cond_emb[c].mean(0) for _, c in incoming_batches(val, run.batch_size,
+                                                                                  run.conditioning, "kmeans")])
+        names = sorted(set(val.domains))
+        by_domain = torch.stack([val.cond_emb[torch.from_numpy(val.domains == d)].mean(0) for d in names])
+        table.append(dict(stage=stage, recipe=recipe, row=name, label=f"{recipe} ({stage})", domains=len(names),
+                          **geometry(read["train"], train_split.domains, read["validation"], val.domains),
+                          spread_groups=update_spread(head, hidden, groups),
+                          spread_domains=update_spread(head, hidden, by_domain)))
+    frame = pd.DataFrame(table)
+    frame.drop(columns=["label", "domains"]).to_csv(out / "diagnostics.csv", index=False, float_format="%.6g")
+    plots.control_diagnostics(frame, cfg.profile)
+    return out / "diagnostics.csv"

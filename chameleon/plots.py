@@ -498,3 +498,27 @@ def domains_comparisons(table: pd.DataFrame, pairs: list[tuple[str, str]], batch
     ax.set_xlabel("difference in val loss (nats / token), 95% bootstrap over lines; < 0: first is better")
     ax.legend(title="batching", loc="best", fontsize=8)
     return save(fig, pd.DataFrame(shown), name, profile)
+
+
+def control_diagnostics(table: pd.DataFrame, profile: str, name: str = "diagnostics") -> Path:
+    """What the hypernetwork reads and writes, per conditioned row (colour) and recipe (group): a probe's accuracy
+    at telling the domain from its input, and the relative spread of its generated update across domains (log
+    scale); chameleon.domains_control.diagnose gives the table."""
+    rows = list(dict.fromkeys(table.row))
+    recipes = list(dict.fromkeys(table.label))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(recipes) * len(rows) / 2 + 2), sharey=True)
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        part = table[table.row == row].set_index("label").reindex(recipes)
+        y = np.arange(len(recipes)) + (i - (len(rows) - 1) / 2) * width
+        colour = KIND_COLOURS[i % len(KIND_COLOURS)]
+        axes[0].barh(y, part.probe_accuracy, height=width, color=colour, label=row)
+        axes[1].barh(y, part.spread_domains, height=width, color=colour)
+    axes[0].set_yticks(range(len(recipes)), recipes)
+    axes[0].invert_yaxis()
+    axes[0].set_xlabel("probe accuracy: the domain from the hypernetwork's input (validation)")
+    axes[0].axvline(1 / table.domains.iloc[0], color="grey", lw=0.8, ls=":")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("spread of the generated update across domains / its mean (log)")
+    axes[0].legend(fontsize=8, loc="lower right")
+    return save(fig, table, name, profile)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from chameleon import domains as domains_experiment
+from chameleon import domains as domains_experiment, domains_control
 from chameleon.compare import PAPER_TABLE, WIKITEXT2_PAD_SHARE_256
 from chameleon.config import ROOT, Config
 from chameleon.report import paired_differences, to_markdown
@@ -29,6 +29,8 @@ ANSWERS = ("<!-- answers: written by `python -m chameleon report` from results/;
            "<!-- /answers -->")
 DOMAINS_FOLDER = "results/domains/lm"  # the domains experiment's CSVs (chameleon.domains)
 DOMAINS = f"{DOMAINS_FOLDER}/RESULTS.md"
+CONTROL_FOLDER = "results/domains_control/lm"  # the second domains experiment's CSVs (chameleon.domains_control)
+CONTROL = f"{CONTROL_FOLDER}/RESULTS.md"
 
 
 def load(root: Path = ROOT) -> dict[str, pd.DataFrame]:
@@ -40,6 +42,7 @@ def load(root: Path = ROOT) -> dict[str, pd.DataFrame]:
         t[f"{name}_runs"] = pd.read_csv(root / f"{stem}-runs.csv")
     t["heads_paired"] = pd.read_csv(root / f"{TABLES['heads']}-paired.csv")
     t["shares"] = pd.read_csv(root / f"{TABLES['paper_length']}-shares.csv")
+    t["control_folder"] = root / CONTROL_FOLDER
     if (root / DOMAINS_FOLDER / "runs.csv").exists():
         t["domains_lines"] = domains_experiment.line_table(root / DOMAINS_FOLDER)
     return t
@@ -371,7 +374,9 @@ protocols as the `cpu` table above. Causal protocol, beside that table's rows:
 def domains(t) -> str:
     return (f"## Across domains\n\nDoes adapting to the batch help across domains: see [{DOMAINS}]({DOMAINS}) (the "
             "`domains` experiment; its analysis plan, committed before any result, is "
-            "[results/domains/lm/PLAN.md](results/domains/lm/PLAN.md)).\n")
+            "[results/domains/lm/PLAN.md](results/domains/lm/PLAN.md)), and the second experiment, whose positive "
+            f"control asks first whether the hypernetwork can read its input at all: [{CONTROL}]({CONTROL}) "
+            f"([its plan]({CONTROL_FOLDER}/PLAN.md)).\n")
 
 
 def results_md(t) -> str:
@@ -415,6 +420,8 @@ profile, 3 seeds, difference in nats: {ci(bm)}), but so does the control conditi
 heterogeneous incoming batches grouped at inference ([{DOMAINS}]({DOMAINS}), plan committed before the runs):
 {across_domains(t)}
 
+{control_answer(t)}
+
 **ChamaleonLLM or Transformer²?** On this data one SVF expert ({one_expert.trainable_params:,} parameters on the MLP
 matrices) reaches {pm(one_expert)} causal, below the ChamaleonLLM head ({cham.trainable_params:,} parameters,
 {pm(cham)}); three SVF experts reach {span(experts.val_loss)} whatever the dispatch.{transformer2_across_domains(t)}
@@ -430,6 +437,15 @@ def across_domains(t) -> str:
     return "\n".join(domains_experiment.answer(domains_experiment.comparisons(lines)))
 
 
+def control_answer(t, up: str = "") -> str:
+    """The second domains experiment's answer, or where it stands (links relative to a file `up` from the root)."""
+    out = t["control_folder"]
+    said = domains_control.answer_of(out) if (out / "epochs.csv").exists() else \
+        "its dev stage (recipes, rates, epochs) has not finished."
+    return (f"But this experiment's positive control failed too, so a second one asks first whether the hypernetwork "
+            f"can read its input ([{CONTROL}]({up}{CONTROL}), plan committed before its runs): {said}")
+
+
 def transformer2_across_domains(t) -> str:
     """The domains experiment's sentence on Transformer²'s rows, after a space, or nothing before they ran."""
     lines = t.get("domains_lines")
@@ -437,21 +453,38 @@ def transformer2_across_domains(t) -> str:
     return f" {said}" if said else ""
 
 
-def readme_with_answers(readme: str, block: str) -> str:
-    """README.md's text with its answers block replaced by `block`."""
-    start, end = (re.escape(m) for m in ANSWERS)
+def readme_with_answers(readme: str, block: str, markers: tuple[str, str] = ANSWERS, name: str = "README.md") -> str:
+    """A file's text (README.md's by default) with its generated block, between `markers`, replaced by `block`."""
+    start, end = (re.escape(m) for m in markers)
     if not re.search(f"{start}.*{end}", readme, flags=re.S):
-        raise ValueError("README.md has no answers block (its two markers: chameleon.results.ANSWERS)")
+        raise ValueError(f"{name} has no generated block (its two markers: {markers})")
     return re.sub(f"{start}.*{end}", lambda _: block, readme, flags=re.S)
+
+
+WORKSHOP_KEY = ("<!-- domains: written by `python -m chameleon report` from results/domains*/; edit chameleon/results.py -->",
+                "<!-- /domains -->")
+
+
+def workshop_domains(t) -> str:
+    """docs/workshop.md's key on the domains experiments: their primary comparisons and the second one's answer."""
+    lines = t.get("domains_lines")
+    first = "the first domains experiment has not landed." if lines is None else (
+        "On six domains (`domains`, 5 seeds, `kmeans` batching) the batch's leak-free prefix against a constant "
+        "input: " + domains_experiment.answer(domains_experiment.comparisons(lines))[0].split(": ", 1)[1].rstrip("."))
+    return f"{WORKSHOP_KEY[0]}\n   {first}.\n   {control_answer(t, '../')}\n   {WORKSHOP_KEY[1]}"
 
 
 def texts(root: Path = ROOT) -> dict[str, str]:
     """Every file `write` writes, by path relative to root, with its text."""
     t = load(root)
     files = {"RESULTS.md": results_md(t),
-             "README.md": readme_with_answers((root / "README.md").read_text(), answers(t))}
+             "README.md": readme_with_answers((root / "README.md").read_text(), answers(t)),
+             "docs/workshop.md": readme_with_answers((root / "docs/workshop.md").read_text(), workshop_domains(t),
+                                                     WORKSHOP_KEY, "docs/workshop.md")}
     if "domains_lines" in t:
         files[DOMAINS] = domains_experiment.results_text(root / DOMAINS_FOLDER)
+    if (root / CONTROL_FOLDER / "epochs.csv").exists():
+        files[CONTROL] = domains_control.results_text(root / CONTROL_FOLDER)
     for task, stem in PAIRED.items():
         paired = head_paired(t[f"{task}_runs"])
         files[f"{stem}.csv"] = paired.to_csv(index=False)

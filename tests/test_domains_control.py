@@ -193,3 +193,26 @@ def test_the_dev_stage_and_the_runs_end_to_end(tmp_path, labelled, monkeypatch):
     assert len(runs) == 2 * len(dc.ROWS) and (runs[runs.row == "chameleon_constant"].epochs == chosen["chameleon_prefix"]["epochs"]).all()
     text = dc.results_text(out)
     assert "## Answer" in text and dc.run_seeds(cfg, seeds=2, progress=False).equals(runs)
+
+
+def test_update_spread_and_geometry_against_slow_loops():
+    torch.manual_seed(0)
+    head = ChameleonHead(torch.nn.Linear(8, 20, bias=False), d_cond=6, rank=2, alpha=1.0, flavour="authors",
+                         hidden=(5,), dropout=0.0).eval()
+    hidden, conds = torch.randn(7, 8), torch.randn(4, 6)
+    full = []
+    for c in conds:  # the update as a whole matrix, one input at a time
+        A, B = head.generate_adapter(c)
+        full.append(hidden @ (head.scaling * B @ A).T)
+    full = torch.stack(full)
+    slow = (full - full.mean(0)).flatten(1).norm(dim=1).square().mean().sqrt() / full.mean(0).norm()
+    assert dc.update_spread(head, hidden, conds) == pytest.approx(float(slow), rel=1e-5)
+    assert dc.update_spread(head, hidden, conds[:1].expand(3, 6)) == pytest.approx(0, abs=1e-6)
+    x = torch.randn(60, 3) + torch.tensor([5.0, 0, 0])  # a large common component, domains apart on dimension 1
+    doms = np.array(list("ab") * 30)
+    x[doms == "a", 1] += 8
+    g = dc.geometry(x, doms, x, doms)
+    a, b = x[doms == "a"].mean(0), x[doms == "b"].mean(0)
+    assert g["domain_cosine"] == pytest.approx(float(torch.nn.functional.cosine_similarity(a, b, dim=0)), rel=1e-5)
+    assert g["common_share"] == pytest.approx(float(x.mean(0).square().sum() / x.square().sum(1).mean()), rel=1e-5)
+    assert g["probe_accuracy"] == 1.0
