@@ -32,7 +32,7 @@ from chameleon.backbones import load_backbone
 from chameleon.config import Config
 from chameleon.fused_loss import CHUNK
 from chameleon.prepare import prepare
-from chameleon.model import build, hyper_parameters
+from chameleon.adapters.model import build, hyper_parameters
 from chameleon.training import optimizer, trimmed
 
 MAX_MATMUL_RATIO, MAX_REL_DIFF = 1.3, 1e-5
@@ -78,7 +78,7 @@ def loss_sum(adapted, data, chunk):
     cond = data["cond"] if adapted.conditioned else None
     if chunk == 0:
         return objectives.loss_sum(adapted.logits(data["hidden"], cond), data["target"])
-    return adapted.loss_sum(data["hidden"], data["target"], cond, chunk)
+    return adapted.loss_sum(data["hidden"], data["target"], cond, chunk=chunk)
 
 
 def step(adapted, opt, data, chunk) -> float:

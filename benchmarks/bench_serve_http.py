@@ -1,7 +1,7 @@
 """Load test of `serve` on localhost: N concurrent clients against the same N requests sent one at a time
 (writes benchmarks/results/serve_http.md).
 
-The server (chameleon.server, in a thread of this process) serves a `chameleon` run of the smoke profile on
+The server (chameleon.serve.server, in a thread of this process) serves a `chameleon` run of the smoke profile on
 SmolLM2-135M (causal protocol, one epoch, trained into a temp folder as bench_serving does; or --run DIR).
 Each request is one prompt (the first words of a validation extract) with max_tokens MAX_NEW; the client is
 urllib in a thread pool. "concurrent": all N requests at once, so the server's window gathers them into
@@ -27,8 +27,8 @@ from pathlib import Path
 
 from benchmarks.bench_serving import prompts_pool, trained
 from benchmarks.timing import write_report
-from chameleon.server import background, create_app
-from chameleon.serving import Adapter
+from chameleon.serve.server import background, create_app
+from chameleon.serve.adapter import Adapter
 
 MAX_NEW = 16
 OUT = Path(__file__).resolve().parent / "results" / "serve_http.md"

@@ -27,8 +27,8 @@ import torch
 from benchmarks.timing import interleaved, write_report
 from chameleon.config import ROOT, Config
 from chameleon.data import load_lm_corpus
-from chameleon.generation import greedy
-from chameleon.serving import Adapter, tokenize_prompts
+from chameleon.serve.decoding import greedy
+from chameleon.serve.adapter import Adapter, tokenize_prompts
 from chameleon.runs import run_dir
 from chameleon.training import train
 

@@ -20,7 +20,7 @@ from torch.func import functional_call
 from benchmarks.timing import interleaved, write_report
 from chameleon.backbones import load_backbone
 from chameleon.config import Config
-from chameleon.model import build
+from chameleon.adapters.model import build
 
 BATCH, LENGTH, REPEATS = 8, 32, 5
 MAX_REL_DIFF, MAX_GRAD_DIFF = 1e-4, 1e-3

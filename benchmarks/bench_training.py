@@ -20,7 +20,7 @@ from chameleon.backbones import load_backbone
 from chameleon.clustering import ClusterBatchSampler
 from chameleon.config import Config
 from chameleon.prepare import prepare
-from chameleon.model import build, hyper_parameters
+from chameleon.adapters.model import build, hyper_parameters
 from chameleon.training import batch_loss, optimizer, scored_rows
 
 MAX_STEP_RATIO, MIN_CACHE_SPEEDUP, MAX_LOSS_DIFF = 1.10, 5.0, 1e-4

@@ -72,7 +72,7 @@ def _add_export_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_serve_options(parser: argparse.ArgumentParser) -> None:
-    from chameleon.server import LIMITS
+    from chameleon.serve.server import LIMITS
 
     parser.add_argument("--run", required=True, help="a finished run folder (`train` prints it)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -106,7 +106,7 @@ def _bool(text: str) -> bool:
 
 def params(args) -> int:
     cfg = _config(args)
-    from chameleon.compare import parameter_table
+    from chameleon.experiments.compare import parameter_table
 
     print(f"trainable parameters on {cfg.backbone}, rank {cfg.rank} (unadapted: the backbone's total)")
     for _, row in parameter_table(cfg).iterrows():
@@ -116,11 +116,11 @@ def params(args) -> int:
 
 def train(args) -> int:
     cfg = _config(args)  # before the heavy imports: a bad option is refused at once
-    from chameleon.locks import RunLocked
+    from chameleon.experiments.locks import RunLocked
     from chameleon.runs import plan, run_dir
-    from chameleon.sweeps import train_step
+    from chameleon.experiments.sweeps import train_step
 
-    try:  # each run under its lock (chameleon.locks): another worker may be training it
+    try:  # each run under its lock (chameleon.experiments.locks): another worker may be training it
         for step in plan(cfg)[:-1]:  # the runs this one depends on (experts under a dispatch chosen at inference)
             print(f"first: {run_dir(step)}")
             train_step(step, resume=args.resume, wait=args.if_locked == "wait")
@@ -145,17 +145,17 @@ def train(args) -> int:
 
 def compare(args) -> int:
     cfg = _config(args)
-    from chameleon.compare import SVF_RUNS, _command, compare as compare_runs, heads, paper_length
-    from chameleon.report import to_markdown
+    from chameleon.experiments.compare import SVF_RUNS, _command, compare as compare_runs, heads, paper_length
+    from chameleon.experiments.report import to_markdown
     from chameleon.runs import results_folder
 
     svf = functools.partial(compare_runs, runs=SVF_RUNS[cfg.task], stem=f"svf-seeds{args.seeds}",
                             command=_command(cfg, "svf", args.seeds))  # the SVF rows alone, beside the full table
     run = {"all": compare_runs, "svf": svf, "paper-length": paper_length, "heads": heads}[args.experiment]
     lengths = {"lengths": tuple(int(n) for n in args.lengths.split(","))} if args.experiment == "paper-length" else {}
-    if args.plan:  # the runs alone, for a scheduler (chameleon.sweeps)
-        from chameleon.compare import experiment_runs
-        from chameleon.sweeps import plan_lines
+    if args.plan:  # the runs alone, for a scheduler (chameleon.experiments.sweeps)
+        from chameleon.experiments.compare import experiment_runs
+        from chameleon.experiments.sweeps import plan_lines
 
         print("\n".join(plan_lines(experiment_runs(cfg, args.experiment, args.seeds, **lengths), args.format)))
         return 0
@@ -166,10 +166,10 @@ def compare(args) -> int:
 
 
 def domains(args) -> int:
-    """A domains experiment, stage by stage: the first (chameleon.domains, --profile domains) or the second, with
-    its positive control (chameleon.domains_control, --profile domains_control)."""
+    """A domains experiment, stage by stage: the first (chameleon.experiments.domains, --profile domains) or the second, with
+    its positive control (chameleon.experiments.domains_control, --profile domains_control)."""
     cfg = _config(args)
-    from chameleon import domains as first, domains_control as second
+    from chameleon.experiments import domains as first, domains_control as second
 
     experiment = {"domains_control": second}.get(cfg.profile, first)
     if args.stage == "lr":
@@ -177,10 +177,10 @@ def domains(args) -> int:
     elif args.stage == "runs":
         experiment.run_seeds(cfg, args.seeds)
         print(f"runs written to {first.folder(cfg) / 'runs.csv'}; now --stage report")
-    elif args.stage == "diagnose":
-        if not hasattr(experiment, "diagnose"):
-            raise ValueError("--stage diagnose belongs to the second experiment: add --profile domains_control")
-        print(f"written: {experiment.diagnose(cfg)}")
+    elif args.stage in ("diagnose", "costs"):
+        if not hasattr(experiment, args.stage):
+            raise ValueError(f"--stage {args.stage} belongs to the second experiment: add --profile domains_control")
+        print(f"written: {getattr(experiment, args.stage)(cfg)}")
     else:
         print(f"written: {experiment.report(cfg)}")
     return 0
@@ -189,7 +189,7 @@ def domains(args) -> int:
 def report(args) -> int:
     """Write RESULTS.md, the README's answers and the cpu paired tables from the committed CSVs; with --check,
     compare a reproduction's runs with the committed ones instead (what `make reproduce` ends with)."""
-    from chameleon import results
+    from chameleon.experiments import results
 
     if args.check is None:
         for path in results.write():
@@ -208,8 +208,8 @@ def notebooks(args) -> int:
     """Run every notebook in order on the profile into runs/<profile>/ (or, with --in-place, over the
     committed notebooks: how their smoke outputs are refreshed), then print the results table."""
     cfg = _config(args)  # before the heavy imports: a bad option is refused at once
-    from chameleon.notebooks import NOTEBOOKS, notebook_paths, run_notebooks
-    from chameleon.report import summary, to_markdown
+    from chameleon.experiments.notebooks import NOTEBOOKS, notebook_paths, run_notebooks
+    from chameleon.experiments.report import summary, to_markdown
     from chameleon.runs import finished_runs
 
     chosen = [p for p in notebook_paths() if not args.only or any(p.name.startswith(o) for o in args.only)]
@@ -227,7 +227,7 @@ def generate(args) -> int:
     """Answer prompts with a trained run, one batch, one adapter per group."""
     from pathlib import Path
 
-    from chameleon.serving import Adapter
+    from chameleon.serve.adapter import Adapter
 
     prompts = list(args.prompts)
     if args.prompts_file:
@@ -255,8 +255,8 @@ def generate(args) -> int:
 
 def export(args) -> int:
     """Write a trained run as PEFT LoRA adapters that load without the kit."""
-    from chameleon.export import check_target
-    from chameleon.serving import Adapter
+    from chameleon.serve.export import check_target
+    from chameleon.serve.adapter import Adapter
 
     check_target(Path(args.out), args.force)  # before loading the run: a refusal comes at once
     adapter = Adapter.from_run(args.run, device="cpu")
@@ -269,7 +269,7 @@ def export(args) -> int:
 
 def serve(args) -> int:
     """Answer HTTP completion requests with a trained run, batching those that arrive together."""
-    from chameleon.server import LIMITS, serve as run_server
+    from chameleon.serve.server import LIMITS, serve as run_server
 
     run_server(args.run, host=args.host, port=args.port, group=args.group, device=args.device or "auto",
                **{name: getattr(args, name) for name in LIMITS})
@@ -302,7 +302,7 @@ COMMANDS = {"doctor": (doctor, "check torch, the device and every embedded asset
             "export": (export, "write a trained run as PEFT LoRA adapters (+ routing for chameleon runs)"),
             "serve": (serve, "an HTTP server (OpenAI-style /v1/completions) that batches requests into groups"),
             "reinforce": (reinforce, "train one SVF expert with REINFORCE (reward: ROUGE-L) on the instruction task"),
-            "domains": (domains, "the domains experiment: --stage lr, then runs, then report (chameleon.domains)"),
+            "domains": (domains, "the domains experiment: --stage lr, then runs, then report (chameleon.experiments.domains)"),
             "report": (report, "write RESULTS.md and the README's answers from results/, or --check a reproduction")}
 
 
@@ -330,11 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="overwrite notebooks/*.ipynb with the executed copies (committed outputs: smoke)")
             command.add_argument("--only", nargs="+", metavar="PREFIX", help="only the notebooks starting with these, e.g. 01 02")
         if name == "domains":
-            command.add_argument("--stage", required=True, choices=["lr", "runs", "report", "diagnose"],
+            command.add_argument("--stage", required=True, choices=["lr", "runs", "report", "diagnose", "costs"],
                                  help="lr: the dev stage at seed 0 (rates; with --profile domains_control also the "
                                       "recipes, their control and the epochs); runs: every row for --seeds seeds; "
                                       "report: RESULTS.md and the figures from the CSVs; diagnose (domains_control): "
-                                      "what the hypernetwork reads and writes, from the run folders")
+                                      "what the hypernetwork reads and writes, from the run folders; costs "
+                                      "(domains_control): adapters per line, step and evaluation time, batch against line")
             command.add_argument("--seeds", type=int, default=5, help="runs: seeds 0 .. N-1")
         if name == "compare":
             command.add_argument("--seeds", type=int, default=1, help="seeds per run; the table shows mean ± std")

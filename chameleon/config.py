@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chameleon.regimes import BATCHINGS, CONDITIONINGS, DISPATCHES, MIXABLE_KINDS, PROTOCOLS, REGIMES
+from chameleon.regimes import BATCHINGS, CONDITIONINGS, DISPATCHES, LEVELS, MIXABLE_KINDS, PROTOCOLS, REGIMES
 
 # The checkout: data/, results/, figures/ live there. An installed copy (`pip install .`) sits in site-packages,
 # which is no place for them: it works in the current directory instead.
@@ -58,10 +58,12 @@ class Config:
     # scaled by alpha / r_matched, 33x less than rank 4's), or "scaled" so its scaling equals the rank-`rank` LoRA's
     hyper_hidden: tuple[int, ...] = (64, 32)  # hypernetwork hidden widths, as in the paper
     hyper_dropout: float = 0.5  # hypernetwork dropout, as in the paper
+    cond_level: str = "batch"  # a row of regimes.LEVELS: one generated adapter per "batch" (the paper), per "line" (each
+    # line's own vector, in training and evaluation) or "line_eval" (the batch-trained head, one adapter per line at inference)
     cond_norm: str = "none"  # what the hypernetwork reads: the conditioning vector as it is ("none", the paper) or
     # "standardize"d, each dimension centred and scaled by the per-line training vectors' mean and std (stored with the
     # run, applied wherever a vector meets the hypernetwork: training, evaluation, serving, export)
-    # --- experts (regimes svf, svf_experts, lora_experts; see model.Experts and chameleon.svf) ---
+    # --- experts (regimes svf, svf_experts, lora_experts; see adapters.experts and adapters.svf) ---
     n_experts: int = 3  # *_experts: k of the coarse k-means on the examples' cluster embeddings, one expert per group
     expert_groups: str = "kmeans"  # *_experts: groups by k-means ("kmeans") or by the corpus's true domain ("domain":
     # an oracle control; n_experts must equal the number of domains)
@@ -141,7 +143,8 @@ class Config:
                    "matched_alpha": ("same", "scaled"), "expert_groups": ("kmeans", "domain"),
                    "conditioning": tuple(c for c, row in CONDITIONINGS.items() if self.task in row.tasks),
                    "dispatch": tuple(DISPATCHES), "objective": OBJECTIVES, "precision": PRECISIONS,
-                   "cond_norm": COND_NORMS, "route_by": ("full", "prefix"), "dev_key": ("text", "group")}
+                   "cond_norm": COND_NORMS, "route_by": ("full", "prefix"), "dev_key": ("text", "group"),
+                   "cond_level": tuple(LEVELS)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid here; choose one of {list(allowed)}")
@@ -152,6 +155,13 @@ class Config:
         if kind and DISPATCHES[self.dispatch].mixes and kind not in MIXABLE_KINDS:
             raise ValueError(f"dispatch={self.dispatch!r} mixes experts, and {self.regime}'s {kind} experts cannot be "
                              f"mixed; choose one of {[d for d, row in DISPATCHES.items() if not row.mixes]}")
+        if DISPATCHES[self.dispatch].per_line and REGIMES[self.regime].experts not in ("", "head"):
+            raise ValueError(f"dispatch={self.dispatch!r} gives each line of a batch its own expert, which only head "
+                             f"experts can (the body runs once per batch); {self.regime} holds its experts in the body: "
+                             f"choose one of {[d for d, row in DISPATCHES.items() if not row.per_line]}")
+        if self.cond_level != "batch" and CONDITIONINGS[self.conditioning].other_batch:
+            raise ValueError(f"cond_level={self.cond_level!r} conditions each line on its own vector, and conditioning "
+                             f"{self.conditioning!r} reads another batch's: set cond_level='batch'")
         if self.objective == "reinforce" and (self.regime, self.task) != ("svf", "instructions"):
             raise ValueError(f"objective='reinforce' trains one SVF expert on the instruction task (its reward is ROUGE-L): "
                              f"set regime='svf' and task='instructions', not {self.regime!r} and {self.task!r}")
@@ -216,7 +226,7 @@ EXPERT_FIELDS = ("n_experts", "dispatch", "cem_shots", "cem_population", "cem_it
 # Fields added after runs were committed: left out of a run's name at their default (runs.run_name), so those
 # runs keep their folders; a value other than the default changes what a run computes, and its name.
 ADDED_FIELDS = ("score_from", "dev_split", "matched_alpha", "expert_groups", "batchings", "cem_held_out", "accumulate",
-                "precision", "cond_norm", "route_by", "dev_key")
+                "precision", "cond_norm", "route_by", "dev_key", "cond_level")
 # Fields that only REINFORCE reads: left out of next-token runs' names (runs.run_name) and of the other commands' options.
 REINFORCE_FIELDS = ("objective", "reinforce_steps", "max_grad_norm", "temperature", "kl_coef")
 
@@ -235,7 +245,7 @@ PROFILES: dict[str, dict] = {
     "study": dict(backbone="smollm2", max_train_examples=2000, max_eval_examples=500, max_length=64,
                   batch_size=8, epochs=2, lr=1e-3),
     # does adapting to the batch help when the inputs differ? six domains (data.DOMAINS), head-only regimes,
-    # every run scored after the first prefix_tokens tokens (compare --experiment domains, chameleon.domains)
+    # every run scored after the first prefix_tokens tokens (compare --experiment domains, chameleon.experiments.domains)
     "domains": dict(backbone="smollm2", corpus="domains", max_length=48, batch_size=8, epochs=2, lr=1e-3,
                     prefix_tokens=8, score_from=8, n_experts=6, matched_alpha="scaled",
                     batchings=("clustered", "kmeans", "mixed")),
@@ -243,7 +253,7 @@ PROFILES: dict[str, dict] = {
     "hub": dict(backbone="gpt2", corpus="wikitext-2-raw-v1", instructions="alpaca", max_length=256,
                   batch_size=32, epochs=10, lr=5e-4, rank=4, alpha=1.0),
 }
-# the positive control and the primary question again (chameleon.domains_control): the domains profile with lines
+# the positive control and the primary question again (chameleon.experiments.domains_control): the domains profile with lines
 # routed and grouped by their prefix alone, and the dev split carved by article / file / conversation
 PROFILES["domains_control"] = dict(PROFILES["domains"], route_by="prefix", dev_key="group")
 

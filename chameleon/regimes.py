@@ -3,7 +3,7 @@
 Everything that depends on an axis reads its table: config validation, `model.build`, the
 objectives, the embeddings, the parameter table, the colours and styles of the figures and the
 labels of the results tables. Adding a regime is one row here and, if it needs a new kind of
-adapter, its component in `chameleon.model`; adding a conditioning is one row here, and a new
+adapter, its component in `chameleon.adapters.model`; adding a conditioning is one row here, and a new
 way of embedding its text in `prepare._encode` if no row's fields describe it.
 
 This module imports nothing heavy, so a bad `--regime` is refused before torch is loaded.
@@ -18,12 +18,12 @@ class Regime:
     name: str
     head: str  # "base" (the frozen LM head), "lora" (one learned LoRA) or "hyper" (LoRA written by the hypernetwork)
     blocks: str  # "frozen"; "lora": LoRA on every linear / Conv1D layer of the blocks as well; "svf": Transformer²'s
-    # SVF on the blocks' MLP matrices (their singular values rescaled by sigmoid(z), see chameleon.svf)
+    # SVF on the blocks' MLP matrices (their singular values rescaled by sigmoid(z), see chameleon.adapters.svf)
     colour: str  # its colour in every figure (Okabe-Ito, colour-blind safe)
     about: str  # one line for tables and the README
     matched_rank: bool = False  # head LoRA rank chosen so that its parameters match the hypernetwork's
     experts: str = ""  # "head" or "blocks": that adapter is held once per coarse group of the data (cfg.n_experts),
-    # and cfg.dispatch picks one per batch at inference (model.Experts); "": one adapter for all data
+    # and cfg.dispatch picks one per batch at inference (adapters.experts.Experts); "": one adapter for all data
 
     @property
     def conditioned(self) -> bool:
@@ -78,7 +78,7 @@ class Protocol:
     target_offset: int  # the target of position t is token t + offset: 0 (the token itself, authors) or 1 (next)
     embeds_padding: bool  # example embeddings average every position, padding included (authors) or real tokens
     attends_nonzero: bool  # the backbone attends to `input_ids != 0` (authors' test of token 0) or to real tokens
-    lora: str  # LoRA flavour (chameleon.lora): "authors" (A, B ~ N(0, 0.01^2), scale alpha) or "standard" (PEFT's)
+    lora: str  # LoRA flavour (chameleon.adapters.lora): "authors" (A, B ~ N(0, 0.01^2), scale alpha) or "standard" (PEFT's)
     linestyle: str  # its line style in figures
     about: str
 
@@ -152,6 +152,22 @@ NO_CONDITIONING = Conditioning("-", ("lm", "instructions"), "full", False, False
 
 
 @dataclass(frozen=True)
+class Level:
+    """How many lines share one generated adapter (Config.cond_level): the paper's batch, or each line its own."""
+    name: str
+    trains_per_line: bool  # training gives every line its own adapter, from its own vector
+    evaluates_per_line: bool  # evaluation does (a batch-trained head evaluated per line evaluates the batch run)
+    about: str
+
+
+LEVELS: dict[str, Level] = {lv.name: lv for lv in [
+    Level("batch", False, False, "the paper: one adapter per batch, from the batch's mean vector"),
+    Level("line", True, True, "one adapter per line, from the line's own vector, in training and evaluation"),
+    Level("line_eval", False, True, "the batch-trained head (cond_level batch's run), one adapter per line at inference"),
+]}
+
+
+@dataclass(frozen=True)
 class Dispatch:
     """How an experts regime picks its expert for a batch at inference. Training always routes a batch to
     its true group's expert, so runs that differ in the dispatch alone share their trained experts: they
@@ -161,6 +177,7 @@ class Dispatch:
     uses_truth: bool  # reads the batch's true group: an upper bound, not a deployable dispatch
     mixes: bool  # combines the experts (sum_k alpha_k z_k): only for experts that can be mixed (SVF's z)
     about: str
+    per_line: bool = False  # each line of a batch gets its own expert (multi-adapter serving); head experts only
 
 
 DISPATCHES: dict[str, Dispatch] = {d.name: d for d in [
@@ -171,6 +188,10 @@ DISPATCHES: dict[str, Dispatch] = {d.name: d for d in [
     Dispatch("cem", False, True, True,
              "a mixture whose weights a few-shot CEM search fits on cfg.cem_shots train examples of the batch's "
              "true group (population x iterations forward passes of the shots, once per group)"),
+    Dispatch("oracle_line", False, True, False, "each line's own true group, inside a mixed batch (an oracle)",
+             per_line=True),
+    Dispatch("classifier_line", False, False, False, "each line's own nearest group centroid (its prefix), inside a "
+             "mixed batch, as multi-adapter servers route every request to its adapter", per_line=True),
 ]}
 
 

@@ -7,7 +7,7 @@
 A step draws `cfg.batch_size` prompts (a new shuffle for every pass over them), samples one answer to
 each with the expert's W' built once (no grad), scores it by its ROUGE-L F against the reference
 (0-1), then computes log p(answer | prompt) with the expert applied factored, so that gradients
-reach z, and makes one `svf.reinforce_step` (the two ways `model.SVFExperts` applies an expert).
+reach z, and makes one `reinforce_step` (below; the two ways `svf.SVFExperts` applies an expert).
 The reference's settings (lr 2e-3, max_grad_norm 1e-3, temperature 1, KL 0) are the defaults of an
 objective="reinforce" config; its batch (256) and steps (2,000) are far beyond a CPU
 (config.REINFORCE_OVERRIDES), and `reinforce_step` subtracts the batch's mean reward where the
@@ -22,15 +22,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from chameleon.backbones import device as resolve_device, load_backbone
 from chameleon.cache import write_atomic
 from chameleon.config import Config, RunFailed
-from chameleon.generation import decode, generate, rouge_l, rouge_l_scores
-from chameleon.model import Adapted, build
+from chameleon.serve.decoding import decode, generate
+from chameleon.serve.metrics import rouge_l, rouge_l_scores
+from chameleon.adapters.model import Adapted, build
 from chameleon.prepare import load_split_texts, prepare
 from chameleon.runs import finished, results_folder, run_dir, save_centroids, save_checkpoint
-from chameleon.svf import answer_kl, reinforce_step, sequence_log_probs
 from chameleon.training import progress_bar
 
 
@@ -89,7 +91,7 @@ def reinforce(adapted: Adapted, tokenizer, prompts: list[str], references: list[
         while len(order) < batch_size:
             order += torch.randperm(len(prompts), generator=g).tolist()
         batch, order = order[:batch_size], order[batch_size:]
-        # no grad: W' is built once for the step's sampling (model.SVFExperts.weights)
+        # no grad: W' is built once for the step's sampling (svf.SVFExperts.weights)
         answers = [decode(adapted, torch.tensor(ids[i]), max_new_tokens, eos, temperature=temperature, generator=g)
                    for i in batch]
         texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
@@ -207,3 +209,61 @@ def to_markdown(result: dict) -> str:
         f"the last {k}; each step draws other prompts, and with {cfg['batch_size']} answers a step its mean is noisy. "
         f"The largest change of any z: {result['z_change']:.3g} (Adam moves each by about lr a step).", "",
         "| step | reward | loss | grad norm | answer tokens |", "|---|---|---|---|---|", *steps, ""])
+
+
+# ---------------------------------------------------------------------------- the REINFORCE loss and step
+
+def sequence_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       answer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(answer | prompt) of each row, teacher-forced: the sum over the positions in `answer_mask`.
+
+    Args:
+        input_ids, attention_mask: (B, L) prompt + answer, right-padded.
+        answer_mask: (B, L) 1 on the answer's tokens (never on position 0).
+
+    Returns:
+        ((B,) summed log-probs, (B, L-1, V) log-softmax of the next-token logits, for a KL term).
+    """
+    logp = F.log_softmax(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float(), -1)
+    picked = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # position t predicts token t + 1
+    return (picked * answer_mask[:, 1:]).sum(1), logp
+
+
+def answer_kl(logp: torch.Tensor, ref_logp: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) KL(reference || policy) summed over the answer's positions, as the reference's KL term
+    (`F.kl_div(policy, reference, log_target=True)`); inputs from `sequence_log_probs`."""
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    return (kl * answer_mask[:, 1:]).sum(1)
+
+
+def reinforce_step(optimizer: torch.optim.Optimizer, log_probs: torch.Tensor, rewards: torch.Tensor,
+                   kl: torch.Tensor | None = None, kl_coef: float = 0.0, max_grad_norm: float = 1e-3,
+                   baseline: bool = True) -> dict[str, float]:
+    """One REINFORCE update of the z's: loss = -mean((r - b) * log p(answer)) + kl_coef * mean(kl).
+
+    Sample the answers first (without gradients), score them with the task's reward, then compute
+    `log_probs` with the expert applied factored, so that gradients reach z.
+
+    Args:
+        optimizer: over the z's, e.g. Adam(svf.parameters(), lr=2e-3) (the reference's lr).
+        log_probs: (B,) log p of each sampled answer under the adapted model, with a graph into z.
+        rewards: (B,) task success of each answer.
+        kl: (B,) optional per-answer KL to the unadapted model (`answer_kl`); used when kl_coef > 0.
+        kl_coef: KL coefficient (reference 0).
+        max_grad_norm: gradient-norm clip over the optimised parameters (reference 1e-3).
+        baseline: subtract the batch's mean reward (variance reduction; the reference uses raw rewards).
+
+    Returns:
+        Statistics: reward mean, loss, gradient norm before clipping.
+    """
+    rewards = torch.as_tensor(rewards, dtype=log_probs.dtype, device=log_probs.device)
+    advantage = rewards - rewards.mean() if baseline else rewards
+    loss = -(advantage * log_probs).mean()
+    if kl is not None and kl_coef > 0:
+        loss = loss + kl_coef * kl.mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    return {"reward": rewards.mean().item(), "loss": loss.item(), "grad_norm": norm.item()}

@@ -29,9 +29,10 @@ from safetensors.torch import load_file, save_file
 from chameleon.cache import write_atomic
 from chameleon.config import ADDED_FIELDS, EXPERT_FIELDS, REINFORCE_FIELDS, Config
 from chameleon.data import fingerprint
-from chameleon.model import build
+from chameleon.adapters.model import build
 from chameleon.parallel import processes
-from chameleon.regimes import CONDITIONINGS, DISPATCHES, PROTOCOLS, REGIMES, TRAINING_DISPATCH, conditioning_label
+from chameleon.regimes import (CONDITIONINGS, DISPATCHES, LEVELS, PROTOCOLS, REGIMES, TRAINING_DISPATCH,
+                               conditioning_label)
 
 RUN_KEYS = ("regime", "protocol", "conditioning", "dispatch", "score_from", "seed")  # what varies between the runs of one profile
 CHECKPOINT = "checkpoint.safetensors"  # weights, optimizer state and run metadata in one file
@@ -74,6 +75,9 @@ def trained_by(cfg: Config) -> Config | None:
         return cfg.replace(dispatch=TRAINING_DISPATCH)
     if REGIMES[cfg.regime].conditioned and (source := CONDITIONINGS[cfg.conditioning].trained_as):
         return cfg.replace(conditioning=source)
+    level = LEVELS[cfg.cond_level]
+    if REGIMES[cfg.regime].conditioned and level.evaluates_per_line and not level.trains_per_line:
+        return cfg.replace(cond_level=next(n for n, lv in LEVELS.items() if not lv.evaluates_per_line))
     return None
 
 
@@ -93,7 +97,7 @@ def run_dir(cfg: Config) -> Path:
 
 
 def lock_path(cfg: Config) -> Path:
-    """The lock a worker holds while it trains cfg's run (chameleon.locks), beside its folder."""
+    """The lock a worker holds while it trains cfg's run (chameleon.experiments.locks), beside its folder."""
     return run_dir(cfg).parent / f"{run_name(cfg)}.lock"
 
 

@@ -24,7 +24,7 @@ import os
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +37,10 @@ from chameleon.backbones import load_backbone
 from chameleon.cache import RowFile, cached_rows, write_atomic
 from chameleon.clustering import ClusterBatchSampler, condition_batches, eval_batches, incoming_batches
 from chameleon.config import Config, RunFailed
-from chameleon.generation import generation_metrics
-from chameleon.model import Adapted, build
+from chameleon.serve.metrics import generation_metrics
+from chameleon.adapters.model import Adapted, build
 from chameleon.prepare import Split, load_split_texts, prepare, trimmed
-from chameleon.regimes import PROTOCOLS
+from chameleon.regimes import LEVELS, PROTOCOLS
 from chameleon.runs import (CHECKPOINT, EVAL_METRICS, LINES, finished, load_checkpoint, load_weights, read_checkpoint, run_dir,
                             save_centroids, save_checkpoint, trained_by, write_metrics)
 
@@ -89,9 +89,11 @@ def scored_rows(adapted: Adapted, split: Split, cache: bool, cache_dir: Path, ch
 
 
 def batch_inputs(adapted: Adapted, split: Split, rows: Rows, batch: list[int], cond_batch: list[int],
-                 dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The head's inputs for a batch: hidden states and targets of its scored rows (example-major) and
-    its conditioning vector; the experts are routed first."""
+                 dev: torch.device, per_line: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The head's inputs for a batch: hidden states and targets of its scored rows (example-major), its
+    conditioning vector (one per line when `per_line`: regimes.LEVELS) and each row's line; the experts are routed
+    first."""
     adapted.route(split, batch)  # experts: the batch's expert (a no-op for the other regimes)
     idx = rows.index(batch)
     if rows.hidden is not None:
@@ -99,15 +101,18 @@ def batch_inputs(adapted: Adapted, split: Split, rows: Rows, batch: list[int], c
     else:
         ids, attention, target = trimmed(split, batch)
         hidden = adapted.hidden(ids.to(dev), attention.to(dev))[(target != objectives.IGNORE).to(dev)]
-    cond = split.cond_emb[cond_batch].mean(0).to(dev) if adapted.conditioned else None
-    return hidden, rows.target[idx].to(dev), cond
+    cond = None if not adapted.conditioned else split.cond_emb[batch].to(dev) if per_line else \
+        split.cond_emb[cond_batch].mean(0).to(dev)
+    lengths = rows.start[1:][batch] - rows.start[:-1][batch]
+    owner = torch.repeat_interleave(torch.arange(len(batch)), lengths).to(dev)
+    return hidden, rows.target[idx].to(dev), cond, owner
 
 
 def batch_loss(adapted: Adapted, split: Split, rows: Rows, batch: list[int], cond_batch: list[int],
-               dev: torch.device) -> tuple[torch.Tensor, int]:
+               dev: torch.device, per_line: bool = False) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the batch's scored positions, and how many there are."""
-    hidden, target, cond = batch_inputs(adapted, split, rows, batch, cond_batch, dev)
-    return adapted.loss_sum(hidden, target, cond), len(target)
+    hidden, target, cond, owner = batch_inputs(adapted, split, rows, batch, cond_batch, dev, per_line)
+    return adapted.loss_sum(hidden, target, cond, owner), len(target)
 
 
 @torch.no_grad()
@@ -119,11 +124,10 @@ def line_losses(adapted: Adapted, split: Split, rows: Rows, cfg: Config, dev: to
     loss = np.zeros(len(split))
     for batch, cond_batch in parallel.share(incoming_batches(split, cfg.batch_size, cfg.conditioning, batching)):
         with precision(cfg, dev):
-            hidden, target, cond = batch_inputs(adapted, split, rows, batch, cond_batch, dev)
-            per_row = adapted.row_losses(hidden, target, cond).double().cpu()
-        lengths = rows.start[1:][batch] - rows.start[:-1][batch]
-        owner = torch.repeat_interleave(torch.arange(len(batch)), lengths)
-        loss[batch] = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, owner, per_row).numpy()
+            hidden, target, cond, owner = batch_inputs(adapted, split, rows, batch, cond_batch, dev,
+                                                       LEVELS[cfg.cond_level].evaluates_per_line)
+            per_row = adapted.row_losses(hidden, target, cond, owner).double().cpu()
+        loss[batch] = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, owner.cpu(), per_row).numpy()
     return pd.DataFrame({"line": np.arange(len(split)), "tokens": (rows.start[1:] - rows.start[:-1]).numpy(),
                          "loss": parallel.all_sum(loss)})  # each line is in one process's batches
 
@@ -151,7 +155,7 @@ def evaluate(adapted: Adapted, split: Split, rows: Rows, cfg: Config, dev: torch
             part = [i for i in batch if bool(pad[i]) == kind]
             if part:
                 with precision(cfg, dev):
-                    loss, n = batch_loss(adapted, split, rows, part, cond, dev)
+                    loss, n = batch_loss(adapted, split, rows, part, cond, dev, LEVELS[cfg.cond_level].evaluates_per_line)
                 sums[kind][0] += loss.item()
                 sums[kind][1] += n
     sums = dict(zip((True, False), parallel.all_sum([sums[True], sums[False]]).tolist()))  # every process's batches
@@ -195,6 +199,28 @@ def optimizer(cfg: Config, params: list[torch.Tensor]) -> torch.optim.AdamW | No
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
+@dataclass
+class Session:
+    """Everything one run's loop reads: what `setup` loaded and built, and where the run stands."""
+    cfg: Config
+    out: Path  # the run folder
+    dev: torch.device
+    adapted: Adapted
+    tokenizer: object
+    splits: dict[str, Split]  # "train", "validation"
+    rows: dict[str, Rows]  # the same keys: their scored rows (cached hidden states for head-only regimes)
+    params: list[torch.Tensor]  # the trainable parameters
+    opt: torch.optim.AdamW | None
+    shared: Config | None  # the run whose trained weights this one evaluates (runs.trained_by), if any
+    history: list[dict] = field(default_factory=list)  # one entry per evaluation
+    epoch: int = 0  # epochs done
+    step: int = 0  # optimizer steps done
+    seconds: float = 0.0  # training wall time so far
+
+    def evaluate(self) -> dict:
+        return evaluate(self.adapted, self.splits["validation"], self.rows["validation"], self.cfg, self.dev)
+
+
 def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progress: bool = True) -> dict:
     """Train cfg.regime under cfg.protocol; returns the run's metrics (also written to its folder).
 
@@ -207,10 +233,22 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
     """
     if cfg.objective != "loss":
         raise ValueError(f"objective={cfg.objective!r} is trained by chameleon.reinforce.train (python -m chameleon reinforce)")
-    out = run_dir(cfg)
     done = finished(cfg)
     if done is not None:
         return done
+    run = setup(cfg, model, tokenizer, resume)
+    labels = run.splits["train"].labels.copy()
+    labels[run.adapted.held_out()] = -1  # e.g. CEM's few shots: never trained on
+    sampler = ClusterBatchSampler(labels, cfg.batch_size, seed=cfg.seed)
+    for epoch in range(run.epoch, cfg.epochs if run.params else 0):
+        train_epoch(run, sampler, epoch, progress)
+    return finish(run)
+
+
+def setup(cfg: Config, model=None, tokenizer=None, resume: bool = False) -> Session:
+    """Load the data and the backbone, build the regime, write the run folder's config and centroids, and bring
+    the run to where it stands: a resumed checkpoint, or the shared run's weights (runs.trained_by)."""
+    out = run_dir(cfg)
     if out.exists() and not resume:
         warnings.warn(f"{out.name}: an unfinished run is there; starting it over (pass resume=True / --resume to continue it)")
     shared = trained_by(cfg)  # a step of the run plan: the run whose trained weights this one evaluates
@@ -232,7 +270,8 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         cache = cfg.cache_body and not adapted.blocks_adapted
         rows = {s.name: scored_rows(adapted, s, cache, cfg.cache_dir) for s in (train_split, val_split)}
     params = [p for p in adapted.parameters() if p.requires_grad]
-    opt = optimizer(cfg, params)
+    run = Session(cfg, out, dev, adapted, tokenizer, {"train": train_split, "validation": val_split}, rows, params,
+                  optimizer(cfg, params), shared)
 
     def begin():
         out.mkdir(parents=True, exist_ok=True)
@@ -240,78 +279,87 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         save_centroids(out, centroids, adapted.bound())
 
     parallel.main_writes(begin)
-
-    history, start_epoch, step, seconds = [], 0, 0, 0.0
     if resume and (out / CHECKPOINT).exists():
-        history, start_epoch, step, seconds = load_checkpoint(out, adapted, opt)
-    if not history:
-        history.append({"epoch": 0, "step": 0, "train_loss": None, **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
-    if shared is not None and start_epoch < cfg.epochs:  # the other run's weights, evaluated here
+        run.history, run.epoch, run.step, run.seconds = load_checkpoint(out, adapted, run.opt)
+    if not run.history:
+        run.history.append({"epoch": 0, "step": 0, "train_loss": None, **run.evaluate()})
+    if shared is not None and run.epoch < cfg.epochs:  # the other run's weights, evaluated here
         source = run_dir(shared)
         fix = f"delete {source} and train it again"
         tensors, meta = read_checkpoint(source, fix)
         load_weights(adapted, tensors, source, fix)
-        start_epoch, step, seconds = cfg.epochs, meta["step"], meta["seconds"]
-        history.append({"epoch": cfg.epochs, "step": step, "train_loss": meta["history"][-1]["train_loss"],
-                        **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
-        parallel.main_writes(lambda: save_checkpoint(out, adapted, opt, history, cfg.epochs, step, seconds))
-    labels = train_split.labels.copy()
-    labels[adapted.held_out()] = -1  # e.g. CEM's few shots: never trained on
-    sampler = ClusterBatchSampler(labels, cfg.batch_size, seed=cfg.seed)
+        run.epoch, run.step, run.seconds = cfg.epochs, meta["step"], meta["seconds"]
+        run.history.append({"epoch": cfg.epochs, "step": run.step, "train_loss": meta["history"][-1]["train_loss"],
+                            **run.evaluate()})
+        parallel.main_writes(lambda: save_checkpoint(out, adapted, run.opt, run.history, cfg.epochs, run.step,
+                                                     run.seconds))
+    return run
+
+
+def train_epoch(run: Session, sampler: ClusterBatchSampler, epoch: int, progress: bool) -> None:
+    """One pass over the cluster batches: an AdamW step per processes x accumulate batches, an evaluation every
+    cfg.eval_every steps and at the end, then the epoch's checkpoint."""
+    cfg, adapted, opt = run.cfg, run.adapted, run.opt
     group = parallel.processes() * cfg.accumulate  # batches per optimizer step, over all processes
     mine = slice(parallel.rank() * cfg.accumulate, (parallel.rank() + 1) * cfg.accumulate)
-    for epoch in range(start_epoch, cfg.epochs if params else 0):
-        # dropout: an epoch replays identically after a resume, and each process draws its own masks
-        torch.manual_seed((cfg.seed * 1000 + epoch) * parallel.processes() + parallel.rank())
-        sampler.set_epoch(epoch)
-        batches = list(sampler)  # the same order in every process
-        pairs = list(zip(batches, condition_batches(batches, cfg.conditioning)))
-        adapted.train()
-        total, count, t0 = 0.0, 0, time.perf_counter()
-        bar = progress_bar(range(0, len(pairs), group), progress and parallel.is_main(), total=-(-len(pairs) // group),
-                           desc=f"{cfg.regime}/{cfg.protocol} epoch {epoch + 1}/{cfg.epochs}", leave=False)
-        for i in bar:
-            step_pairs = pairs[i:i + group]  # the epoch's last step may have fewer batches: they are its count
-            opt.zero_grad(set_to_none=True)
-            local_sum, local_n = 0.0, 0
-            for batch, cond in step_pairs[mine]:  # a process left without a batch adds zeros
-                with precision(cfg, dev):
-                    loss_sum, n = batch_loss(adapted, train_split, rows["train"], batch, cond, dev)
-                (loss_sum / max(n, 1) / len(step_pairs)).backward()
-                local_sum, local_n = local_sum + loss_sum.item(), local_n + n
-            step_sum, step_n = parallel.sum_step(params, local_sum, local_n)
-            loss = torch.tensor(step_sum, dtype=torch.float32) / max(step_n, 1)  # as float32 as the batch's loss
-            if not torch.isfinite(loss):  # every process sees the same sum, and stops
-                raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} (batches "
-                                       f"{i}-{i + len(step_pairs) - 1} of the epoch, the first of examples "
-                                       f"{step_pairs[0][0][:8]}...); " + _advice(cfg, out))
-            opt.step()
-            step += 1
-            total, count = total + step_sum, count + step_n
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                history.append({"epoch": epoch + i / len(batches), "step": step, "train_loss": loss.item(),
-                                **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
-                _check_val_loss(history, cfg, out)
-                adapted.train()
-        seconds += time.perf_counter() - t0
-        history.append({"epoch": epoch + 1, "step": step, "train_loss": total / max(count, 1),
-                        **evaluate(adapted, val_split, rows["validation"], cfg, dev)})
-        _check_val_loss(history, cfg, out)
-        parallel.main_writes(lambda: save_checkpoint(out, adapted, opt, history, epoch + 1, step, seconds))
-    result = {"config": cfg.to_dict(), "trainable_params": adapted.trainable(), "history": history,
-              **{k: history[-1].get(k) for k in EVAL_METRICS},
-              "seconds": round(seconds, 2), "finished": True, **adapted.report(),
-              **({"experts_from": run_dir(shared).name} if shared is not None else {})}
+    # dropout: an epoch replays identically after a resume, and each process draws its own masks
+    torch.manual_seed((cfg.seed * 1000 + epoch) * parallel.processes() + parallel.rank())
+    sampler.set_epoch(epoch)
+    batches = list(sampler)  # the same order in every process
+    pairs = list(zip(batches, condition_batches(batches, cfg.conditioning)))
+    adapted.train()
+    total, count, t0 = 0.0, 0, time.perf_counter()
+    bar = progress_bar(range(0, len(pairs), group), progress and parallel.is_main(), total=-(-len(pairs) // group),
+                       desc=f"{cfg.regime}/{cfg.protocol} epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    for i in bar:
+        step_pairs = pairs[i:i + group]  # the epoch's last step may have fewer batches: they are its count
+        opt.zero_grad(set_to_none=True)
+        local_sum, local_n = 0.0, 0
+        for batch, cond in step_pairs[mine]:  # a process left without a batch adds zeros
+            with precision(cfg, run.dev):
+                loss_sum, n = batch_loss(adapted, run.splits["train"], run.rows["train"], batch, cond, run.dev,
+                                         LEVELS[cfg.cond_level].trains_per_line)
+            (loss_sum / max(n, 1) / len(step_pairs)).backward()
+            local_sum, local_n = local_sum + loss_sum.item(), local_n + n
+        step_sum, step_n = parallel.sum_step(run.params, local_sum, local_n)
+        loss = torch.tensor(step_sum, dtype=torch.float32) / max(step_n, 1)  # as float32 as the batch's loss
+        if not torch.isfinite(loss):  # every process sees the same sum, and stops
+            raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {run.step + 1} (batches "
+                                   f"{i}-{i + len(step_pairs) - 1} of the epoch, the first of examples "
+                                   f"{step_pairs[0][0][:8]}...); " + _advice(cfg, run.out))
+        opt.step()
+        run.step += 1
+        total, count = total + step_sum, count + step_n
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if cfg.eval_every and run.step % cfg.eval_every == 0:
+            run.history.append({"epoch": epoch + i / len(batches), "step": run.step, "train_loss": loss.item(),
+                                **run.evaluate()})
+            _check_val_loss(run.history, cfg, run.out)
+            adapted.train()
+    run.seconds += time.perf_counter() - t0
+    run.history.append({"epoch": epoch + 1, "step": run.step, "train_loss": total / max(count, 1), **run.evaluate()})
+    _check_val_loss(run.history, cfg, run.out)
+    run.epoch = epoch + 1
+    parallel.main_writes(lambda: save_checkpoint(run.out, adapted, opt, run.history, epoch + 1, run.step, run.seconds))
+
+
+def finish(run: Session) -> dict:
+    """The run's result: its metrics, each validation line's loss under cfg.batchings (lines.csv), the generation
+    metrics of an instruction run; written to metrics.json, which marks the run finished."""
+    cfg, adapted, val = run.cfg, run.adapted, run.splits["validation"]
+    result = {"config": cfg.to_dict(), "trainable_params": adapted.trainable(), "history": run.history,
+              **{k: run.history[-1].get(k) for k in EVAL_METRICS},
+              "seconds": round(run.seconds, 2), "finished": True, **adapted.report(),
+              **({"experts_from": run_dir(run.shared).name} if run.shared is not None else {})}
     if cfg.batchings:
-        lines = {b: line_losses(adapted, val_split, rows["validation"], cfg, dev, b) for b in cfg.batchings}
+        lines = {b: line_losses(adapted, val, run.rows["validation"], cfg, run.dev, b) for b in cfg.batchings}
         result["batchings"] = {b: float(t.loss.sum() / t.tokens.sum()) for b, t in lines.items()}
         table = lines[cfg.batchings[0]][["line", "tokens"]].assign(
-            domain=val_split.domains, **{f"loss_{b}": t.loss for b, t in lines.items()})
-        parallel.main_writes(lambda: write_atomic(out / LINES, lambda tmp: table.to_csv(tmp, index=False)))
+            domain=val.domains, **{f"loss_{b}": t.loss for b, t in lines.items()})
+        parallel.main_writes(lambda: write_atomic(run.out / LINES, lambda tmp: table.to_csv(tmp, index=False)))
     if cfg.task == "instructions":  # BLEU / ROUGE-L / METEOR of greedy outputs on the first n_generate examples
-        result.update(generation_metrics(adapted, val_split, cfg, tokenizer))  # in every process: few, greedy
-    parallel.main_writes(lambda: write_metrics(out, result))
+        result.update(generation_metrics(adapted, val, cfg, run.tokenizer))  # in every process: few, greedy
+    parallel.main_writes(lambda: write_metrics(run.out, result))
     return result
 
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from chameleon.cache import cache_path, cached_rows
-from chameleon.model import build
+from chameleon.adapters.model import build
 from chameleon.prepare import prepare, trimmed
 from chameleon.training import scored_rows
 

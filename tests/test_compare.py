@@ -1,7 +1,7 @@
 import pandas as pd
 
 from chameleon import Config
-from chameleon.compare import compare, parameter_table
+from chameleon.experiments.compare import compare, parameter_table
 
 
 def test_compare_writes_one_table_with_mean_and_spread_over_seeds(tmp_path):

@@ -12,10 +12,12 @@ import torch
 from scipy import stats
 
 import conftest
-from chameleon import data, domains
+from chameleon import data
+from chameleon.experiments import domains
+from chameleon.experiments.stats import paired
 from chameleon.clustering import incoming_batches
-from chameleon.lora import scaling
-from chameleon.model import build
+from chameleon.adapters.lora import scaling
+from chameleon.adapters.model import build
 from chameleon.prepare import Split, pooled
 from chameleon.regimes import BATCHINGS
 from chameleon.runs import LINES, run_dir
@@ -163,7 +165,7 @@ def _lines(seeds=5, n=30, effect=-0.05):
 
 def test_paired_differences_equal_a_slow_loop():
     lines = _lines()
-    out = domains.paired(lines, "chameleon_prefix", "chameleon_constant", "kmeans")
+    out = paired(lines, "chameleon_prefix", "chameleon_constant", "kmeans")
     per_seed = []
     for s in range(5):
         a = lines[(lines.row == "chameleon_prefix") & (lines.seed == s)]
@@ -257,7 +259,7 @@ def test_tune_runs_each_plan_and_records_only_divergence(tmp_path, monkeypatch):
 
     seen = []
 
-    def fake_train(cfg, progress=True):
+    def fake_train(cfg, progress=True, resume=False):
         seen.append((cfg.regime, cfg.dispatch, cfg.lr, cfg.dev_split))
         if cfg.lr == 1e-2:
             raise training.TrainingDiverged("val loss blew up")
@@ -269,6 +271,6 @@ def test_tune_runs_each_plan_and_records_only_divergence(tmp_path, monkeypatch):
     grid = domains.tune(tiny(tmp_path), progress=False)
     assert seen[:2] == [("lora_experts", "oracle", 1e-3, True), ("lora_experts", "classifier", 1e-3, True)]
     assert list(grid.status.str[:8]) == ["ok", "ok", "diverged"]
-    monkeypatch.setattr(training, "train", lambda cfg, progress=True: (_ for _ in ()).throw(RunFailed("locked")))
+    monkeypatch.setattr(training, "train", lambda cfg, progress=True, resume=False: (_ for _ in ()).throw(RunFailed("locked")))
     with pytest.raises(RunFailed):
         domains.tune(tiny(tmp_path, lr=5e-4, results_dir=tmp_path / "other"), progress=False)

@@ -10,15 +10,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import conftest  # pytest puts tests/ on sys.path
-from chameleon import svf, training
+from chameleon import training
+from chameleon.adapters import svf
 from chameleon.backbones import load_backbone
 from chameleon.clustering import eval_batches
 from chameleon.config import RunFailed
-from chameleon.generation import batched_greedy
-from chameleon.model import build
+from chameleon.serve.decoding import batched_greedy
+from chameleon.adapters.model import build
 from chameleon.prepare import prepare
 from chameleon.runs import CENTROIDS, CHECKPOINT, load_trained, plan, run_dir, run_name
-from chameleon.serving import Adapter
+from chameleon.serve.adapter import Adapter
 from chameleon.training import train
 
 
@@ -227,7 +228,7 @@ def test_expert_settings_name_only_expert_runs(tmp_path):
 
 
 def test_compare_runs_the_svf_rows_beside_the_others(tmp_path):
-    from chameleon.compare import SVF_RUNS, compare
+    from chameleon.experiments.compare import SVF_RUNS, compare
 
     cfg = tiny(tmp_path, epochs=1)
     assert SVF_RUNS["lm"][0] == ("svf", "batch_mean") and ("svf_experts", "classifier") in SVF_RUNS["lm"]
@@ -240,7 +241,7 @@ def test_compare_runs_the_svf_rows_beside_the_others(tmp_path):
 
 
 def test_svf_parameters_of_gpt2_and_smollm2_layouts():
-    from chameleon.model import svf_parameters
+    from chameleon.adapters.model import svf_parameters
 
     assert svf_parameters(load_backbone("gpt2-arch")[0]) == 12 * (768 + 768)  # c_fc (768 -> 3072), c_proj
 

@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 import conftest  # pytest puts tests/ on sys.path
 from chameleon.__main__ import main
 from chameleon.backbones import load_backbone
-from chameleon.export import unexportable
-from chameleon.load_export import load
-from chameleon.model import build
+from chameleon.serve.export import unexportable
+from chameleon.serve.load_export import load
+from chameleon.adapters.model import build
 from chameleon.prepare import prepare
-from chameleon.serving import Adapter
+from chameleon.serve.adapter import Adapter
 
 PROMPTS = ["The history of Rome begins with", "Photosynthesis turns light into", "Hello",
            "In 1854 the city of", "The quick brown fox jumps over the lazy dog"]

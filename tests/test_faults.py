@@ -16,7 +16,7 @@ from chameleon.backbones import load_backbone
 from chameleon.cache import cache_path, cached
 from chameleon.data import load_lm_corpus
 from chameleon.prepare import prepare
-from chameleon.model import build
+from chameleon.adapters.model import build
 from chameleon.runs import CHECKPOINT, load_checkpoint, run_dir, save_checkpoint
 from chameleon.training import TrainingDiverged, scored_rows, train
 

@@ -5,9 +5,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from chameleon.fused_loss import fused_loss_sum
-from chameleon.hypernetwork import ChameleonHead
-from chameleon.lora import LoRA, add_lora, freeze
-from chameleon.model import Adapted
+from chameleon.adapters.hypernetwork import ChameleonHead
+from chameleon.adapters.lora import LoRA, add_lora, freeze
+from chameleon.adapters.model import Adapted
 
 V, D, M, R = 1000, 24, 70, 4  # 70 rows in chunks of 16: four full chunks and a partial one
 
@@ -79,14 +79,23 @@ def test_chameleon_head_gives_the_hypernetwork_the_same_gradients(chunk):
         close(a, b)
 
 
-def test_per_example_adapters_take_the_plain_path():
-    head, hidden, target = data()
+@pytest.mark.parametrize("chunk", [16, 1000])
+def test_per_line_adapters_as_one_block_diagonal_lora(chunk):
+    """cond_level "line": 7 lines of 10 rows, each through its own generated adapter; the fused loss over the
+    block-diagonal segments equals the plain per-example head (ChameleonHead with 2-D cond), gradients included."""
+    head, hidden, target = data(bias=True)
     torch.manual_seed(0)
-    cham = ChameleonHead(head, d_cond=8, rank=R, alpha=1.0, hidden=(16,)).eval()
+    cham = ChameleonHead(head, d_cond=8, rank=R, alpha=1.0, flavour="authors", hidden=(16,)).eval()
     adapted = Adapted(nn.Identity(), cham, blocks_adapted=False)
-    h, t, cond = hidden.detach().view(7, 10, D), target.view(7, 10), torch.randn(7, 8)
-    want = F.cross_entropy(cham(h, cond).reshape(-1, V), t.reshape(-1), reduction="sum")
-    assert adapted.loss_sum(h, t, cond) == want
+    cond, owner = torch.randn(7, 8), torch.arange(7).repeat_interleave(10)
+    inputs = [hidden, *cham.hyper.parameters()]
+    want = F.cross_entropy(cham(hidden.view(7, 10, D), cond).reshape(-1, V), target, reduction="sum")
+    got = adapted.loss_sum(hidden, target, cond, owner, chunk=chunk)
+    close(got, want)
+    for a, b in zip(grads(got, inputs), grads(want, inputs), strict=True):
+        close(a, b)
+    rows = adapted.row_losses(hidden, target, cond, owner, chunk=chunk)
+    close(rows.sum(), want.detach())
 
 
 def test_gpt2_tiny_head_with_lora_through_adapted(tiny_gpt2):

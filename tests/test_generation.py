@@ -4,11 +4,12 @@ import shutil
 import pytest
 import torch
 
-from chameleon import generation
+from chameleon.serve import metrics
 from chameleon.config import Config
-from chameleon.generation import bleu, greedy, meteor, meteor_jar, rouge_l
-from chameleon.hypernetwork import ChameleonHead
-from chameleon.model import Adapted, build
+from chameleon.serve.decoding import greedy
+from chameleon.serve.metrics import bleu, meteor, meteor_jar, rouge_l
+from chameleon.adapters.hypernetwork import ChameleonHead
+from chameleon.adapters.model import Adapted, build
 
 PROMPT = torch.tensor([464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13])  # "The quick brown fox ..."
 
@@ -64,12 +65,12 @@ def test_meteor_when_available():
 
 
 def test_meteor_unavailable_says_why(monkeypatch):
-    monkeypatch.setattr(generation.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(metrics.importlib.util, "find_spec", lambda name: None)
     assert meteor(["a"], ["a"]) is None
     assert "pycocoevalcap" in meteor_jar()[1]
     if shutil.which("java") is None:
         return
     monkeypatch.undo()
-    monkeypatch.setattr(generation.shutil, "which", lambda name: None)
-    if generation.importlib.util.find_spec("pycocoevalcap"):
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    if metrics.importlib.util.find_spec("pycocoevalcap"):
         assert "java" in meteor_jar()[1]

@@ -1,12 +1,12 @@
-"""Hugging Face `generate` on a run (chameleon.hf): greedy equals the kit's batched greedy token for token, rows
+"""Hugging Face `generate` on a run (chameleon.serve.hf): greedy equals the kit's batched greedy token for token, rows
 repeated by generate keep their group's adapter, and Adapter.generate passes sampling arguments through."""
 from types import SimpleNamespace
 
 import pytest
 from transformers.generation.streamers import BaseStreamer
 
-from chameleon.generation import until_eos
-from chameleon.hf import HFAdapted
+from chameleon.serve.decoding import until_eos
+from chameleon.serve.hf import HFAdapted
 from test_serving import PROMPTS, direct_adapter  # noisy gpt2-tiny adapters: answers vary token to token
 
 

@@ -8,7 +8,7 @@ from datasets import Dataset
 
 from chameleon import Config, assets, data
 from chameleon.backbones import load_backbone
-from chameleon.model import build
+from chameleon.adapters.model import build
 from chameleon.prepare import prepare
 from chameleon.training import batch_loss, scored_rows, train
 

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from chameleon.hypernetwork import ChameleonHead, HyperNetwork
-from chameleon.lora import freeze, trainable_parameters
+from chameleon.adapters.hypernetwork import ChameleonHead, HyperNetwork
+from chameleon.adapters.lora import freeze, trainable_parameters
 
 
 def make_head(base, flavour="authors", d_cond=12, rank=3):

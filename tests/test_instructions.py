@@ -153,7 +153,7 @@ def test_local_jsonl_bad_records(tmp_path):
 def fast_data(monkeypatch, embedded):
     """The embedded set loaded once for the module, and METEOR's 10 s java run skipped."""
     monkeypatch.setattr(prepare_module, "load_instructions", lambda name: embedded)
-    monkeypatch.setattr("chameleon.generation.meteor_jar", lambda: (None, "skipped in this test"))
+    monkeypatch.setattr("chameleon.serve.metrics.meteor_jar", lambda: (None, "skipped in this test"))
 
 
 @pytest.mark.parametrize("regime, conditioning", [("unadapted", "task"), ("lora", "task"), ("chameleon", "task"),
@@ -186,8 +186,9 @@ def test_batched_generation_equals_one_prompt_at_a_time(tmp_path, fast_data, reg
     """generation_metrics decodes its examples in batches; each output is what `greedy` gives the prompt alone,
     conditioned (ChameleonLLM) or dispatched (experts) by the example's own validation batch."""
     from chameleon.clustering import eval_batches
-    from chameleon.generation import generation_metrics, greedy
-    from chameleon.model import build
+    from chameleon.serve.decoding import greedy
+    from chameleon.serve.metrics import generation_metrics
+    from chameleon.adapters.model import build
 
     cfg = tiny(tmp_path, regime=regime, conditioning="task", protocol="causal", max_train_examples=48,
                max_new_tokens=4, n_generate=16, dispatch="oracle")

@@ -1,4 +1,4 @@
-"""A run folder's lock (chameleon.locks): a live holder blocks, a dead one's lock is taken over, and a worker
+"""A run folder's lock (chameleon.experiments.locks): a live holder blocks, a dead one's lock is taken over, and a worker
 killed mid-run leaves a run that the next call finishes from its checkpoint."""
 import json
 import os
@@ -13,9 +13,9 @@ import pytest
 
 from chameleon import training
 from chameleon.config import ROOT
-from chameleon.locks import RunLocked, _start_time, locked
+from chameleon.experiments.locks import RunLocked, _start_time, locked
 from chameleon.runs import CHECKPOINT, finished, lock_path, run_dir
-from chameleon.sweeps import train_step
+from chameleon.experiments.sweeps import train_step
 
 import conftest
 

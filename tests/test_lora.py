@@ -6,7 +6,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from chameleon.lora import LoRA, add_lora, freeze, scaling, trainable_parameters
+from chameleon.adapters.lora import LoRA, add_lora, freeze, scaling, trainable_parameters
 
 
 def base_parameters(model):

@@ -14,9 +14,9 @@ import pandas as pd
 
 matplotlib.use("Agg")
 
-from chameleon import plots  # noqa: E402
-from chameleon.analysis import adapter_stats, cluster_examples  # noqa: E402
-from chameleon.notebooks import notebook_paths  # noqa: E402
+from chameleon.experiments import plots  # noqa: E402
+from chameleon.experiments.analysis import adapter_stats, cluster_examples  # noqa: E402
+from chameleon.experiments.notebooks import notebook_paths  # noqa: E402
 
 
 def test_notebooks_are_numbered_and_have_one_parameters_cell():
@@ -75,7 +75,7 @@ def test_adapter_stats_match_the_explicit_update():
     import torch
     from torch import nn
 
-    from chameleon.hypernetwork import ChameleonHead
+    from chameleon.adapters.hypernetwork import ChameleonHead
 
     torch.manual_seed(0)
     head = ChameleonHead(nn.Linear(6, 10, bias=False), d_cond=5, rank=2, alpha=1.0, flavour="authors", hidden=(4,))
@@ -97,7 +97,7 @@ def test_cluster_examples_takes_the_first_of_each_cluster():
 
 
 def test_generations_line_up_the_runs_of_each_example():
-    from chameleon.analysis import generations, side_by_side
+    from chameleon.experiments.analysis import generations, side_by_side
 
     g = [{"instruction": "Name it.", "input": "", "reference": "X", "output": o} for o in ("a", "b")]
     runs = [{"config": {"regime": "lora", "protocol": "causal", "conditioning": "task"}, "generations": g},
@@ -110,7 +110,7 @@ def test_generations_line_up_the_runs_of_each_example():
 
 
 def test_scored_tokens_causal_scores_the_response_paper_the_last_position():
-    from chameleon.analysis import scored_tokens
+    from chameleon.experiments.analysis import scored_tokens
     from chameleon.backbones import load_backbone
     from chameleon.config import Config
 
@@ -123,7 +123,7 @@ def test_scored_tokens_causal_scores_the_response_paper_the_last_position():
 
 
 def test_tidy_prints_integers_mean_std_and_dashes():
-    from chameleon.analysis import tidy
+    from chameleon.experiments.analysis import tidy
 
     table = pd.DataFrame({"regime": ["lora", "chameleon"], "trainable_params": [198912.0, np.nan], "seeds": [3, 3],
                           "val_loss": [3.64654, np.nan], "val_loss_std": [0.062, np.nan]})
@@ -200,7 +200,7 @@ def test_outputs_go_under_chameleon_outputs_when_set(tmp_path, monkeypatch):
 
 
 def test_quiet_leaves_progress_bars_on_for_interactive_use(monkeypatch):
-    from chameleon.notebooks import quiet
+    from chameleon.experiments.notebooks import quiet
 
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     quiet()

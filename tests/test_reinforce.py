@@ -7,13 +7,14 @@ import torch
 
 from chameleon.__main__ import main
 from chameleon.backbones import gpt2_tokenizer, load_backbone
-from chameleon.generation import decode, greedy, rouge_l, rouge_l_scores
+from chameleon.serve.decoding import decode, greedy
+from chameleon.serve.metrics import rouge_l, rouge_l_scores
 from chameleon import Config
-from chameleon.model import Adapted, build
-from chameleon.reinforce import pack, reinforce, report_paths
+from chameleon.adapters.model import Adapted, build
+from chameleon.reinforce import pack, reinforce, report_paths, sequence_log_probs
 from chameleon.runs import load_trained, read_config, read_finished, run_dir, run_name
-from chameleon.serving import Adapter
-from chameleon.svf import sequence_log_probs, target_layers
+from chameleon.serve.adapter import Adapter
+from chameleon.adapters.svf import target_layers
 
 PROMPTS = ["### Instruction:\nName a colour.\n### Response:\n", "### Instruction:\nSay hello.\n### Response:\n",
            "### Instruction:\nCount to three.\n### Response:\n"]

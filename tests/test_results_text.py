@@ -6,7 +6,7 @@ import re
 import pandas as pd
 import pytest
 
-from chameleon import results
+from chameleon.experiments import results
 from chameleon.__main__ import main
 from chameleon.config import ROOT
 

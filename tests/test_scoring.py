@@ -8,10 +8,10 @@ import torch
 
 from chameleon import objectives
 from chameleon.backbones import load_backbone
-from chameleon.compare import run_rows
+from chameleon.experiments.compare import run_rows
 from chameleon.embeddings import mean_embeddings
 from chameleon.prepare import prepare
-from chameleon.report import paired_differences
+from chameleon.experiments.report import paired_differences
 from chameleon.training import train
 
 import conftest
@@ -97,8 +97,8 @@ def test_paired_differences_on_a_toy_table():
 
 
 def test_paper_length_and_heads_write_their_tables_with_the_command(tmp_path, monkeypatch):
-    from chameleon import compare
-    from chameleon.compare import heads, paper_length
+    from chameleon.experiments import compare
+    from chameleon.experiments.compare import heads, paper_length
 
     shares = pd.DataFrame([{"tokenizer": t, "lines": w, "n_lines": 10, "length": n, "padded_share": 0.5}
                            for t in ("gpt2", "smollm2") for w in ("corpus", "subsample") for n in (24, 256)])

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from chameleon.__main__ import main
-from chameleon.server import background, create_app
-from chameleon.serving import Adapter
+from chameleon.serve.server import UNSERVED, background, create_app
+from chameleon.serve.adapter import Adapter
 
 import conftest  # pytest puts tests/ on sys.path
 
@@ -76,6 +76,9 @@ BAD = [
     ({"prompt": "Hi", "temperature": -1}, 400, "\"temperature\" must lie in"),
     ({"prompt": "Hi", "stop": 3}, 400, "\"stop\" must be"),
     ({"prompt": "Hi", "stream": True}, 400, "\"stream\": true is not served"),
+    *[({"prompt": "Hi", name: value}, 400, f"\"{name}\": {json.dumps(value)} is not served")
+      for name, value in [("n", 3), ("best_of", 2), ("logprobs", 5), ("echo", True), ("presence_penalty", 0.5),
+                          ("frequency_penalty", -1), ("logit_bias", {"50256": -100}), ("suffix", "!")]],
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "must be a JSON object"),
     (json.dumps({"prompt": "x" * 70000}).encode(), 413, "--max-body"),
@@ -87,6 +90,8 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_goes_on(url):
         got, answer = post(url, body, raw=isinstance(body, bytes))
         assert (got, message in answer["error"]["message"]) == (status, True), (body, answer)
     assert post(url, {"prompt": "Hello", "max_tokens": 1})[0] == 200
+    # each unserved field at its one served value is accepted
+    assert post(url, {"prompt": "Hello", "max_tokens": 1, **{k: v for k, (v, _) in UNSERVED.items()}})[0] == 200
 
 
 class Held:

@@ -13,15 +13,16 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import conftest  # pytest puts tests/ on sys.path
-from chameleon import serving, training
+from chameleon import training
+from chameleon.serve import adapter as serving
 from chameleon.__main__ import main
 from chameleon.runs import CENTROIDS, run_dir
 from chameleon.backbones import load_backbone
 from chameleon.clustering import assign
 from chameleon.config import Config
-from chameleon.generation import batched_greedy, greedy, tokenize_prompts
-from chameleon.model import build
-from chameleon.serving import Adapter
+from chameleon.serve.decoding import batched_greedy, greedy, tokenize_prompts
+from chameleon.adapters.model import build
+from chameleon.serve.adapter import Adapter
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Hello", "In 1854 the city of",
            "Photosynthesis turns light into", "Once upon", "The history of Rome begins with a small town"]
@@ -163,7 +164,7 @@ def test_prefix_conditioning_sees_only_the_first_tokens(monkeypatch):
 
 
 class FactoryCalls(TorchFunctionMode):
-    """Records the tensor factories called from chameleon/serving.py and generation.py, with their device."""
+    """Records the tensor factories called from chameleon/serve/adapter.py and decoding.py, with their device."""
     FACTORIES = {torch.full, torch.zeros, torch.ones, torch.empty, torch.tensor, torch.arange, torch.randn,
                  torch.as_tensor}
 
@@ -175,7 +176,7 @@ class FactoryCalls(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in self.FACTORIES:
             caller = sys._getframe(1).f_code
-            if Path(caller.co_filename).name in ("serving.py", "generation.py"):
+            if Path(caller.co_filename).name in ("adapter.py", "decoding.py"):
                 self.calls.append((func.__name__, caller.co_name, kwargs.get("device")))
         return func(*args, **kwargs)
 

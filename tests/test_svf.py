@@ -6,10 +6,10 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from chameleon import Config
-from chameleon.lora import trainable_parameters
-from chameleon.model import SVFExperts
-from chameleon.svf import (SVF, answer_kl, cem_search, decompose, matrix, mix, reinforce_step, sequence_log_probs,
-                           target_layers)
+from chameleon.adapters.lora import trainable_parameters
+from chameleon.adapters.experts import cem_search
+from chameleon.adapters.svf import SVF, SVFExperts, decompose, matrix, mix, target_layers
+from chameleon.reinforce import answer_kl, reinforce_step, sequence_log_probs
 
 
 def tiny_llama():

@@ -1,4 +1,4 @@
-"""Sweeps (chameleon.sweeps): a table's plan for any scheduler, and the plan run as Ray tasks."""
+"""Sweeps (chameleon.experiments.sweeps): a table's plan for any scheduler, and the plan run as Ray tasks."""
 import functools
 import json
 import shlex
@@ -6,10 +6,10 @@ import shlex
 import pandas as pd
 
 from chameleon import __main__ as cli
-from chameleon.compare import compare, experiment_runs
+from chameleon.experiments.compare import compare, experiment_runs
 from chameleon.config import ROOT
 from chameleon.runs import run_name
-from chameleon.sweeps import plan_lines, steps
+from chameleon.experiments.sweeps import plan_lines, steps
 
 import conftest
 

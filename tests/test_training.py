@@ -6,9 +6,9 @@ import pytest
 
 from chameleon import objectives, training
 from chameleon.__main__ import main
-from chameleon.compare import PAPER_TABLE
+from chameleon.experiments.compare import PAPER_TABLE
 from chameleon.backbones import load_backbone
-from chameleon.model import Adapted
+from chameleon.adapters.model import Adapted
 from chameleon.regimes import REGIMES
 from chameleon.runs import run_dir
 from chameleon.training import TrainingDiverged, train
@@ -57,7 +57,7 @@ def test_cached_body_gives_the_same_losses_as_the_full_path(tmp_path, regime):
 def test_the_chunked_loss_trains_as_the_full_logits_did(tmp_path, regime, monkeypatch):
     fused = train(tiny(tmp_path, regime=regime, epochs=2), progress=False)
 
-    def plain(self, hidden, target, cond=None):  # the loss before chameleon.fused_loss: full logits
+    def plain(self, hidden, target, cond=None, owner=None):  # the loss before chameleon.fused_loss: full logits
         return objectives.loss_sum(self.logits(hidden, cond), target)
 
     monkeypatch.setattr(Adapted, "loss_sum", plain)

@@ -5,10 +5,16 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from chameleon.lora import FLAVOURS, dims, low_rank_update, scaling
+from chameleon.adapters.component import Component
+from chameleon.adapters.lora import FLAVOURS, dims, low_rank_update, scaling
+
+if TYPE_CHECKING:  # the adapted model calls its components; they only name it
+    from chameleon.adapters.model import Adapted
 
 
 class HyperNetwork(nn.Module):
@@ -73,7 +79,7 @@ class ChameleonHead(nn.Module):
             base: the LM head (nn.Linear, possibly without bias); frozen in place.
             d_cond: size of the conditioning vector.
             rank: LoRA rank r (>= 1).
-            alpha: LoRA alpha; see `chameleon.lora.scaling`.
+            alpha: LoRA alpha; see `chameleon.adapters.lora.scaling`.
             flavour: "authors" or "standard"; sets the scaling and the hypernetwork's init.
             hidden: hypernetwork hidden widths.
             dropout: hypernetwork dropout.
@@ -117,3 +123,26 @@ class ChameleonHead(nn.Module):
         A, B = self.generate_adapter(cond)  # example i of hidden goes through its own A[i], B[i]
         delta = torch.einsum("n...r,nor->n...o", torch.einsum("n...i,nri->n...r", hidden, A), B)
         return self.base(hidden) + self.scaling * delta
+
+
+class Standardized(Component):
+    """Config.cond_norm "standardize": the hypernetwork reads every vector centred and scaled per dimension by the
+    mean and std of the training split's per-line conditioning vectors (ChameleonHead.standardize), stored with
+    the run, so that serving and export apply what training did."""
+
+    def __init__(self, head: ChameleonHead):
+        self.head = head
+
+    def bind(self, adapted: "Adapted", train_split, val_split) -> None:
+        self.head.standardize(train_split.cond_own)
+
+    def bound(self) -> dict[str, torch.Tensor]:
+        return {"cond_shift": self.head.cond_shift.cpu().contiguous(), "cond_scale": self.head.cond_scale.cpu().contiguous()}
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "cond_shift" not in tensors:
+            raise ValueError("this run standardizes the hypernetwork's input (cond_norm='standardize') but its folder "
+                             "stores no statistics (centroids.safetensors): train it again with this version of the kit")
+        with torch.no_grad():
+            self.head.cond_shift.copy_(tensors["cond_shift"])
+            self.head.cond_scale.copy_(tensors["cond_scale"])

@@ -47,11 +47,12 @@ def figures_dir(profile: str) -> Path:
 def code_hash(function: str) -> str:
     """A short hash of the code behind a figure: the source of the plotting function `function`,
     of every function of this module it calls (transitively, `save` included) and the values of
-    the module's constants it reads (colours, styles). Editing another figure's function leaves it."""
+    the module's constants it reads (colours, styles). Editing another figure's function leaves it, and so does
+    moving the module (its dunder names, such as its own __name__, are no drawing code)."""
     module, seen, parts = sys.modules[__name__], set(), []
 
     def visit(name: str) -> None:
-        if name in seen or not hasattr(module, name):
+        if name in seen or name.startswith("__") or not hasattr(module, name):
             return
         seen.add(name)
         value = getattr(module, name)
@@ -349,7 +350,7 @@ def results_bars(table: pd.DataFrame, profile: str, name: str = "06_results", so
     return fig
 
 
-# The publication's authors'-protocol losses (chameleon.compare.PAPER_TABLE), marked in black where the kit's runs
+# The publication's authors'-protocol losses (chameleon.experiments.compare.PAPER_TABLE), marked in black where the kit's runs
 # are set beside them.
 PUBLISHED_LOSSES = {"unadapted": 10.25, "lora": 1.35, "chameleon": 0.375}
 
@@ -478,7 +479,7 @@ def svf_comparison(table: pd.DataFrame, profile: str, name: str = "08_svf_result
 def domains_comparisons(table: pd.DataFrame, pairs: list[tuple[str, str]], batchings: tuple[str, ...],
                         profile: str, name: str = "domains_comparisons") -> Path:
     """A forest plot of the `domains` experiment's claimed differences (first - second) under each batching,
-    with the paired bootstrap intervals over lines (chameleon.domains.comparisons gives the table)."""
+    with the paired bootstrap intervals over lines (chameleon.experiments.domains.comparisons gives the table)."""
     labels = [f"{f} - {s}" for f, s in pairs]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(labels) + 1.2))
     shown = []
@@ -503,7 +504,7 @@ def domains_comparisons(table: pd.DataFrame, pairs: list[tuple[str, str]], batch
 def control_diagnostics(table: pd.DataFrame, profile: str, name: str = "diagnostics") -> Path:
     """What the hypernetwork reads and writes, per conditioned row (colour) and recipe (group): a probe's accuracy
     at telling the domain from its input, and the relative spread of its generated update across domains (log
-    scale); chameleon.domains_control.diagnose gives the table."""
+    scale); chameleon.experiments.domains_control.diagnose gives the table."""
     rows = list(dict.fromkeys(table.row))
     recipes = list(dict.fromkeys(table.label))
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(recipes) * len(rows) / 2 + 2), sharey=True)
@@ -522,3 +523,17 @@ def control_diagnostics(table: pd.DataFrame, profile: str, name: str = "diagnost
     axes[1].set_xlabel("spread of the generated update across domains / its mean (log)")
     axes[0].legend(fontsize=8, loc="lower right")
     return save(fig, table, name, profile)
+
+
+def line_costs(points: pd.DataFrame, profile: str, name: str = "lines") -> Path:
+    """Loss against head adapters applied per 1,000 lines on `kmeans` batches, one point per row (batch, k-means
+    group, line); chameleon.experiments.domains_control.report gives the table (row, adapters, loss, sd)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, r in enumerate(points.itertuples()):
+        colour = KIND_COLOURS[i % len(KIND_COLOURS)]
+        ax.errorbar(r.adapters, r.loss, yerr=r.sd, fmt="o", color=colour, capsize=3)
+        ax.annotate(r.row, (r.adapters, r.loss), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("head adapters applied per 1,000 validation lines (`kmeans` batches, log)")
+    ax.set_ylabel("validation loss (nats / token), mean ± sd over seeds")
+    return save(fig, points, name, profile)

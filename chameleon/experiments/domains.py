@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from chameleon.config import Config
+from chameleon.experiments.stats import detectable, holm, paired
 from chameleon.regimes import BATCHINGS, REGIMES
 
 
@@ -33,7 +33,7 @@ class Row:
 
     @property
     def conditioned(self) -> bool:
-        """It trains the hypernetwork head (the recipe's fields apply: chameleon.domains_control)."""
+        """It trains the hypernetwork head (the recipe's fields apply: chameleon.experiments.domains_control)."""
         return REGIMES[self.overrides["regime"]].conditioned
 
     @property
@@ -87,7 +87,6 @@ DESCRIBED = [("svf", "chameleon_prefix"), ("svf_experts", "svf"), ("svf_experts_
 SAME_WHY = {frozenset(("chameleon_prefix", "chameleon_batch_mean_excl")):
             " (every row is scored from token 8, so the batch mean without the scored targets averages each line's "
             "first 8 tokens: the prefix row's vector; comparison 8 is therefore batch_mean - prefix)"}
-BOOTSTRAP = 2000  # resamples of the validation lines
 
 
 def folder(cfg: Config) -> Path:
@@ -106,8 +105,8 @@ def trains(row: Row) -> bool:
 def tune(cfg: Config, progress: bool = True) -> pd.DataFrame:
     """Seed 0 of every row that takes its own rate, at each rate of LR_GRID, validated on the dev split;
     rows appended to lr-grid.csv as they land (a diverged run is a row marked so, never a choice)."""
-    from chameleon.runs import plan
-    from chameleon.training import TrainingDiverged, train
+    from chameleon.experiments.sweeps import train_plan
+    from chameleon.training import TrainingDiverged
 
     path = folder(cfg) / "lr-grid.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,8 +119,7 @@ def tune(cfg: Config, progress: bool = True) -> pd.DataFrame:
             if tried(done, row.name, lr):
                 continue
             try:
-                for step in plan(row_config(cfg, row, 0, lr, dev=True)):  # experts: their oracle run first
-                    result = train(step, progress=progress)
+                result = train_plan(row_config(cfg, row, 0, lr, dev=True), progress)[-1]  # experts: oracle run first
                 entry = dict(row=row.name, lr=lr, dev_loss=result["val_loss"], status="ok")
             except TrainingDiverged as err:  # the divergence check: this rate is out
                 entry = dict(row=row.name, lr=lr, dev_loss=math.nan, status=f"diverged: {str(err)[:80]}")
@@ -150,8 +148,8 @@ def run_seeds(cfg: Config, seeds: int, progress: bool = True, rows: dict[str, Ro
     """Every row of `rows` (default ROWS) with its chosen `settings` (default: its rate from lr-grid.csv), seed after
     seed (so each finished seed completes a paired set); runs.csv and lines/ grow as runs finish, and rows already
     there are not run again."""
-    from chameleon.runs import LINES, plan, run_dir
-    from chameleon.training import train
+    from chameleon.experiments.sweeps import train_plan
+    from chameleon.runs import LINES, run_dir
 
     out, rows = folder(cfg), rows or ROWS
     if settings is None:
@@ -170,8 +168,7 @@ def run_seeds(cfg: Config, seeds: int, progress: bool = True, rows: dict[str, Ro
         if row.name not in settings:
             raise ValueError(f"no learning rate for {row.name} in {out}: run --stage lr to the end")
         run = row_config(cfg, row, seed, **settings[row.name])
-        for step in plan(run):
-            result = train(step, progress=progress)
+        result = train_plan(run, progress)[-1]
         lines = pd.read_csv(run_dir(run) / LINES)
         lines.to_csv(out / "lines" / f"{row.name}-seed{seed}.csv", index=False, float_format="%.6f")
         entry = dict(row=row.name, seed=seed, lr=run.lr if trains(row) else math.nan,
@@ -194,30 +191,6 @@ def line_table(out: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def paired(lines: pd.DataFrame, first: str, second: str, batching: str, seed: int = 0) -> dict | None:
-    """first - second in token-weighted val loss: per seed (t-interval over the seeds both have), and a
-    paired bootstrap over lines (the same resampled lines for both rows and every seed)."""
-    col = f"loss_{batching}"
-    a = lines[lines.row == first].pivot(index="line", columns="seed", values=col)
-    b = lines[lines.row == second].pivot(index="line", columns="seed", values=col)
-    seeds = sorted(set(a.columns) & set(b.columns))
-    if len(seeds) < 2:
-        return None
-    tokens = lines[lines.row == first].groupby("line").tokens.first().loc[a.index].to_numpy(float)
-    diff = (a[seeds] - b[seeds]).to_numpy()  # (lines, seeds) summed nats
-    per_seed = diff.sum(0) / tokens.sum()
-    n, mean = len(seeds), float(per_seed.mean())
-    sd = float(per_seed.std(ddof=1))
-    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    p = float(stats.ttest_1samp(per_seed, 0).pvalue) if sd > 0 else 0.0
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(tokens), (BOOTSTRAP, len(tokens)))
-    boot = diff.mean(1)[idx].sum(1) / tokens[idx].sum(1)
-    return dict(first=first, second=second, batching=batching, seeds=n, difference=mean, sd=sd, t_low=mean - half,
-                t_high=mean + half, p_seeds=p, boot_low=float(np.quantile(boot, 0.025)),
-                boot_high=float(np.quantile(boot, 0.975)))
-
-
 COLUMNS = ["first", "second", "batching", "seeds", "difference", "t_low", "t_high", "p_seeds", "boot_low", "boot_high",
            "p_holm"]
 
@@ -233,14 +206,6 @@ def comparisons(lines: pd.DataFrame) -> pd.DataFrame:
     table.loc[claim, "p_holm"] = holm(table.loc[claim, "p_seeds"].to_numpy())
     table["significant"] = claim & (table.p_holm < 0.05) & ((table.boot_low > 0) | (table.boot_high < 0))
     return table
-
-
-def holm(p: np.ndarray) -> np.ndarray:
-    """Holm's step-down adjusted p-values of one family."""
-    order = np.argsort(p)
-    adjusted = np.empty(len(p))
-    adjusted[order] = np.minimum(1, np.maximum.accumulate((len(p) - np.arange(len(p))) * p[order]))
-    return adjusted
 
 
 def described(lines: pd.DataFrame) -> pd.DataFrame:
@@ -305,12 +270,6 @@ def minimum_detectable(study: pd.DataFrame, n: int = 5, alpha: float = 0.05 / le
         rows.append(dict(comparison=f"{r.regime} {r.conditioning} ({r.scored}) - {r.reference}", sd_per_seed=sd,
                          detectable=detectable(sd, n, alpha, power)))
     return pd.DataFrame(rows)
-
-
-def detectable(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
-    """The smallest difference a two-sided paired t-test over n seeds detects with `power` at level `alpha`, when
-    the per-seed differences spread with standard deviation `sd`."""
-    return float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
 
 
 def fmt(x: float, digits: int = 3) -> str:
@@ -427,7 +386,7 @@ def transformer2_answer(extra: pd.DataFrame) -> str | None:
 
 
 def report(cfg: Config) -> Path:
-    from chameleon import plots
+    from chameleon.experiments import plots
 
     out = folder(cfg)
     path = out / "RESULTS.md"

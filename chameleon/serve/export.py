@@ -1,4 +1,4 @@
-"""A trained run as standard PEFT LoRA adapters, loadable without the kit (`chameleon.load_export`).
+"""A trained run as standard PEFT LoRA adapters, loadable without the kit (`chameleon.serve.load_export`).
 
     python -m chameleon export --run results/cpu/lm/runs/<run> --format peft OUT
     Adapter.from_run(run).export_peft("OUT")
@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from chameleon.backbones import CONVERTED, load_backbone
-from chameleon.lora import LoRA
-from chameleon.load_export import weights_sha256
+from chameleon.adapters.lora import LoRA
+from chameleon.serve.load_export import weights_sha256
 from chameleon.prepare import prepare, prompt_prefix
-from chameleon.regimes import PROTOCOLS, REGIMES
+from chameleon.regimes import LEVELS, PROTOCOLS, REGIMES
 
 EXPORT = "export.json"
 
@@ -51,7 +51,7 @@ def export_peft(adapter, out: str | Path, force: bool = False) -> Path:
     out = Path(out)
     check_target(out, force)
     cfg, adapted = adapter.cfg, adapter.adapted
-    if why := unexportable(cfg.regime):
+    if why := unexportable(cfg.regime, cfg.cond_level):
         raise ValueError(f"a {cfg.regime} run cannot be exported as PEFT LoRA adapters: {why}")
     updates, routing = _head_updates(adapter)  # {adapter name: (A, B) of the head}, and how prompts pick one
     base, tokenizer = load_backbone(cfg.backbone, seed=cfg.seed, cache_dir=adapter.cache_dir)
@@ -90,9 +90,13 @@ def export_peft(adapter, out: str | Path, force: bool = False) -> Path:
     return out
 
 
-def unexportable(regime: str) -> str:
+def unexportable(regime: str, cond_level: str = "batch") -> str:
     """Why a regime's run has no PEFT LoRA form ("": it has one)."""
     row = REGIMES[regime]
+    if row.conditioned and LEVELS[cond_level].evaluates_per_line:
+        return (f"cond_level={cond_level!r} generates one adapter per input line, from that line alone; PEFT holds a "
+                "fixed set of adapters chosen by name, so there is no set to write: serve the run with "
+                "`python -m chameleon serve` (one group per prompt)")
     if row.blocks == "svf":
         return ("SVF rescales the singular values of every MLP matrix, a full-rank change that no LoRA adapter holds; "
                 "it would need the adapted matrices U diag(S sigmoid(z)) Vh saved as a whole model per expert "

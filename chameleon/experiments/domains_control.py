@@ -6,7 +6,7 @@ domains experiment; results/domains_control/lm/PLAN.md says what is claimed, and
     python -m chameleon domains --profile domains_control --stage report    # RESULTS.md and figures, from the CSVs
     python -m chameleon domains --profile domains_control --stage diagnose  # what the hypernetwork reads and writes
 
-The first experiment (chameleon.domains) found the batch-conditioned head no better than the same head on a constant
+The first experiment (chameleon.experiments.domains) found the batch-conditioned head no better than the same head on a constant
 input, beside a positive control that also failed: the hypernetwork behaved as one static adapter. Here every
 choice is made on a dev split carved from train by article / file / conversation: a recipe (RECIPES: the
 conditioning standardized or not, dropout or not) passes when a control that cannot be blind to its input (a
@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 
-from chameleon import domains as first
+from chameleon.experiments import domains as first
 from chameleon.config import Config
-from chameleon.domains import (Row, by_batching, corpus_table, detectable, folder, fmt, holm, identical_rows,
-                               line_table, over_lines, paired, per_domain, row_config, trains)
-from chameleon.regimes import BATCHINGS, CONDITIONINGS
+from chameleon.experiments.domains import (Row, by_batching, corpus_table, folder, fmt, identical_rows, line_table,
+                                          over_lines, per_domain, row_config, trains)
+from chameleon.experiments.stats import detectable, holm, paired, tost
+from chameleon.regimes import BATCHINGS, DISPATCHES
 
 # what the hypernetwork rows may be trained with (Config fields); the paper's first
 RECIPES = {"paper": dict(cond_norm="none", hyper_dropout=0.5),
@@ -61,7 +61,17 @@ ROWS = {r.name: r for r in [
         tuned_as="chameleon_prefix", about="a fixed random code per true domain (reads the label; the positive control)"),
     Row("chameleon_oracle_permuted", dict(regime="chameleon", conditioning="oracle_permuted"),
         tuned_as="chameleon_prefix", about="oracle_separable's trained run, each domain given another's code"),
+    # batch against line (PLAN-line.md, written before these rows ran): one adapter per line, and per-line experts
+    Row("chameleon_prefix_line", dict(regime="chameleon", conditioning="prefix", cond_level="line"),
+        about="the same hypernetwork trained and evaluated with one adapter per line, from the line's own prefix"),
+    Row("chameleon_prefix_line_eval", dict(regime="chameleon", conditioning="prefix", cond_level="line_eval"),
+        tuned_as="chameleon_prefix", about="chameleon_prefix's trained runs, one adapter per line at inference"),
+    Row("lora_experts_line", dict(regime="lora_experts", dispatch="classifier_line"), tuned_as="lora_experts",
+        about="lora_experts' experts, each line routed to its own nearest group inside a mixed batch"),
+    Row("lora_experts_domain_line", dict(regime="lora_experts", dispatch="oracle_line", expert_groups="domain"),
+        tuned_as="lora_experts", about="lora_experts_domain's experts, each line to its own true domain's expert"),
 ]}
+RECIPE_ROW = "chameleon_prefix"  # the row every recipe is tuned for; other hypernetwork rows take the chosen recipe
 
 # The fixed sequence (PLAN.md): (first, second, batching); difference = first - second in nats per scored token
 CONTROL = ("chameleon_oracle_separable", "chameleon_constant", "clustered")
@@ -74,6 +84,11 @@ REST = [("chameleon_prefix", "lora", "kmeans"), ("chameleon_prefix", "lora_match
         ("chameleon_oracle", "chameleon_constant", "kmeans")]  # Holm-corrected as one family, after the control
 CHECKS = [("chameleon_oracle_permuted", "chameleon_oracle_separable", "clustered"),  # must give back the gain
           ("chameleon_oracle_permuted", "chameleon_constant", "clustered")]
+LINE_FAMILY = [("chameleon_prefix", "chameleon_prefix_line", "kmeans"),  # PLAN-line.md: Holm over these five
+               ("chameleon_prefix", "chameleon_prefix_line", "mixed"),
+               ("chameleon_prefix", "chameleon_prefix_line_eval", "kmeans"),
+               ("chameleon_prefix", "lora_experts_line", "kmeans"),
+               ("chameleon_prefix", "lora_experts_domain_line", "kmeans")]
 ALPHA = 0.05
 
 
@@ -85,17 +100,13 @@ def half_decade(lr: float, step: int) -> float:
     return float(f"{(1 if h % 2 == 0 else 3) * 10 ** (h // 2):.0e}")
 
 
-def recipes_of(row: Row) -> list[str]:
-    return list(RECIPES) if row.conditioned else [NO_RECIPE]
 
 
 def dev_runs(cfg: Config, row: Row, recipe: str, lr: float, progress: bool, **settings) -> list[dict]:
     """Seed 0 of `row` on the dev split: every run of its plan (the training run first), their results."""
-    from chameleon.runs import plan
-    from chameleon.training import train
+    from chameleon.experiments.sweeps import train_plan
 
-    run = row_config(cfg, row, 0, lr, dev=True, **RECIPES.get(recipe, {}), **settings)
-    return [train(step, progress=progress) for step in plan(run)]
+    return train_plan(row_config(cfg, row, 0, lr, dev=True, **RECIPES.get(recipe, {}), **settings), progress)
 
 
 def _read(path: Path, columns: list[str]) -> pd.DataFrame:
@@ -215,13 +226,16 @@ def tune(cfg: Config, progress: bool = True) -> pd.DataFrame:
     corpus_table(cfg).to_csv(out / "corpus.csv", index=False)
     path = out / "lr-grid.csv"
     grid = _read(path, ["row", "recipe", "lr", "dev_loss", "status"])
-    for row in ROWS.values():
-        if row.tuned_as or not trains(row):
-            continue
-        for recipe in recipes_of(row):
+    own = [row for row in ROWS.values() if not row.tuned_as and trains(row)]
+    for row in own:  # every recipe for the recipe row, none for rows without a hypernetwork
+        for recipe in RECIPES if row.name == RECIPE_ROW else [] if row.conditioned else [NO_RECIPE]:
             grid = sweep(cfg, row, recipe, grid, path, progress)
     recipes = check_controls(cfg, grid, progress)
-    choose_epochs(cfg, grid, chosen_recipe(recipes)[0], progress)
+    recipe = chosen_recipe(recipes)[0]
+    for row in own:  # the other hypernetwork rows, under the chosen recipe
+        if row.conditioned and row.name != RECIPE_ROW:
+            grid = sweep(cfg, row, recipe, grid, path, progress)
+    choose_epochs(cfg, grid, recipe, progress)
     return recipes
 
 
@@ -249,17 +263,15 @@ def run_seeds(cfg: Config, seeds: int = SEEDS, progress: bool = True) -> pd.Data
 
 # ---------------------------------------------------------------------------- analysis: CSVs in, verdicts out
 
-def tost(c: pd.Series | dict) -> tuple[float, float]:
-    """The 90% seed interval of a paired difference: inside +-EQUIVALENCE, both one-sided tests reject at 5%."""
-    half = float(stats.t.ppf(0.95, c["seeds"] - 1)) * c["sd"] / math.sqrt(c["seeds"])
-    return c["difference"] - half, c["difference"] + half
-
-
 def verdicts(lines: pd.DataFrame) -> dict:
     """The fixed sequence of PLAN.md: the control's gate, then the primary, then the rest (Holm), and the negative
-    checks; each comparison a dict of domains.paired's fields, with what was decided."""
+    checks; each comparison a dict of stats.paired's fields, with what was decided."""
     control = paired(lines, *CONTROL)
-    out = {"control": control, "primary": None, "rest": [], "checks": [c for t in CHECKS if (c := paired(lines, *t))]}
+    out = {"control": control, "primary": None, "rest": [], "checks": [c for t in CHECKS if (c := paired(lines, *t))],
+           "lines": [c for t in LINE_FAMILY if (c := paired(lines, *t))]}
+    for c, p in zip(out["lines"], holm(np.array([c["p_seeds"] for c in out["lines"]]))):
+        c["p_holm"] = float(p)
+        c["significant"] = bool(p < ALPHA and (c["boot_low"] > 0 or c["boot_high"] < 0))
     if control is None:
         return out
     control["passes"] = bool(control["difference"] < CONTROL_MARGIN and control["t_high"] < 0)
@@ -303,6 +315,23 @@ def answer(v: dict, dev_passed: bool) -> str:
              f"[{fmt(p['tost_low'])}, {fmt(p['tost_high'])}])")
     return (f"**(b) The control passes and the leak-free batch still does not beat the constant input**: {gate}, "
             f"passes; {primary}: {bound}; the largest benefit the seed interval allows is {-p['t_low']:.3f} nats.")
+
+
+def line_answer(v: dict) -> str:
+    """Batch against line in one sentence, every number read from `v`."""
+    said = {(c["second"], c["batching"]): c for c in v["lines"]}
+    if ("chameleon_prefix_line", "kmeans") not in said:
+        return "Batch against line: not measured yet."
+
+    def one(second: str, batching: str) -> str:
+        c = said.get((second, batching))
+        if c is None:
+            return f"{second} ({batching}): not measured yet"
+        verdict = "significant" if c["significant"] else "not significant"
+        return (f"{fmt(c['difference'])} nats against {second} on `{batching}` ({c['seeds']} seeds {seed_interval(c)}, "
+                f"Holm p {c['p_holm']:.3f}: {verdict})")
+    return ("Batch against line (the batch-level prefix head minus each): " + "; ".join(
+        one(second, b) for _, second, b in LINE_FAMILY) + ". Negative: the batch-level head has the lower loss.")
 
 
 def answer_of(out: Path) -> str:
@@ -390,6 +419,19 @@ def results_text(out: Path) -> str:
     if v["rest"]:
         text += ["**3. The rest** (Holm over these five):", "", HEADER + " Holm p | significant |", "|---" * 8 + "|",
                  *[table_row(c, f"{c['p_holm']:.3f}", "yes" if c["significant"] else "no") for c in v["rest"]], ""]
+    if v["lines"]:
+        text += ["## Batch against line ([PLAN-line.md](PLAN-line.md); Holm over these five)", "",
+                 "One adapter per batch (the paper) against one per line: the hypernetwork trained per line, the "
+                 "batch-trained hypernetwork evaluated per line, and per-line expert routing inside mixed batches "
+                 "(as multi-adapter servers route each request).", "", HEADER + " Holm p | significant |",
+                 "|---" * 8 + "|", *[table_row(c, f"{c['p_holm']:.3f}", "yes" if c["significant"] else "no")
+                                     for c in v["lines"]], "", f"- {line_answer(v)}", ""]
+        if (out / "costs.csv").exists():
+            text += ["What each costs (`--stage costs`: adapters generated per 1,000 validation lines under each "
+                     "batching, and the head's training step and evaluation per scored row as ratios to the batch-level "
+                     "hypernetwork's, measured in one run):", "",
+                     pd.read_csv(out / "costs.csv").to_markdown(index=False, floatfmt=".2f"), "",
+                     f"![loss against adapters generated per line](../../../figures/{out.parent.name}/lines.png)", ""]
     if v["checks"]:
         text += ["**The negative check** (described: the codes permuted across domains at inference must give back "
                  "what the control gained):", "", HEADER, "|---" * 6 + "|", *[table_row(c).rstrip(" |") + " |"
@@ -417,9 +459,19 @@ def results_text(out: Path) -> str:
 
 
 def report(cfg: Config) -> Path:
+    """RESULTS.md, and the figure of loss against adapters per line once costs.csv and the line rows are there."""
+    from chameleon.experiments import plots
+
     out = folder(cfg)
     path = out / "RESULTS.md"
     path.write_text(results_text(out))
+    if (out / "costs.csv").exists() and (out / "runs.csv").exists():
+        runs_ = pd.read_csv(out / "runs.csv").groupby("row").loss_kmeans.agg(["mean", "std"])
+        cost = pd.read_csv(out / "costs.csv").set_index("row")["adapters per 1,000 lines (kmeans)"]
+        points = pd.DataFrame([dict(row=r, adapters=cost[r], loss=runs_.loc[r, "mean"], sd=runs_.loc[r, "std"])
+                               for r in cost.index if r in runs_.index])
+        if len(points):
+            plots.line_costs(points, cfg.profile)
     return path
 
 
@@ -454,7 +506,7 @@ def diagnosed_runs(out: Path) -> list[tuple[str, str, str, dict]]:
         done, chosen = set(pd.read_csv(out / "runs.csv").query("seed == 0").row), settings(out)
         recipe = chosen_recipe(recipes)[0]
         runs += [("validation", recipe, name, chosen[name]) for name, row in ROWS.items()
-                 if row.conditioned and not CONDITIONINGS[row.overrides["conditioning"]].trained_as and name in done]
+                 if row.conditioned and name in done]
     return runs
 
 
@@ -490,11 +542,11 @@ def update_spread(head, hidden: torch.Tensor, conds: torch.Tensor) -> float:
 def diagnose(cfg: Config) -> Path:
     """diagnostics.csv and its figure: for every run of `diagnosed_runs`, the geometry of what its hypernetwork reads
     (after cond_norm) and the spread of its generated update across validation k-means groups and across domains."""
-    from chameleon import plots
+    from chameleon.experiments import plots
     from chameleon.backbones import load_backbone
     from chameleon.clustering import incoming_batches
     from chameleon.prepare import prepare
-    from chameleon.runs import load_trained
+    from chameleon.runs import load_trained, trained_by
     from chameleon.training import scored_rows
 
     out = folder(cfg)
@@ -502,6 +554,8 @@ def diagnose(cfg: Config) -> Path:
     table = []
     for stage, recipe, name, chosen in diagnosed_runs(out):
         run = cfg.replace(seed=0, **ROWS[name].overrides, **chosen)
+        if trained_by(run) is not None:  # it evaluates another row's weights: that row is diagnosed
+            continue
         adapted = load_trained(run, model)
         train_split, val, _ = prepare(run, model, tokenizer)
         head = adapted.head
@@ -520,3 +574,68 @@ def diagnose(cfg: Config) -> Path:
     frame.drop(columns=["label", "domains"]).to_csv(out / "diagnostics.csv", index=False, float_format="%.6g")
     plots.control_diagnostics(frame, cfg.profile)
     return out / "diagnostics.csv"
+
+
+# ---------------------------------------------------------------------------- batch against line: what each costs
+
+COST_ROWS = ("chameleon_prefix", "chameleon_prefix_line", "chameleon_prefix_line_eval", "lora_experts",
+             "lora_experts_line")
+TIMED_STEPS = 12  # training batches timed per row (after one warm-up batch)
+
+
+def costs(cfg: Config) -> Path:
+    """costs.csv: per row of COST_ROWS, the head adapters applied per 1,000 validation lines under each batching
+    (generated by the hypernetwork, or picked among stored experts), and the head's training step and its
+    evaluation per scored row as ratios to the batch-level hypernetwork's, all measured in this one process (run it
+    with nothing else running). Weights are freshly initialised: the cost of a step does not depend on them."""
+    import time
+
+    from chameleon.adapters.model import build
+    from chameleon.backbones import load_backbone
+    from chameleon.clustering import ClusterBatchSampler, incoming_batches
+    from chameleon.prepare import prepare
+    from chameleon.regimes import LEVELS
+    from chameleon.runs import trained_by
+    from chameleon.training import batch_loss, line_losses, optimizer, scored_rows
+
+    model, tokenizer = load_backbone(cfg.backbone, cache_dir=cfg.cache_dir)
+    dev, table = torch.device("cpu"), []
+    for name in COST_ROWS:
+        run = cfg.replace(seed=0, **ROWS[name].overrides)
+        trains = trained_by(run) or run  # the step an evaluation-only row pays is its trained run's
+        train_split, val, _ = prepare(run, model, tokenizer)
+        adapted = build(trains, model)
+        adapted.bind(train_split, val)
+        rows = {s.name: scored_rows(adapted, s, True, run.cache_dir) for s in (train_split, val)}
+        opt = optimizer(trains, [p for p in adapted.parameters() if p.requires_grad])
+        batches = list(ClusterBatchSampler(train_split.labels, run.batch_size, seed=0))[:TIMED_STEPS + 1]
+        adapted.train()
+        seconds, scored = 0.0, 0
+        for i, batch in enumerate(batches):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss, n = batch_loss(adapted, train_split, rows["train"], batch, batch, dev,
+                                 LEVELS[trains.cond_level].trains_per_line)
+            (loss / n).backward()
+            opt.step()
+            if i:  # the first batch warms up
+                seconds, scored = seconds + time.perf_counter() - t0, scored + n
+        adapted = build(run, model)  # the evaluated configuration (a per-line dispatch, cond_level line_eval)
+        adapted.bind(train_split, val)
+        t0 = time.perf_counter()
+        line_losses(adapted, val, rows["validation"], run, dev, "kmeans")
+        evaluation = (time.perf_counter() - t0) / len(rows["validation"].target)
+        per_line = LEVELS[run.cond_level].evaluates_per_line if adapted.conditioned else \
+            adapted.experts is not None and DISPATCHES[run.dispatch].per_line
+        applied = {b: 1000 * (len(val) if per_line else len(incoming_batches(val, run.batch_size, run.conditioning, b)))
+                   / len(val) for b in BATCHINGS}
+        table.append(dict(row=name, **{f"adapters per 1,000 lines ({b})": a for b, a in applied.items()},
+                          step_per_row=seconds / scored, eval_per_row=evaluation))
+    frame = pd.DataFrame(table)
+    ref = frame.set_index("row").loc[COST_ROWS[0]]
+    frame["step ratio"] = frame.step_per_row / ref.step_per_row
+    frame["eval ratio"] = frame.eval_per_row / ref.eval_per_row
+    path = folder(cfg) / "costs.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.drop(columns=["step_per_row", "eval_per_row"]).to_csv(path, index=False, float_format="%.4g")
+    return path

@@ -15,21 +15,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from chameleon import domains as domains_experiment, domains_control
-from chameleon.compare import PAPER_TABLE, WIKITEXT2_PAD_SHARE_256
+from chameleon.experiments import domains as domains_experiment, domains_control
+from chameleon.experiments.compare import PAPER_TABLE, WIKITEXT2_PAD_SHARE_256
 from chameleon.config import ROOT, Config
-from chameleon.report import paired_differences, to_markdown
+from chameleon.experiments.report import paired_differences, to_markdown
 
 # The committed tables the text is written from (each as <stem>.csv, <stem>-runs.csv).
 TABLES = {"lm": "results/cpu/lm/compare-seeds3", "instructions": "results/cpu/instructions/compare-seeds3",
           "paper_length": "results/cpu/lm/paper-length-seeds3", "heads": "results/study/lm/heads-seeds3",
           "svf": "results/cpu/lm/svf-seeds3"}
 PAIRED = {task: f"{TABLES[task]}-paired" for task in ("lm", "instructions")}  # written by `report` from the runs
-ANSWERS = ("<!-- answers: written by `python -m chameleon report` from results/; edit chameleon/results.py -->",
+ANSWERS = ("<!-- answers: written by `python -m chameleon report` from results/; edit chameleon/experiments/results.py -->",
            "<!-- /answers -->")
-DOMAINS_FOLDER = "results/domains/lm"  # the domains experiment's CSVs (chameleon.domains)
+DOMAINS_FOLDER = "results/domains/lm"  # the domains experiment's CSVs (chameleon.experiments.domains)
 DOMAINS = f"{DOMAINS_FOLDER}/RESULTS.md"
-CONTROL_FOLDER = "results/domains_control/lm"  # the second domains experiment's CSVs (chameleon.domains_control)
+CONTROL_FOLDER = "results/domains_control/lm"  # the second domains experiment's CSVs (chameleon.experiments.domains_control)
 CONTROL = f"{CONTROL_FOLDER}/RESULTS.md"
 
 
@@ -382,7 +382,7 @@ def domains(t) -> str:
 def results_md(t) -> str:
     """RESULTS.md."""
     head = ("# Results\n\nWritten by `python -m chameleon report` from the committed tables under `results/`; change "
-            "the templates in `chameleon/results.py`, not this file (`tests/test_results_text.py` fails when the two "
+            "the templates in `chameleon/experiments/results.py`, not this file (`tests/test_results_text.py` fails when the two "
             "disagree). Losses are validation losses in nats, mean ± standard deviation over seeds 0-2. A paired "
             "difference is run - reference on the same seed and scored tokens, with a 95% t-interval over the seeds; "
             "it is significant when the interval excludes 0. The protocols are in [docs/protocol.md](docs/protocol.md).\n")
@@ -442,6 +442,8 @@ def control_answer(t, up: str = "") -> str:
     out = t["control_folder"]
     said = domains_control.answer_of(out) if (out / "epochs.csv").exists() else \
         "its dev stage (recipes, rates, epochs) has not finished."
+    if (out / "runs.csv").exists() and (v := domains_control.verdicts(domains_experiment.line_table(out)))["lines"]:
+        said += " " + domains_control.line_answer(v)
     return (f"But this experiment's positive control failed too, so a second one asks first whether the hypernetwork "
             f"can read its input ([{CONTROL}]({up}{CONTROL}), plan committed before its runs): {said}")
 
@@ -461,7 +463,7 @@ def readme_with_answers(readme: str, block: str, markers: tuple[str, str] = ANSW
     return re.sub(f"{start}.*{end}", lambda _: block, readme, flags=re.S)
 
 
-WORKSHOP_KEY = ("<!-- domains: written by `python -m chameleon report` from results/domains*/; edit chameleon/results.py -->",
+WORKSHOP_KEY = ("<!-- domains: written by `python -m chameleon report` from results/domains*/; edit chameleon/experiments/results.py -->",
                 "<!-- /domains -->")
 
 

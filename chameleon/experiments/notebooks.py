@@ -1,7 +1,7 @@
 """The runner behind `python -m chameleon notebooks`, and the notebooks' set-up (`quiet`).
 
 The method lives in its own modules (embeddings, clustering, objectives, hypernetwork, runs,
-compare); what only the notebooks compute and show is in chameleon.analysis; here is only what
+compare); what only the notebooks compute and show is in chameleon.experiments.analysis; here is only what
 runs the notebooks. Everything a notebook computes is keyed by profile on disk (results/<profile>/,
 figures/<profile>/, data/cache/), so a later notebook reads it back.
 

@@ -112,8 +112,8 @@ def cluster_examples(texts: list[str], labels, per_cluster: int = 2, width: int 
 def beside_paper(table: pd.DataFrame, protocol: str) -> pd.DataFrame:
     """The paper's table beside this kit's rows of one protocol (a compare() table; batch_mean
     conditioning for the hypernetwork: the rows whose conditioning plots.UNNAMED_CONDITIONINGS leaves unnamed)."""
-    from chameleon.compare import PAPER_TABLE
-    from chameleon.plots import UNNAMED_CONDITIONINGS
+    from chameleon.experiments.compare import PAPER_TABLE
+    from chameleon.experiments.plots import UNNAMED_CONDITIONINGS
 
     ours = table[(table["protocol"] == protocol) & table["conditioning"].isin(UNNAMED_CONDITIONINGS)]
     ours = ours[["regime", "trainable_params", "val_loss", "val_ppl"]]
@@ -166,7 +166,7 @@ def side_by_side(gens: pd.DataFrame, width: int = 100) -> str:
         return textwrap.fill(text or "(empty)", width, initial_indent=f"{label:<{indent}}",
                              subsequent_indent=" " * indent, replace_whitespace=True)
 
-    from chameleon.plots import run_name
+    from chameleon.experiments.plots import run_name
 
     blocks = []
     for example, part in gens.groupby("example", sort=True):

@@ -14,8 +14,9 @@ settings (temperature, top_p, stop) are decoded apart in the same round. A reque
 and never reach the model; an error while decoding fails that batch's requests (500), not the server.
 
 Request fields: prompt (a string or a list of strings, required), max_tokens (1..--max-tokens, default 16),
-temperature (0 = greedy, the default), top_p, stop (a string or a list of strings), stream (only false:
-answers come whole); other fields (model, ...) are ignored. FastAPI and uvicorn are imported when a server is
+temperature (0 = greedy, the default), top_p, stop (a string or a list of strings). The OpenAI fields it does not
+serve (UNSERVED: stream, n, best_of, logprobs, echo, the penalties, logit_bias, suffix) are accepted at their
+default value only, and refused with a 400 naming the field otherwise; other fields (model, user) are ignored. FastAPI and uvicorn are imported when a server is
 built, so the command line stays fast.
 """
 import asyncio  # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime
@@ -34,6 +35,17 @@ LIMITS = {  # name: (default, smallest allowed, what it bounds): `serve` options
     "max_tokens": (256, 1, "largest max_tokens a request may ask for"),
     "max_body": (1 << 16, 1, "largest request body, in bytes")}
 DEFAULT_MAX_TOKENS = 16  # as OpenAI's completions endpoint
+# OpenAI completions fields this server does not serve: (the one value it accepts, why); any other value is a 400,
+# never silently ignored
+UNSERVED = {"stream": (False, "answers come whole"),
+            "n": (1, "one choice per prompt is decoded (send the prompt n times for n samples)"),
+            "best_of": (1, "no candidates are ranked"),
+            "logprobs": (None, "token log-probabilities are not returned"),
+            "echo": (False, "the prompt is not repeated in the answer"),
+            "presence_penalty": (0, "no penalties are applied in decoding"),
+            "frequency_penalty": (0, "no penalties are applied in decoding"),
+            "logit_bias": (None, "no logit bias is applied in decoding"),
+            "suffix": (None, "no text is inserted after the answer")}
 
 
 class BadRequest(ValueError):
@@ -71,8 +83,10 @@ def parse(body: bytes, limits: dict) -> Pending:
         raise BadRequest(f"{len(prompts)} prompts in one request; this server decodes at most "
                          f"{limits['max_batch']} together (--max-batch): split the request")
     max_tokens = _number(data, "max_tokens", int, DEFAULT_MAX_TOKENS, 1, limits["max_tokens"])
-    if data.get("stream", False) is not False:
-        raise BadRequest("\"stream\": true is not served: answers come whole; send \"stream\": false or leave it out")
+    for name, (default, why) in UNSERVED.items():
+        if name in data and data[name] != default:
+            raise BadRequest(f"\"{name}\": {json.dumps(data[name])} is not served: {why}; send "
+                             f"\"{name}\": {json.dumps(default)} or leave it out")
     temperature = _number(data, "temperature", float, 0.0, 0.0, 10.0)
     top_p = _number(data, "top_p", float, 1.0, 1e-6, 1.0)
     stop = data.get("stop")
@@ -271,7 +285,7 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, group: str = "route", 
     """Load the run and serve it until interrupted (Ctrl-C)."""
     import uvicorn
 
-    from chameleon.serving import Adapter
+    from chameleon.serve.adapter import Adapter
 
     adapter = Adapter.from_run(run, device=device)
     app = create_app(adapter, group, **limits)

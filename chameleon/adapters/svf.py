@@ -13,9 +13,9 @@ by a few-shot CEM search.
     svf = SVF(decompose(model, "mlp", cfg.cache_dir))   # the frozen SVDs; an expert is {layer name: z}
     with svf.factored(model, z):     # x W'^T computed factored, never forming W': train z
         loss = model(...).loss
-    svf.weight(name, z)              # W' itself, built once for evaluation (model.SVFExperts)
+    svf.weight(name, z)              # W' itself, built once for evaluation (SVFExperts)
 
-`model.SVFExperts` holds the experts' z and applies them to a model in exactly these two ways.
+`SVFExperts` (below) holds the experts' z and applies them to a model in exactly these two ways.
 
 The reference code (github.com/SakanaAI/self-adaptive-llms, Apache-2.0) was read for its
 conventions; none of it is copied here.
@@ -28,16 +28,18 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
+from chameleon.adapters.experts import Experts
 from chameleon.cache import write_atomic
+from chameleon.config import Config
 
 # Which submodules are adapted: a layer is a target when one of its parents has one of these names.
 # GPT-2: h.i.mlp.c_fc / c_proj, h.i.attn.c_attn / c_proj; Llama: layers.i.mlp.{gate,up,down}_proj,
@@ -249,102 +251,66 @@ def mix(experts: Sequence[dict[str, torch.Tensor]], alpha: Sequence[float] | tor
     return {name: sum(w * e[name] for w, e in zip(a.tolist(), experts)) for name in experts[0]}
 
 
-def cem_search(score_fn: Callable[[torch.Tensor], float | tuple], n_experts: int, population: int = 32,
-               elite_ratio: float = 0.2, iters: int = 10, seed: int = 0, init: torch.Tensor | None = None
-               ) -> torch.Tensor:
-    """Cross-entropy-method search for mixing weights alpha in [0, 1]^K that maximise score_fn(alpha).
+class SVFExperts(Experts):
+    """Transformer²'s SVF on a frozen body: K vectors z (one per expert) over one cached SVD.
 
-    The search starts at `init` (uniform 1/K) with std 0.5 (half the range); each iteration samples
-    `population` candidates clipped to [0, 1], keeps the best so far as candidate 0 (re-evaluated), and
-    refits mean and std to the elites. Population and elite ratio are the reference's defaults; its
-    few-shot evaluation script differs (50 iterations, per-layer, unnormalised coefficients): see
-    docs/transformer2.md.
-
-    Args:
-        score_fn: alpha (K,) -> score, e.g. the mean log-likelihood of a few held-out examples under
-            mix(experts, alpha). It may return a tuple (score, log_likelihood): tuples compare in order,
-            so equal scores (e.g. task accuracy) are ranked by log-likelihood, as the reference does.
-        n_experts: K.
-        population: candidates per iteration (reference 32).
-        elite_ratio: share of the population the distribution is refitted to (reference 0.2).
-        iters: iterations; score_fn is called population * iters times.
-        seed: seeds the sampling.
-        init: initial mean (default uniform 1/K).
-
-    Returns:
-        The best alpha found, (K,), unnormalised (mix normalises).
+    Expert k turns every adapted matrix W = U diag(S) Vh into U diag(S sigmoid(z_k)) Vh * sum S / sum(S
+    sigmoid(z_k)) (`svf.SVF`). The model's own weights are never touched. Two ways to apply it: with
+    gradients on (training z) or while CEM scores a few shots, each layer computes x W'^T factored
+    (svf.SVF.factored, about 2x cheaper a step than rebuilding every W'; benchmarks/bench_svf.py);
+    otherwise W' is built once per selection and the body runs on it through torch.func.functional_call.
     """
-    g = torch.Generator().manual_seed(seed)
-    n_elites = max(1, int(elite_ratio * population))
-    mean = torch.full((n_experts,), 1 / n_experts) if init is None else torch.as_tensor(init, dtype=torch.float32)
-    std = torch.full((n_experts,), 0.5)
-    best = mean.clone()
-    for _ in range(iters):
-        pop = (mean + std * torch.randn(population, n_experts, generator=g)).clamp(0, 1)
-        pop[0] = best  # re-evaluate the best so far: a noisy score cannot keep a lucky candidate forever
-        scores = [score_fn(a) for a in pop]
-        order = sorted(range(population), key=lambda i: scores[i], reverse=True)
-        best = pop[order[0]].clone()
-        elites = pop[order[:n_elites]]
-        mean = elites.mean(0)
-        if n_elites > 1:
-            std = elites.std(0)
-    return best
 
+    def __init__(self, cfg: Config, model: nn.Module, k: int):
+        super().__init__(cfg, k)
+        self.svf = SVF(decompose(model, "mlp", cfg.cache_dir))
+        self.names = self.svf.names
+        prefix = model.base_model_prefix + "."
+        self.keys = {n: (n[len(prefix):] if n.startswith(prefix) else n) + ".weight" for n in self.names}
+        for key in self.keys.values():  # a name that missed the body would be ignored by functional_call: refuse it
+            model.base_model.get_parameter(key)
+        self.conv1d = {n: isinstance(model.get_submodule(n), Conv1D) for n in self.names}
+        self.dtype = model.get_submodule(self.names[0]).weight.dtype
+        self.experts = nn.ModuleList()
+        for j in range(k):  # the reference's init, 0.1 + N(0, 0.01^2), drawn per expert on the CPU
+            g = torch.Generator().manual_seed(cfg.seed * 1000 + j)
+            self.experts.append(nn.ParameterDict({
+                SVF.slot(n): nn.Parameter((0.1 + 0.01 * torch.randn(self.svf[n].S.shape, generator=g))
+                                                  .to(self.svf[n].S.device)) for n in self.names}))
+        self._weights: dict = {}  # hash of the selected z's -> W', built without gradients
 
-# ---------------------------------------------------------------------------- training experts
+    def expert(self, k: int) -> dict[str, torch.Tensor]:
+        """Expert k as {layer name: z} (the trained Parameters themselves)."""
+        return {n: self.experts[k][SVF.slot(n)] for n in self.names}
 
-def sequence_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       answer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(answer | prompt) of each row, teacher-forced: the sum over the positions in `answer_mask`.
+    def zs(self) -> dict[str, torch.Tensor]:
+        """The selected expert's z, or the mixture of a CEM selection."""
+        if isinstance(self.selection, int):
+            return self.expert(self.selection)
+        return mix([self.expert(k) for k in range(self.k)], list(self.selection))
 
-    Args:
-        input_ids, attention_mask: (B, L) prompt + answer, right-padded.
-        answer_mask: (B, L) 1 on the answer's tokens (never on position 0).
+    def body(self, model: nn.Module, **kwargs):
+        """model.base_model(**kwargs) with the selected expert applied."""
+        if torch.is_grad_enabled() or self.searching:
+            with self.svf.factored(model, self.zs()):
+                return model.base_model(**kwargs)
+        return functional_call(model.base_model, self.weights(), args=(), kwargs=kwargs)
 
-    Returns:
-        ((B,) summed log-probs, (B, L-1, V) log-softmax of the next-token logits, for a KL term).
-    """
-    logp = F.log_softmax(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float(), -1)
-    picked = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # position t predicts token t + 1
-    return (picked * answer_mask[:, 1:]).sum(1), logp
+    def _build(self, zs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {self.keys[n]: (w.T if self.conv1d[n] else w).to(self.dtype)
+                for n, w in ((n, self.svf.weight(n, z)) for n, z in zs.items())}
 
-
-def answer_kl(logp: torch.Tensor, ref_logp: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) KL(reference || policy) summed over the answer's positions, as the reference's KL term
-    (`F.kl_div(policy, reference, log_target=True)`); inputs from `sequence_log_probs`."""
-    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-    return (kl * answer_mask[:, 1:]).sum(1)
-
-
-def reinforce_step(optimizer: torch.optim.Optimizer, log_probs: torch.Tensor, rewards: torch.Tensor,
-                   kl: torch.Tensor | None = None, kl_coef: float = 0.0, max_grad_norm: float = 1e-3,
-                   baseline: bool = True) -> dict[str, float]:
-    """One REINFORCE update of the z's: loss = -mean((r - b) * log p(answer)) + kl_coef * mean(kl).
-
-    Sample the answers first (without gradients), score them with the task's reward, then compute
-    `log_probs` with the expert applied factored, so that gradients reach z.
-
-    Args:
-        optimizer: over the z's, e.g. Adam(svf.parameters(), lr=2e-3) (the reference's lr).
-        log_probs: (B,) log p of each sampled answer under the adapted model, with a graph into z.
-        rewards: (B,) task success of each answer.
-        kl: (B,) optional per-answer KL to the unadapted model (`answer_kl`); used when kl_coef > 0.
-        kl_coef: KL coefficient (reference 0).
-        max_grad_norm: gradient-norm clip over the optimised parameters (reference 1e-3).
-        baseline: subtract the batch's mean reward (variance reduction; the reference uses raw rewards).
-
-    Returns:
-        Statistics: reward mean, loss, gradient norm before clipping.
-    """
-    rewards = torch.as_tensor(rewards, dtype=log_probs.dtype, device=log_probs.device)
-    advantage = rewards - rewards.mean() if baseline else rewards
-    loss = -(advantage * log_probs).mean()
-    if kl is not None and kl_coef > 0:
-        loss = loss + kl_coef * kl.mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    return {"reward": rewards.mean().item(), "loss": loss.item(), "grad_norm": norm.item()}
+    def weights(self) -> dict[str, torch.Tensor]:
+        """{body parameter name: W'} for the current selection, in the layers' orientation and dtype. Built
+        without gradients, it is kept until a z changes (the key hashes the selected z's bytes: version counters
+        would not do, a fused optimizer updates in place without bumping them); with gradients on, built anew
+        (its graph is the caller's)."""
+        zs = self.zs()
+        if torch.is_grad_enabled():
+            return self._build(zs)
+        key = hashlib.blake2b(b"".join(z.detach().cpu().numpy().tobytes() for z in zs.values())).hexdigest()
+        if key not in self._weights:
+            if len(self._weights) >= self.k:
+                self._weights.clear()
+            self._weights[key] = self._build(zs)
+        return self._weights[key]

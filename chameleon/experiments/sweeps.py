@@ -10,7 +10,7 @@ chosen at inference evaluates the experts that its `oracle` run trained). A reco
 {"run": its name, "needs": the names of the runs it needs, "command": its `train` command line,
 "config": every Config field}. A command trains what its run needs first, under their locks, so
 commands may also run in any order. Every worker must see the same results folder (a run reads the
-checkpoint of the run it needs, and the locks live there: see chameleon.locks for what they rely on
+checkpoint of the run it needs, and the locks live there: see chameleon.experiments.locks for what they rely on
 on a shared filesystem); sharing data/cache too saves each worker the body's hidden states.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import json
 import shlex
 
 from chameleon.config import Config
-from chameleon.locks import locked
+from chameleon.experiments.locks import locked
 from chameleon.runs import finished, lock_path, plan, run_name
 
 ENGINES = ("local", "ray")
@@ -85,6 +85,11 @@ def execute(plan_steps: list[Config], engine: str = "local", progress: bool = Tr
     if engine == "ray":
         return run_ray(plan_steps)
     return {run_name(step): train_step(step, progress=progress) for step in plan_steps}
+
+
+def train_plan(cfg: Config, progress: bool = True) -> list[dict]:
+    """The metrics of every run of cfg's plan (cfg's own last), each trained here under its lock or read back."""
+    return list(execute(plan(cfg), progress=progress).values())
 
 
 def run_ray(plan_steps: list[Config]) -> dict[str, dict]:

@@ -1,4 +1,4 @@
-"""The reporting of the experiments (chameleon.compare runs them): the summary table of runs over
+"""The reporting of the experiments (chameleon.experiments.compare runs them): the summary table of runs over
 seeds, its Markdown, paired per-seed differences with t-intervals, and the files a comparison writes.
 
     table = summarise(per_run)                 # per_run: one row per run (runs.result_row)
@@ -7,13 +7,12 @@ seeds, its Markdown, paired per-seed differences with t-intervals, and the files
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pandas as pd
-from scipy import stats
 
 from chameleon.config import Config
+from chameleon.experiments.stats import t_interval
 from chameleon.runs import METRICS, result_row, results_folder
 
 # Conditioning only matters to the hypernetwork; other regimes are labelled "-" in tables (regimes.conditioning_label).
@@ -81,12 +80,10 @@ def paired_differences(per_run: pd.DataFrame, reference: dict, metric: str = "va
         if len(paired) < 2:
             continue
         diff = (group[paired] - ref[paired]).to_numpy(dtype=float)
-        n, mean = len(diff), float(diff.mean())
-        sd = float(diff.std(ddof=1))
-        half = float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
+        mean, low, high, _ = t_interval(diff, level)
         rows.append({**dict(zip(keys, key)), "reference": " / ".join(str(v) for v in reference.values()),
-                     "seeds": n, "difference": mean, "low": mean - half, "high": mean + half,
-                     "per_seed": " ".join(f"{d:+.4f}" for d in diff), "significant": bool(mean - half > 0 or mean + half < 0)})
+                     "seeds": len(diff), "difference": mean, "low": low, "high": high,
+                     "per_seed": " ".join(f"{d:+.4f}" for d in diff), "significant": bool(low > 0 or high < 0)})
     return pd.DataFrame(rows)
 
 def write_tables(cfg: Config, name: str, per_run: pd.DataFrame, table: pd.DataFrame, command: str, seeds: int,

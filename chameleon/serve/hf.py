@@ -20,7 +20,7 @@ import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from chameleon.generation import GroupedHead, left_padded
+from chameleon.serve.decoding import GroupedHead, left_padded
 
 
 class HFAdapted(PreTrainedModel, GenerationMixin):
