@@ -27,7 +27,7 @@ export PYTHONHASHSEED := 0
 	touch $@
 
 # One pytest run: the unit tests, then every notebook executed once on the smoke profile. nbval runs
-# in lax mode: every cell must run, and the cells marked NBVAL_CHECK_OUTPUT (data, shapes, counts)
+# in lax mode: every cell must run, and the cells tagged nbval-check-output (data, shapes, counts)
 # must print what is committed; numbers a model computes are checked by assertion cells instead,
 # since another CPU changes their last digits. The results and figures the notebooks write go to a
 # temporary folder (CHAMELEON_OUTPUTS), so that `make test` changes no tracked file, and tqdm is

@@ -1,7 +1,7 @@
 """Notebook helpers and the notebooks' structure.
 
 `make test` executes every notebook once, on the smoke profile, with nbval in lax mode: each cell
-must run without error, and the outputs of the cells marked NBVAL_CHECK_OUTPUT must match the
+must run without error, and the outputs of the cells tagged nbval-check-output must match the
 committed ones.
 """
 import json
@@ -37,13 +37,27 @@ def test_committed_notebooks_hold_no_timings_or_paths_of_a_run():
         assert not any(k in c["metadata"] for c in nb["cells"] for k in ("execution", "papermill")), path.name
 
 
+def test_output_checks_are_cell_tags_that_nbval_reads():
+    """A marker comment nbval does not parse checks nothing ("# NBVAL_CHECK_OUTPUT: why" is not its marker): the
+    checked cells carry the tag, and no code says it in a comment."""
+    from nbval.plugin import metadata_tags
+
+    assert metadata_tags["nbval-check-output"] == "check"
+    tagged = 0
+    for path in notebook_paths():
+        for cell in json.loads(path.read_text())["cells"]:
+            assert "NBVAL_" not in "".join(cell["source"]), path.name
+            tagged += "nbval-check-output" in cell["metadata"].get("tags", [])
+    assert tagged >= 20
+
+
 def test_compared_outputs_hold_no_model_float_to_three_decimals():
-    """nbval runs in lax mode: only cells marked NBVAL_CHECK_OUTPUT are compared, and their committed
+    """nbval runs in lax mode: only cells tagged nbval-check-output are compared, and their committed
     outputs must be the same on every CPU, so no float with three or more decimals may appear in them
     (model-computed numbers are checked by assertion cells with a stated tolerance instead)."""
     for path in notebook_paths():
         for i, cell in enumerate(json.loads(path.read_text())["cells"]):
-            if cell["cell_type"] != "code" or "NBVAL_CHECK_OUTPUT" not in "".join(cell["source"]):
+            if cell["cell_type"] != "code" or "nbval-check-output" not in cell["metadata"].get("tags", []):
                 continue
             text = "".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
                            for o in cell.get("outputs", []))
