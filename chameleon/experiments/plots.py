@@ -517,11 +517,13 @@ def control_diagnostics(table: pd.DataFrame, profile: str, name: str = "diagnost
         axes[1].barh(y, part.spread_domains, height=width, color=colour)
     axes[0].set_yticks(range(len(recipes)), recipes)
     axes[0].invert_yaxis()
-    axes[0].set_xlabel("probe accuracy: the domain from the hypernetwork's input (validation)")
+    axes[0].set_xlabel("probe accuracy: the line's domain\nfrom the hypernetwork's input (held-out lines)")
     axes[0].axvline(1 / table.domains.iloc[0], color="grey", lw=0.8, ls=":")
     axes[1].set_xscale("log")
-    axes[1].set_xlabel("spread of the generated update across domains / its mean (log)")
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[1].set_xlim(left=1e-3)  # a constant input moves nothing (about 1e-7, rounding): off the axis
+    axes[1].set_xlabel("spread of the generated update across domains,\nrelative to its mean (log; constant: ~0)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(rows), fontsize=8,
+               bbox_to_anchor=(0.5, -0.2))
     return save(fig, table, name, profile)
 
 

@@ -440,7 +440,7 @@ def across_domains(t) -> str:
 def control_answer(t, up: str = "") -> str:
     """The second domains experiment's answer, or where it stands (links relative to a file `up` from the root)."""
     out = t["control_folder"]
-    said = domains_control.answer_of(out) if (out / "epochs.csv").exists() else \
+    said = domains_control.answer_of(out) if (out / "recipes.csv").exists() else \
         "its dev stage (recipes, rates, epochs) has not finished."
     if (out / "runs.csv").exists() and (v := domains_control.verdicts(domains_experiment.line_table(out)))["lines"]:
         said += " " + domains_control.line_answer(v)
@@ -485,7 +485,7 @@ def texts(root: Path = ROOT) -> dict[str, str]:
                                                      WORKSHOP_KEY, "docs/workshop.md")}
     if "domains_lines" in t:
         files[DOMAINS] = domains_experiment.results_text(root / DOMAINS_FOLDER)
-    if (root / CONTROL_FOLDER / "epochs.csv").exists():
+    if (root / CONTROL_FOLDER / "recipes.csv").exists():
         files[CONTROL] = domains_control.results_text(root / CONTROL_FOLDER)
     for task, stem in PAIRED.items():
         paired = head_paired(t[f"{task}_runs"])
