@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from chameleon.config import PROFILES, REINFORCE_FIELDS, RENAMED, Config, RunFailed, field_help
+from chameleon.regimes import GROUPINGS
 
 
 def doctor(args) -> int:
@@ -55,8 +56,9 @@ def _add_generate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="*", help="prompts to answer")
     parser.add_argument("--run", required=True, help="a finished run folder (`train` prints it)")
     parser.add_argument("--prompts-file", help="more prompts, one per line")
-    parser.add_argument("--group", default="route", choices=["route", "kmeans", "single"],
-                        help="route: nearest training centroid; kmeans: cluster the batch; single: one group")
+    parser.add_argument("--group", default="route", choices=GROUPINGS,
+                        help="route: nearest training centroid; kmeans: cluster the batch; single: one group "
+                             "(or a batching's own name: clustered, mixed)")
     parser.add_argument("--n-groups", type=int, default=None, help="k of --group kmeans (default: n / batch_size)")
     parser.add_argument("--max-new-tokens", type=_at_least(1), default=None,
                         help="default: the run's max_new_tokens")
@@ -77,7 +79,7 @@ def _add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="a finished run folder (`train` prints it)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    parser.add_argument("--group", default="route", choices=["route", "kmeans", "single"],
+    parser.add_argument("--group", default="route", choices=GROUPINGS,
                         help="how each batch is grouped, one adapter per group (default route)")
     parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     for name, (default, least, about) in LIMITS.items():
@@ -145,13 +147,13 @@ def train(args) -> int:
 
 def compare(args) -> int:
     cfg = _config(args)
-    from chameleon.experiments.compare import SVF_RUNS, _command, compare as compare_runs, heads, paper_length
+    from chameleon.experiments.compare import SVF_RUNS, _command, compare as regime_table, heads, paper_length
     from chameleon.experiments.report import to_markdown
     from chameleon.runs import results_folder
 
-    svf = functools.partial(compare_runs, runs=SVF_RUNS[cfg.task], stem=f"svf-seeds{args.seeds}",
+    svf = functools.partial(regime_table, runs=SVF_RUNS[cfg.task], stem=f"svf-seeds{args.seeds}",
                             command=_command(cfg, "svf", args.seeds))  # the SVF rows alone, beside the full table
-    run = {"all": compare_runs, "svf": svf, "paper-length": paper_length, "heads": heads}[args.experiment]
+    run = {"all": regime_table, "svf": svf, "paper-length": paper_length, "heads": heads}[args.experiment]
     lengths = {"lengths": tuple(int(n) for n in args.lengths.split(","))} if args.experiment == "paper-length" else {}
     if args.plan:  # the runs alone, for a scheduler (chameleon.experiments.sweeps)
         from chameleon.experiments.compare import experiment_runs

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chameleon.regimes import BATCHINGS, CONDITIONINGS, DISPATCHES, LEVELS, MIXABLE_KINDS, PROTOCOLS, REGIMES
+from chameleon.regimes import BATCHINGS, CONDITIONINGS, DISPATCHES, LEVELS, MIXABLE_KINDS, OBJECTIVES, PROTOCOLS, REGIMES
 
 # The checkout: data/, results/, figures/ live there. An installed copy (`pip install .`) sits in site-packages,
 # which is no place for them: it works in the current directory instead.
@@ -113,7 +113,17 @@ class Config:
     @property
     def route_prefix(self) -> int | None:
         """How many of a text's first tokens route it to a training cluster (route_by), None: all of them."""
-        return self.prefix_tokens if self.route_by == "prefix" else None
+        return self.prefix_tokens if self.routes_by_prefix else None
+
+    @property
+    def routes_by_prefix(self) -> bool:
+        """Validation lines meet the training clusters through their first prefix_tokens tokens (route_by)."""
+        return self.route_by == "prefix"
+
+    @property
+    def groups_by_domain(self) -> bool:
+        """The experts' groups are the corpus's true domains (expert_groups), not k-means groups."""
+        return self.expert_groups == "domain"
 
     @property
     def cache_dir(self) -> Path:
@@ -142,7 +152,7 @@ class Config:
         choices = {"task": TASKS, "protocol": tuple(PROTOCOLS), "regime": tuple(REGIMES),
                    "matched_alpha": ("same", "scaled"), "expert_groups": ("kmeans", "domain"),
                    "conditioning": tuple(c for c, row in CONDITIONINGS.items() if self.task in row.tasks),
-                   "dispatch": tuple(DISPATCHES), "objective": OBJECTIVES, "precision": PRECISIONS,
+                   "dispatch": tuple(DISPATCHES), "objective": tuple(OBJECTIVES), "precision": PRECISIONS,
                    "cond_norm": COND_NORMS, "route_by": ("full", "prefix"), "dev_key": ("text", "group"),
                    "cond_level": tuple(LEVELS)}
         for name, allowed in choices.items():
@@ -162,9 +172,11 @@ class Config:
         if self.cond_level != "batch" and CONDITIONINGS[self.conditioning].other_batch:
             raise ValueError(f"cond_level={self.cond_level!r} conditions each line on its own vector, and conditioning "
                              f"{self.conditioning!r} reads another batch's: set cond_level='batch'")
-        if self.objective == "reinforce" and (self.regime, self.task) != ("svf", "instructions"):
-            raise ValueError(f"objective='reinforce' trains one SVF expert on the instruction task (its reward is ROUGE-L): "
-                             f"set regime='svf' and task='instructions', not {self.regime!r} and {self.task!r}")
+        objective = OBJECTIVES[self.objective]
+        if (objective.regime or self.regime, objective.task or self.task) != (self.regime, self.task):
+            raise ValueError(f"objective={self.objective!r} trains one {objective.regime} run on the {objective.task} "
+                             f"task (its reward: {objective.reward}): set regime={objective.regime!r} and "
+                             f"task={objective.task!r}, not {self.regime!r} and {self.task!r}")
         for name in ("rank", "batch_size", "epochs", "accumulate", "n_experts", "cem_shots", "cem_population", "cem_iters",
                      "reinforce_steps"):
             if getattr(self, name) < 1:
@@ -180,7 +192,7 @@ class Config:
                              "choose 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         if not 0 <= self.score_from < self.max_length - 1:
             raise ValueError(f"score_from={self.score_from} must lie in [0, max_length - 1)")
-        if (CONDITIONINGS[self.conditioning].prefix or self.route_by == "prefix") and \
+        if (CONDITIONINGS[self.conditioning].prefix or self.routes_by_prefix) and \
                 not 1 <= self.prefix_tokens < self.max_length - 1:
             raise ValueError(f"prefix_tokens={self.prefix_tokens} must lie in [1, max_length - 1)")
         return self
@@ -215,7 +227,6 @@ class RunFailed(RuntimeError):
 
 
 TASKS = ("lm", "instructions")
-OBJECTIVES = ("loss", "reinforce")
 PRECISIONS = ("fp32", "bf16")
 COND_NORMS = ("none", "standardize")
 # Old names still accepted: "paper" once named the protocol, a profile and the publication's numbers at once.

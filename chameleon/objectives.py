@@ -41,7 +41,7 @@ def targets(input_ids: torch.Tensor, real: torch.Tensor, protocol: str,
     row = lookup(PROTOCOLS, protocol, "protocol")
     n, length = input_ids.shape
     out = torch.full_like(input_ids, IGNORE)
-    if row.scores == "last":  # the token at the last position itself (target_offset 0), unless it is token 0
+    if row.scores_padding:  # the token at the last position itself (target_offset 0), unless it is token 0
         last = input_ids[:, -1]
         out[:, -1] = torch.where(last == PAPER_IGNORE_ID, IGNORE, last)
     else:  # every real token, predicted from the position before it

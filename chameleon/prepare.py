@@ -8,6 +8,7 @@ authors cluster validation separately).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from dataclasses import dataclass
@@ -109,9 +110,9 @@ def prepare(cfg: Config, model, tokenizer, raw: dict | None = None) -> tuple[Spl
     route = {s: part.pop("route_emb") for s, part in parts.items()}
     k = cfg.n_clusters or default_k(len(parts["train"]["input_ids"]), cfg.batch_size)
     train_labels, centroids = kmeans(parts["train"]["cluster_emb"], k, cfg.seed)
-    if cfg.route_by == "prefix":  # validation lines meet the training clusters through what they show first
+    if cfg.routes_by_prefix:  # validation lines meet the training clusters through what they show first
         centroids = member_means(route["train"], train_labels, k)
-    by = route["validation"] if cfg.route_by == "prefix" else parts["validation"]["cluster_emb"]
+    by = route["validation"] if cfg.routes_by_prefix else parts["validation"]["cluster_emb"]
     labels = {"train": train_labels, "validation": assign(by, centroids)}
     splits = [Split(name=s, texts=raw[s]["full"], labels=labels[s], pad_id=tokenizer.pad_token_id, domains=domains[s],
                     **parts[s])
@@ -126,14 +127,23 @@ def member_means(emb: torch.Tensor, labels: np.ndarray, k: int) -> np.ndarray:
 
 def pooled(train_emb: torch.Tensor, train_domains: np.ndarray | None, emb: torch.Tensor,
            domains: np.ndarray | None, pool: str, split: str = "validation") -> torch.Tensor:
-    """Each example's conditioning embedding under a conditioning's `pool` (regimes.Conditioning): its own
-    ("example"), the training split's mean ("all"), its true domain's training mean ("domain"), or its true
+    """Each example's conditioning embedding under a conditioning's `pool` (regimes.Conditioning, one of POOLS): its
+    own ("example"), the training split's mean ("all"), its true domain's training mean ("domain"), or its true
     domain's code ("code"; "code_permuted": on the validation split, the code of the next domain in sorted order,
     so that no domain keeps its own), so that a batch's mean is that of the pooled vectors of its members."""
-    if pool == "example":
-        return emb
-    if pool == "all":
-        return train_emb.mean(0).expand_as(emb).clone()
+    return POOLS[pool](train_emb, train_domains, emb, domains, split)
+
+
+def _own(train_emb, train_domains, emb, domains, split) -> torch.Tensor:
+    return emb
+
+
+def _training_mean(train_emb, train_domains, emb, domains, split) -> torch.Tensor:
+    return train_emb.mean(0).expand_as(emb).clone()
+
+
+def _domain_names(train_domains: np.ndarray | None, domains: np.ndarray | None) -> list:
+    """The training split's domains, sorted; refused where a split has no domains or one without training lines."""
     if domains is None or train_domains is None:
         raise ValueError("the oracle conditionings read each example's domain, and this corpus has none; use "
                          "--corpus domains or a JSONL corpus with a \"domain\" field on every line")
@@ -141,13 +151,27 @@ def pooled(train_emb: torch.Tensor, train_domains: np.ndarray | None, emb: torch
     if missing := sorted(set(domains) - set(names)):
         raise ValueError(f"domain(s) {missing} have no training example to take a mean over; give each domain "
                          "training lines")
-    if pool == "domain":
-        means = {d: train_emb[torch.from_numpy(train_domains == d)].mean(0) for d in names}
-    else:
-        means = dict(zip(names, domain_codes(train_emb, len(names))))
-        if pool == "code_permuted" and split != "train":
-            means = {d: means[names[(i + 1) % len(names)]] for i, d in enumerate(names)}
+    return names
+
+
+def _domain_mean(train_emb, train_domains, emb, domains, split) -> torch.Tensor:
+    names = _domain_names(train_domains, domains)
+    means = {d: train_emb[torch.from_numpy(train_domains == d)].mean(0) for d in names}
     return torch.stack([means[d] for d in domains])
+
+
+def _domain_code(train_emb, train_domains, emb, domains, split, permuted: bool = False) -> torch.Tensor:
+    names = _domain_names(train_domains, domains)
+    codes = dict(zip(names, domain_codes(train_emb, len(names))))
+    if permuted and split != "train":
+        codes = {d: codes[names[(i + 1) % len(names)]] for i, d in enumerate(names)}
+    return torch.stack([codes[d] for d in domains])
+
+
+# What each value of Conditioning.pool computes: (train_emb, train_domains, emb, domains, split) -> (N, d). A new
+# kind of pooling is one entry here.
+POOLS = {"example": _own, "all": _training_mean, "domain": _domain_mean, "code": _domain_code,
+         "code_permuted": functools.partial(_domain_code, permuted=True)}
 
 
 CODE_SEED = 20260  # the oracle_separable codes are the same in every run: a property of the corpus, not of a seed
@@ -198,7 +222,7 @@ def _encode(cfg: Config, model, tokenizer, split: str, texts: dict) -> dict:
         return cached({**key, "kind": kind}, cfg.cache_dir / "embeddings", compute, expect_shape=(len(ids), width))
 
     cluster_key = "prompt" if "prompt" in texts else "full"
-    text = cluster_key if conditioning.text == "cluster" else conditioning.text
+    text = conditioning.text_key(cluster_key)
     if conditioning.prefix:
         cond_emb = embed(f"prefix{cfg.prefix_tokens}", text, cfg.prefix_tokens)
     elif conditioning.exclude_targets:
@@ -210,7 +234,7 @@ def _encode(cfg: Config, model, tokenizer, split: str, texts: dict) -> dict:
     if REGIMES[cfg.regime].experts:  # what the classifier dispatch reads: never the continuation
         prefix = prompt_prefix(cfg)
         prompt_emb = embed(f"prefix{prefix}" if prefix else cluster_key, cluster_key, prefix)
-    route_emb = embed(f"prefix{cfg.prefix_tokens}", cluster_key, cfg.prefix_tokens) if cfg.route_by == "prefix" else None
+    route_emb = embed(f"prefix{cfg.prefix_tokens}", cluster_key, cfg.prefix_tokens) if cfg.routes_by_prefix else None
     return dict(input_ids=ids, attention=objectives.attention_mask(ids, real, cfg.protocol), prompt_emb=prompt_emb,
                 targets=target, route_emb=route_emb,
                 cluster_emb=embed(cluster_key, cluster_key), cond_emb=cond_emb)

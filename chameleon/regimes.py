@@ -1,10 +1,14 @@
-"""The axes of the experiment, described once, as data: regimes, protocols, conditionings, dispatches.
+"""The axes of the experiment, described once, as data: regimes, protocols, conditionings, levels, dispatches,
+batchings and objectives.
 
 Everything that depends on an axis reads its table: config validation, `model.build`, the
 objectives, the embeddings, the parameter table, the colours and styles of the figures and the
 labels of the results tables. Adding a regime is one row here and, if it needs a new kind of
 adapter, its component in `chameleon.adapters.model`; adding a conditioning is one row here, and a new
 way of embedding its text in `prepare._encode` if no row's fields describe it.
+
+Code outside this module reads a row's fields and properties; it never compares an axis name or a field's
+string value (tests/test_layout.py scans for such comparisons).
 
 This module imports nothing heavy, so a bad `--regime` is refused before torch is loaded.
 """
@@ -39,6 +43,26 @@ class Regime:
     def frozen_body(self) -> bool:
         """Nothing in the transformer blocks trains: the body's hidden states can be computed once."""
         return self.blocks == "frozen"
+
+    @property
+    def lora_blocks(self) -> bool:
+        """The blocks carry LoRA of their own."""
+        return self.blocks == "lora"
+
+    @property
+    def svf_blocks(self) -> bool:
+        """The blocks run under SVF experts (one, or one per group)."""
+        return self.blocks == "svf"
+
+    @property
+    def trains(self) -> bool:
+        """Something trains: the head or the blocks are adapted (`unadapted` is the backbone itself)."""
+        return self.head != "base" or not self.frozen_body
+
+    @property
+    def experts_in_blocks(self) -> bool:
+        """The experts are held in the blocks (the body differs per group), not in the head."""
+        return self.experts == "blocks"
 
 
 REGIMES: dict[str, Regime] = {r.name: r for r in [
@@ -87,6 +111,11 @@ class Protocol:
         """A padded example's scored target is the pad token (the authors' last position)."""
         return self.scores == "last"
 
+    @property
+    def scores_every_token(self) -> bool:
+        """Every real token is scored (so a `prefix` conditioning's tokens must be left out)."""
+        return self.scores == "all"
+
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
     Protocol("authors", "last", 0, True, True, "authors", "--",
@@ -119,6 +148,10 @@ class Conditioning:
     # or those codes permuted across the domains at inference ("code_permuted")
     trained_as: str = ""  # the conditioning whose trained run this row evaluates (runs.trained_by): a control
     # applied at inference alone ("": the row trains its own weights)
+
+    def text_key(self, cluster_key: str) -> str:
+        """The key of a split's texts (data.load_split_texts) that it embeds; `cluster_key` is what k-means sees."""
+        return cluster_key if self.text == "cluster" else self.text
 
 
 CONDITIONINGS: dict[str, Conditioning] = {c.name: c for c in [
@@ -205,12 +238,48 @@ class Batching:
     grouped: bool  # an incoming batch is cut into groups by k-means on the regime's own batch embedding
     about: str
 
+    @property
+    def routed(self) -> bool:
+        """Each example goes to its nearest training cluster (no incoming batch: the split arrives as trained)."""
+        return self.incoming == 0
+
 
 BATCHINGS: dict[str, Batching] = {b.name: b for b in [
     Batching("clustered", 0, False, "each example routed to its nearest training cluster; batches of one cluster"),
     Batching("kmeans", 4, True, "mixed incoming batches of 4 x batch_size, grouped by k-means at inference "
              "(k = 4, on the conditioning's own embedding, or the prompt's for experts)"),
     Batching("mixed", 1, False, "mixed incoming batches of batch_size, adapted to as one group"),
+]}
+
+
+# The words serving has for the batchings (Adapter.generate's `group`, `--group`, the server's "grouping"), kept
+# for users' scripts; a batching's own name is accepted as well (`grouping`).
+GROUP_WORDS = {"route": "clustered", "kmeans": "kmeans", "single": "mixed"}
+GROUPINGS = (*GROUP_WORDS, *(b for b in BATCHINGS if b not in GROUP_WORDS))
+
+
+def grouping(word: str) -> Batching:
+    """The batching a serving word names: "route", "kmeans", "single" (GROUP_WORDS) or a batching's own name."""
+    if word not in GROUPINGS:
+        raise ValueError(f"group={word!r} is not valid; choose one of {list(GROUPINGS)}")
+    return BATCHINGS[GROUP_WORDS.get(word, word)]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What trains a run (Config.objective): the protocol's next-token loss, or a reward maximised by REINFORCE."""
+    name: str
+    reward: str  # "": the protocol's next-token loss (training.train); else the reward REINFORCE maximises
+    # (chameleon.reinforce, a ROUGE-L of sampled answers); a rewarded run is named after its objective (runs.run_name)
+    regime: str  # the one regime it trains ("": any)
+    task: str  # the one task it trains on ("": any)
+    about: str
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in [
+    Objective("loss", "", "", "", "the protocol's next-token cross-entropy"),
+    Objective("reinforce", "rouge_l", "svf", "instructions",
+              "Transformer²'s REINFORCE: one SVF expert, rewarded by the ROUGE-L of its sampled answers"),
 ]}
 
 

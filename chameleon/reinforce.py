@@ -32,6 +32,7 @@ from chameleon.serve.decoding import decode, generate
 from chameleon.serve.metrics import rouge_l, rouge_l_scores
 from chameleon.adapters.model import Adapted, build
 from chameleon.prepare import load_split_texts, prepare
+from chameleon.regimes import OBJECTIVES
 from chameleon.runs import finished, results_folder, run_dir, save_centroids, save_checkpoint
 from chameleon.training import progress_bar
 
@@ -139,7 +140,7 @@ def train(cfg: Config, model=None, tokenizer=None, progress: bool = True, comman
         model, tokenizer: a backbone already loaded (it stays unchanged); None loads cfg.backbone.
         command: the command line, recorded in the report.
     """
-    if cfg.objective != "reinforce":
+    if not OBJECTIVES[cfg.objective].reward:
         raise ValueError(f"objective={cfg.objective!r} is trained by training.train (python -m chameleon train)")
     out = run_dir(cfg)
     if (done := finished(cfg)) is not None:

@@ -31,7 +31,7 @@ from chameleon.config import ADDED_FIELDS, EXPERT_FIELDS, REINFORCE_FIELDS, Conf
 from chameleon.data import fingerprint
 from chameleon.adapters.model import build
 from chameleon.parallel import processes
-from chameleon.regimes import (CONDITIONINGS, DISPATCHES, LEVELS, PROTOCOLS, REGIMES, TRAINING_DISPATCH,
+from chameleon.regimes import (CONDITIONINGS, DISPATCHES, LEVELS, OBJECTIVES, PROTOCOLS, REGIMES, TRAINING_DISPATCH,
                                conditioning_label)
 
 RUN_KEYS = ("regime", "protocol", "conditioning", "dispatch", "score_from", "seed")  # what varies between the runs of one profile
@@ -56,11 +56,12 @@ def run_name(cfg: Config) -> str:
             del key[name]
     if processes() > 1:  # a step then sums processes x accumulate batches: another run than one process's
         key["processes"] = processes()
-    if cfg.objective == "loss":  # added with REINFORCE, which alone reads them: next-token runs keep their names
+    objective = OBJECTIVES[cfg.objective]
+    if not objective.reward:  # added with REINFORCE, which alone reads them: next-token runs keep their names
         key = {k: v for k, v in key.items() if k not in REINFORCE_FIELDS}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     # the slot of the hypernetwork's conditioning, which an SVF run has none of, says how it was trained
-    condition = "reinforce" if cfg.objective == "reinforce" else cfg.dispatch if REGIMES[cfg.regime].experts \
+    condition = cfg.objective if objective.reward else cfg.dispatch if REGIMES[cfg.regime].experts \
         else cfg.conditioning
     return f"{cfg.regime}-{cfg.protocol}-{condition}-seed{cfg.seed}-{digest}"
 
@@ -263,10 +264,11 @@ def result_row(result: dict) -> dict:
 def scored_label(c: dict) -> str:
     """Which positions a run scores, as tables show it: "last" (the authors' protocol's one position),
     "all", or "from P" (score_from, or a `prefix` run's first P tokens left out)."""
-    if PROTOCOLS[c["protocol"]].scores == "last":
-        return "last"
+    protocol = PROTOCOLS[c["protocol"]]
+    if protocol.scores_padding:
+        return protocol.scores
     start = max(c.get("score_from", 0), c["prefix_tokens"] if CONDITIONINGS[c["conditioning"]].prefix else 0)
-    return f"from {start}" if start else "all"
+    return f"from {start}" if start else protocol.scores
 
 
 def histories(runs: list[dict]) -> pd.DataFrame:

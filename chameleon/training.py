@@ -40,7 +40,7 @@ from chameleon.config import Config, RunFailed
 from chameleon.serve.metrics import generation_metrics
 from chameleon.adapters.model import Adapted, build
 from chameleon.prepare import Split, load_split_texts, prepare, trimmed
-from chameleon.regimes import LEVELS, PROTOCOLS
+from chameleon.regimes import LEVELS, OBJECTIVES, PROTOCOLS
 from chameleon.runs import (CHECKPOINT, EVAL_METRICS, LINES, finished, load_checkpoint, load_weights, read_checkpoint, run_dir,
                             save_centroids, save_checkpoint, trained_by, write_metrics)
 
@@ -231,7 +231,7 @@ def train(cfg: Config, model=None, tokenizer=None, resume: bool = False, progres
         resume: continue an interrupted run from its last epoch checkpoint.
         progress: show tqdm progress bars.
     """
-    if cfg.objective != "loss":
+    if OBJECTIVES[cfg.objective].reward:
         raise ValueError(f"objective={cfg.objective!r} is trained by chameleon.reinforce.train (python -m chameleon reinforce)")
     done = finished(cfg)
     if done is not None:

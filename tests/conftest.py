@@ -2,12 +2,16 @@
     import conftest  # pytest puts tests/ on sys.path
     tiny = functools.partial(conftest.tiny, epochs=2)
 and calls tiny(tmp_path, regime=..., ...) as before."""
+import functools
+import json
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from chameleon import Config
 from chameleon.backbones import load_backbone
+from chameleon.regimes import BATCHINGS
 
 
 def tiny(tmp_path, **overrides) -> Config:
@@ -18,6 +22,30 @@ def tiny(tmp_path, **overrides) -> Config:
     return Config.from_profile("smoke", **{"backbone": "gpt2-tiny", "data_dir": tmp_path,
                                            "results_dir": tmp_path / "results", "epochs": 1,
                                            "max_train_examples": 32, "max_eval_examples": 16, **overrides})
+
+
+# the domains tests' config: short lines (prefix of 4 tokens), every inference batching
+tiny_domains = functools.partial(tiny, score_from=4, prefix_tokens=4, max_train_examples=48, max_eval_examples=24,
+                                 batchings=tuple(BATCHINGS))
+
+# clearly distinct made-up domains, for the tests that need true domain labels
+DOMAIN_LINES = {"prose": "The river number {i} flows quietly past the old stone bridge at dawn",
+                "code": "def f{i}(x):\n    return x * {i} + sum(range({i}))",
+                "chat": "Hola amigo {i}, ¿cómo estás? Muy bien, gracias por preguntar"}
+
+
+def labelled_corpus(folder, domains=("prose", "code"), per_domain=100) -> str:
+    """A local JSONL corpus of `per_domain` lines of each domain (a `domain` column), written under folder."""
+    path = folder / f"{len(domains)}-domains.jsonl"
+    rows = [{"text": DOMAIN_LINES[d].format(i=i), "domain": d} for d in domains for i in range(per_domain)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A corpus of two clearly distinct domains (labelled_corpus)."""
+    return labelled_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The `domains` experiment's parts: the labelled corpus, the dev split, the pooled conditionings (constant,
 oracle), the inference batchings, per-line losses, per-domain experts, lora_matched's scaling, and the
 analysis (paired intervals, bootstrap, Holm) against slow explicit computations."""
-import functools
 import json
 import math
 
@@ -103,19 +102,7 @@ def test_shuffled_conditions_on_another_batch_under_every_batching():
         assert any(b != c for b, c in batches)
 
 
-tiny = functools.partial(conftest.tiny, score_from=4, prefix_tokens=4, max_train_examples=48, max_eval_examples=24,
-                         batchings=tuple(BATCHINGS))
-
-
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory):
-    """A local JSONL corpus of two clearly distinct domains."""
-    path = tmp_path_factory.mktemp("corpus") / "two.jsonl"
-    rows = [{"text": f"The river number {i} flows quietly past the old stone bridge at dawn", "domain": "prose"}
-            for i in range(100)] + [{"text": f"def f{i}(x):\n    return x * {i} + sum(range({i}))", "domain": "code"}
-                                   for i in range(100)]
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return str(path)
+tiny = conftest.tiny_domains
 
 
 @pytest.mark.parametrize("overrides", [dict(regime="chameleon", conditioning="oracle"),

@@ -1,7 +1,6 @@
 """The second domains experiment's parts: the standardized conditioning (stored with the run, applied when served),
 the positive control's codes and their permutation, prefix routing, the dev split by group, the widening rate grid,
 the dev stage and the runs end to end on the tiny GPT-2, and the fixed sequence's verdicts against slow loops."""
-import functools
 import json
 import math
 
@@ -21,20 +20,13 @@ from chameleon.regimes import BATCHINGS
 from chameleon.runs import load_trained, read_centroids, run_dir, trained_by
 from chameleon.training import train
 
-tiny = functools.partial(conftest.tiny, score_from=4, prefix_tokens=4, max_train_examples=48, max_eval_examples=24,
-                         batchings=tuple(BATCHINGS))
+tiny = conftest.tiny_domains
 
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
-    """A local JSONL corpus of three clearly distinct domains."""
-    path = tmp_path_factory.mktemp("corpus") / "three.jsonl"
-    rows = [{"text": f"The river number {i} flows quietly past the old stone bridge at dawn", "domain": "prose"}
-            for i in range(70)] + [{"text": f"def f{i}(x):\n    return x * {i} + sum(range({i}))", "domain": "code"}
-                                  for i in range(70)] + \
-           [{"text": f"Hola amigo {i}, ¿cómo estás? Muy bien, gracias por preguntar", "domain": "chat"} for i in range(70)]
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return str(path)
+    """Three clearly distinct domains."""
+    return conftest.labelled_corpus(tmp_path_factory.mktemp("corpus"), ("prose", "code", "chat"), per_domain=70)
 
 
 def test_standardize_centres_and_scales_what_the_hypernetwork_reads():

@@ -63,6 +63,6 @@ def test_what_the_wrapper_cannot_carry_is_refused():
         adapter.generate(PROMPTS, do_sample=True, num_return_sequences=2)
     with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
         adapter.generate(PROMPTS, max_new_tokens=-3)
-    experts = SimpleNamespace(svf=SimpleNamespace(k=3, cfg=SimpleNamespace(regime="svf_experts")), body_per_group=True)
+    experts = SimpleNamespace(experts=SimpleNamespace(cfg=SimpleNamespace(regime="svf_experts")), body_per_group=True)
     with pytest.raises(ValueError, match="use Adapter.generate"):
         HFAdapted(experts, None, [0, 2], 2, adapter.tokenizer)

@@ -2,8 +2,6 @@
 batch-level path, a line run trains and evaluates per line, the batch-trained head evaluates per line from the
 batch run's weights, per-line experts equal each line routed alone, serving makes one group per prompt, and export
 refuses a per-line run with the reason."""
-import functools
-import json
 
 import numpy as np
 import pandas as pd
@@ -18,18 +16,7 @@ from chameleon.serve.adapter import Adapter
 from chameleon.serve.export import export_peft
 from chameleon.training import train
 
-tiny = functools.partial(conftest.tiny, score_from=4, prefix_tokens=4, max_train_examples=48, max_eval_examples=24,
-                         batchings=tuple(BATCHINGS))
-
-
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "two.jsonl"
-    rows = [{"text": f"The river number {i} flows quietly past the old stone bridge at dawn", "domain": "prose"}
-            for i in range(100)] + [{"text": f"def f{i}(x):\n    return x * {i} + sum(range({i}))", "domain": "code"}
-                                   for i in range(100)]
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return str(path)
+tiny = conftest.tiny_domains
 
 
 def test_a_one_line_batch_is_the_batch_level_path(gpt2_tiny):
@@ -109,6 +96,9 @@ def test_costs_count_adapters_per_line_and_time_each_step(tmp_path, labelled, mo
     assert batch["adapters per 1,000 lines (mixed)"] == pytest.approx(1000 / 8, rel=0.2)  # one per batch of 8
     assert batch["step ratio"] == 1 and batch["eval ratio"] == 1 and (table["step ratio"] > 0).all()
     assert (domains.folder(cfg) / "costs.csv").is_file()
+    said = dc.cost_sentence(table.reset_index())  # what RESULTS.md and the README say of it
+    line = table.loc["lora_experts_line"]
+    assert f"lora_experts_line 1,000 adapters, step x{line['step ratio']:.2f}, evaluation x{line['eval ratio']:.2f}" in said
 
 
 def test_the_line_family_is_holm_corrected_and_said_with_its_numbers():

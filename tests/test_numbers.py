@@ -31,7 +31,7 @@ GENERATED = re.compile(r"<!-- (\w+): .*?-->.*?<!-- /\1 -->", re.S)  # `python -m
 
 # Notebooks whose prose (and whose entries in docs/workshop.md's key) other work is still changing: their numbers
 # are listed by `python tests/test_numbers.py` for the lead to register, then the entry leaves this set.
-PENDING = {"03", "04", "05", "06", "07", "10"}
+PENDING = set()
 
 NUMBER = re.compile(r"(?<![\d.])(?<!\d\.)(\d+(?:\.\d+)?\s?%|\d+\.\d+)(?!\d|\.\d)")
 NOT_PROSE = [re.compile(p, re.S) for p in (r"```.*?```", r"<!--.*?-->", r"`[^`\n]*`", r"\]\([^)]*\)",
@@ -41,13 +41,14 @@ NOT_PROSE = [re.compile(p, re.S) for p in (r"```.*?```", r"<!--.*?-->", r"`[^`\n
 def prose(text: str) -> str:
     """The text with code, comments, link targets and indented code blocks blanked out, lines kept."""
     blank = lambda m: re.sub(r"[^\n]", " ", m.group(0))  # noqa: E731
+    lines, code, block = text.splitlines(), False, set()
+    for i, line in enumerate(lines):  # an indented code block: 4 spaces after a blank line, to the next text;
+        # found before blanking, so that a blanked label never makes its line look indented
+        code = line.startswith("    ") and (code or i == 0 or not lines[i - 1].strip())
+        block |= {i} if code else set()
     for pattern in NOT_PROSE:
         text = pattern.sub(blank, text)
-    lines, code = text.splitlines(), False
-    for i, line in enumerate(lines):  # an indented code block: 4 spaces after a blank line, to the next text
-        code = line.startswith("    ") and (code or i == 0 or not lines[i - 1].strip())
-        lines[i] = " " * len(line) if code else line
-    return "\n".join(lines)
+    return "\n".join(" " * len(line) if i in block else line for i, line in enumerate(text.splitlines()))
 
 
 def documents(root: Path = ROOT) -> list[tuple[str, str, str]]:

@@ -29,15 +29,15 @@ def test_readme_quotes_no_result_outside_its_generated_answers():
     assert not quoted & set(re.findall(r"\d+\.\d{3,4}\b", prose))
 
 
-def test_compare_runs_matches_by_keys_and_flags_differences(tmp_path):
+def test_beside_committed_matches_by_keys_and_flags_differences(tmp_path):
     committed = pd.DataFrame({"regime": ["lora", "lora", "chameleon"], "protocol": "causal", "conditioning": "-",
                               "seed": [0, 1, 0], "val_loss": [3.60, 3.70, 3.50]})
     reproduced = pd.DataFrame({"regime": ["lora", "chameleon", "lora"], "protocol": "causal", "conditioning": "-",
                                "scored": ["all", "all", "from 16"], "seed": 0, "val_loss": [3.61, 3.58, 2.60]})
     committed.to_csv(tmp_path / "committed.csv", index=False)
     reproduced.to_csv(tmp_path / "reproduced.csv", index=False)
-    both = results.compare_runs(pd.read_csv(tmp_path / "reproduced.csv"), pd.read_csv(tmp_path / "committed.csv"),
-                                tolerance=0.02)
+    both = results.beside_committed(pd.read_csv(tmp_path / "reproduced.csv"), pd.read_csv(tmp_path / "committed.csv"),
+                                    tolerance=0.02)
     # the committed table predates `scored`: the run scored from 16 has no counterpart; seed 1 was not reproduced
     assert both.set_index("regime").difference.round(6).to_dict() == {"lora": 0.01, "chameleon": 0.08}
     assert both.set_index("regime").within.to_dict() == {"lora": True, "chameleon": False}

@@ -115,6 +115,9 @@ def test_groups_route_kmeans_single():
     assert len(set(kmeans.tolist())) == math.ceil(len(prompts) / 2) == 4
     assert adapter.assign_groups(emb, "kmeans", n_groups=2).max() == 1
     assert adapter.assign_groups(emb, "single").tolist() == [0] * len(prompts)
+    # serving's words are the batchings of evaluation (regimes.GROUP_WORDS); their own names work too
+    assert adapter.assign_groups(emb, "clustered").tolist() == route.tolist()
+    assert adapter.assign_groups(emb, "mixed").tolist() == [0] * len(prompts)
     for labels in (route, kmeans):
         assert labels[6] == labels[0] and labels[7] == labels[1]
     for mode, labels in [("route", route), ("kmeans", kmeans), ("single", np.zeros(8, int))]:

@@ -1,9 +1,9 @@
 """What `Adapted` asks of an adapter component: the one interface training, serving, export and REINFORCE use.
 
-A component learns what depends on the data (`bind`), picks its adapter before each batch (`route`), reports what a
-run records (`report`), stores and restores what serving needs (`bound`, `restore`), and says why it cannot be served
-(`unservable`). LoRA needs none of it; the hypernetwork's input statistics (`hypernetwork.Standardized`) and the
-experts with their dispatch (`experts.Experts`) use it.
+A component learns what depends on the data (`bind`), picks its adapter before each batch (`route`; `route_to` takes
+one picked already), reports what a run records (`report`), stores and restores what serving needs (`bound`,
+`restore`), and says why it cannot be served (`unservable`). LoRA needs none of it; the hypernetwork's input
+statistics (`hypernetwork.Standardized`) and the experts with their dispatch (`experts.Experts`) use it.
 """
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ class Component:
 
     def route(self, adapted: "Adapted", split, batch: list[int]) -> None:
         """Before each batch of `split` (training, evaluation, generation)."""
+
+    def route_to(self, selection) -> None:
+        """Before a batch whose adapter was picked already (serving: a group's expert, as `route` picks one)."""
 
     def report(self) -> dict:
         """What a run records beyond its losses."""

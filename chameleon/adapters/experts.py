@@ -63,7 +63,7 @@ class Experts(Component, nn.Module):
         if self.k == 1:
             self.groups = {s.name: np.zeros(len(s), dtype=np.int64) for s in (train_split, val_split)}
             return
-        if self.cfg.expert_groups == "domain":  # an oracle control: the groups are the true domains
+        if self.cfg.groups_by_domain:  # an oracle control: the groups are the true domains
             labels, val_labels = domain_groups(train_split, val_split, self.k)
         else:
             labels, centroids = kmeans(train_split.cluster_emb, self.k, self.cfg.seed)
@@ -101,6 +101,9 @@ class Experts(Component, nn.Module):
             self.selection = self._by_oracle(adapted, split, batch)
         else:
             self.selection = getattr(self, f"_by_{self.dispatch.name}")(adapted, split, batch)
+
+    def route_to(self, selection) -> None:
+        self.selection = selection
 
     def _by_oracle(self, adapted: "Adapted", split, batch: list[int]) -> int:
         """The majority group of the batch's examples."""

@@ -49,7 +49,7 @@ class HyperNetwork(nn.Module):
         # The paper initialises the last layer N(0, 1e-3) so the first adapters are small.
         nn.init.normal_(last.weight, std=1e-3)
         nn.init.zeros_(last.bias)
-        if flavour == "standard":
+        if FLAVOURS[flavour].starts_at_base:
             # The rows after the first r * d_in produce B: zero them so B = 0 and the adapted model
             # equals the base model at init, as in ordinary LoRA; A stays random so B learns from step one.
             with torch.no_grad():

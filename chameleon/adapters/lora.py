@@ -10,12 +10,23 @@ differs from the base one from the first step, and the update is scaled by alpha
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-FLAVOURS = ("authors", "standard")
+
+@dataclass(frozen=True)
+class Flavour:
+    """How a LoRA starts and is scaled (regimes.Protocol.lora names one)."""
+    per_rank: bool  # the update is scaled by alpha / r (PEFT); else by alpha (the authors' code)
+    starts_at_base: bool  # B = 0 (A kaiming-uniform): the adapted model starts as the base one (PEFT); else A and B
+    # both start as N(0, 0.01^2) (the authors' code)
+
+
+FLAVOURS = {"authors": Flavour(per_rank=False, starts_at_base=False),
+            "standard": Flavour(per_rank=True, starts_at_base=True)}
 WHERE = ("head", "blocks")
 
 
@@ -29,7 +40,7 @@ def scaling(flavour: str, alpha: float, rank: int) -> float:
     """
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown LoRA flavour {flavour!r}; choose one of {list(FLAVOURS)}")
-    return alpha if flavour == "authors" else alpha / rank
+    return alpha / rank if FLAVOURS[flavour].per_rank else alpha
 
 
 def dims(layer: nn.Module) -> tuple[int, int]:
@@ -79,12 +90,12 @@ class LoRA(nn.Module):
         g = as_generator(generator)
         # Drawn on the CPU in float32 so that one seed gives the same adapter on every device and dtype.
         A, B = torch.empty(rank, d_in), torch.empty(d_out, rank)
-        if flavour == "authors":
-            nn.init.normal_(A, std=0.01, generator=g)
-            nn.init.normal_(B, std=0.01, generator=g)
-        else:  # as PEFT: uniform(-1/sqrt(d_in), 1/sqrt(d_in)) for A, and B = 0 so training starts at the base model
+        if FLAVOURS[flavour].starts_at_base:  # as PEFT: uniform(-1/sqrt(d_in), 1/sqrt(d_in)) for A, and B = 0
             nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=g)
             nn.init.zeros_(B)
+        else:  # the authors' code
+            nn.init.normal_(A, std=0.01, generator=g)
+            nn.init.normal_(B, std=0.01, generator=g)
         w = base.weight
         self.A = nn.Parameter(A.to(device=w.device, dtype=w.dtype))
         self.B = nn.Parameter(B.to(device=w.device, dtype=w.dtype))

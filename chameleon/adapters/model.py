@@ -79,6 +79,10 @@ class Adapted(nn.Module):
         for c in self.components:
             c.route(self, split, batch)
 
+    def route_to(self, selection) -> None:
+        for c in self.components:
+            c.route_to(selection)
+
     def report(self) -> dict:
         return {k: v for c in self.components for k, v in c.report().items()}
 
@@ -228,9 +232,9 @@ def build(cfg: Config, model: nn.Module) -> Adapted:
     k = {part: cfg.n_experts if regime.experts == part else 1 for part in ("head", "blocks")}
     freeze(model)
     torch.manual_seed(cfg.seed)  # the hypernetwork draws from the global RNG
-    if regime.blocks == "lora":
+    if regime.lora_blocks:
         add_lora(model, "blocks", cfg.rank, cfg.alpha, flavour, generator=cfg.seed + 1)
-    svf = SVFExperts(cfg, model, k["blocks"]) if regime.blocks == "svf" else None
+    svf = SVFExperts(cfg, model, k["blocks"]) if regime.svf_blocks else None
     head = HEADS[regime.head](cfg, model, flavour, k["head"])
     others = (Standardized(head),) if isinstance(head, ChameleonHead) and cfg.cond_norm == "standardize" else ()
     return Adapted(model, head, blocks_adapted=not regime.frozen_body, svf=svf, others=others)

@@ -72,11 +72,11 @@ def scored_tokens(prompt: str, response: str, tokenizer, max_length: int) -> pd.
     show = lambda ids: [repr(tokenizer.decode([i])) for i in ids]  # noqa: E731
     tokens = show(enc["input_ids"][0].tolist())
     cols = {}
-    for protocol in ("causal", "authors"):  # the columns of the table, in this order
+    for protocol in sorted(PROTOCOLS, key=lambda p: PROTOCOLS[p].scores_padding):  # every real token first
         t = targets(enc["input_ids"], enc["attention_mask"], protocol, start)[0]
         cols[protocol] = ["" if v == IGNORE else s for v, s in zip(t.tolist(), show(t.clamp(min=0).tolist()))]
-    rows = [{"position": i, "token": tokens[i], "causal target": cols["causal"][i],
-             "authors target": cols["authors"][i]} for i in range(len(tokens)) if cols["causal"][i] or cols["authors"][i]]
+    rows = [{"position": i, "token": tokens[i], **{f"{p} target": col[i] for p, col in cols.items()}}
+            for i in range(len(tokens)) if any(col[i] for col in cols.values())]
     return pd.DataFrame(rows)
 
 

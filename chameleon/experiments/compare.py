@@ -37,7 +37,7 @@ RUNS = {
                      ("chameleon", "task_input"), ("chameleon", "batch_mean"), ("chameleon", "shuffled"),
                      ("svf", "task"), ("svf_experts", "oracle"), ("svf_experts", "classifier")],
 }
-SVF_RUNS = {task: [r for r in runs if REGIMES[r[0]].blocks == "svf"] for task, runs in RUNS.items()}
+SVF_RUNS = {task: [r for r in runs if REGIMES[r[0]].svf_blocks] for task, runs in RUNS.items()}
 # The paper's length under the authors' protocol (compare --experiment paper-length): head-only regimes,
 # where the paper's own "LoRA" and "ChamaleonLLM" were, with the conditioning controls.
 PAPER_LENGTH_RUNS = [("unadapted", "batch_mean"), ("lora", "batch_mean"), ("lora_matched", "batch_mean"),
@@ -80,7 +80,7 @@ def table_runs(cfg: Config, seeds: int, runs: list[tuple[str, str]], protocols: 
     configs = []
     for protocol in protocols:
         todo = [(regime, conditioning, 0) for regime, conditioning in runs]
-        if PROTOCOLS[protocol].scores == "all" and any(c in CONDITIONINGS and CONDITIONINGS[c].prefix for _, c in runs):
+        if PROTOCOLS[protocol].scores_every_token and any(c in CONDITIONINGS and CONDITIONINGS[c].prefix for _, c in runs):
             todo += [(regime, conditioning, cfg.prefix_tokens) for regime, conditioning in runs
                      if REGIMES[regime].frozen_body and not REGIMES[regime].conditioned]
         for regime, conditioning, score_from in todo:
@@ -211,8 +211,8 @@ def parameter_table(cfg: Config) -> pd.DataFrame:
     rows = []
     for name, regime in REGIMES.items():
         # only regimes that adapt the blocks change the backbone itself: they get a copy
-        if regime.blocks == "svf":  # counted without the SVD: z has min(out, in) entries per matrix, per expert
-            count = (cfg.n_experts if regime.experts == "blocks" else 1) * svf_parameters(model)
+        if regime.svf_blocks:  # counted without the SVD: z has min(out, in) entries per matrix, per expert
+            count = (cfg.n_experts if regime.experts_in_blocks else 1) * svf_parameters(model)
         else:
             count = build(cfg.replace(regime=name), model if regime.frozen_body else copy.deepcopy(model)).trainable()
         rows.append({"regime": name, "trainable_params": count})

@@ -99,7 +99,7 @@ def row_config(cfg: Config, row: Row, seed: int, lr: float | None = None, dev: b
 
 
 def trains(row: Row) -> bool:
-    return row.overrides.get("regime") != "unadapted"
+    return "regime" not in row.overrides or REGIMES[row.overrides["regime"]].trains
 
 
 def tune(cfg: Config, progress: bool = True) -> pd.DataFrame:
@@ -373,7 +373,7 @@ def answer(table: pd.DataFrame) -> list[str]:
 
 def transformer2_answer(extra: pd.DataFrame) -> str | None:
     """One sentence on Transformer²'s rows, each number read from the `described` table; None before they ran."""
-    if not {("svf", "chameleon_prefix"), ("svf_experts", "svf")} <= set(zip(extra["first"], extra.second)):
+    if any(pick(extra, f, s, PRIMARY_BATCHING) is None for f, s in [("svf", "chameleon_prefix"), ("svf_experts", "svf")]):
         return None
 
     def diff(f: str, s: str, batching: str) -> str:

@@ -204,27 +204,43 @@ def umap_clusters(emb, labels, profile: str, seed: int = 0, name: str = "02_umap
 
 def loss_curves(history: pd.DataFrame, profile: str, name: str, metric: str = "val_loss",
                 note: str | None = None, min_span: float | None = 1.0) -> plt.Figure:
-    """Validation loss (or any history column) per epoch: one colour per regime, one line style and
+    """Validation loss (or any history column) during training: one colour per regime, one line style and
     marker per conditioning, so no two curves share both colour and style.
 
-    history columns: regime, protocol, conditioning, epoch, and `metric` (see runs.histories). One
-    panel per protocol, since the two protocols score different tokens and their losses are not
-    comparable. A loss panel spans at least `min_span` nats, so that a small difference does not fill
-    the panel (None: matplotlib's own zoom); `note` is added to the title.
+    history columns: regime, protocol, conditioning, epoch, and `metric`; optional step and scored (see
+    runs.histories). One panel per protocol, since the two protocols score different tokens and their losses
+    are not comparable. A run evaluated only before training (unadapted) is a dashed level line. Every curve
+    and level line is one run at one scoring, and a panel holds one scoring (`scored`: the same run scored from
+    token P is another number than scored on every token), so that a level line is scored on the tokens the
+    curves beside it are: a history that mixes them is refused (ValueError), select one first. The x axis is
+    the optimizer step where the history has one (a run evaluated every cfg.eval_every steps has several
+    points an epoch), else the epoch. A loss panel spans at least `min_span` nats, so that a small difference
+    does not fill the panel (None: matplotlib's own zoom); `note` is added to the title. The CSV holds the
+    points drawn, one row each.
     """
-    protocols = protocols_in(history)
+    x = "step" if "step" in history else "epoch"
+    keys = ["regime", "conditioning", *(["scored"] if "scored" in history else [])]
+    # an evaluation at the epoch's last step and the epoch's own evaluation are one point (the same weights)
+    drawn = history.dropna(subset=[metric]).drop_duplicates(
+        subset=["protocol", *keys, *(["seed"] if "seed" in history else []), x], keep="last")
+    if "scored" in drawn:
+        scorings = drawn.groupby("protocol")["scored"].unique()
+        mixed = {p: sorted(s) for p, s in scorings.items() if len(s) > 1}
+        if mixed:
+            raise ValueError(f"loss_curves: a panel would mix scorings {mixed}: its level lines and curves would "
+                             "score different tokens; select one, e.g. history.query(\"scored in ['all', 'last']\")")
+    protocols = protocols_in(drawn)
     fig, axes = plt.subplots(1, len(protocols), figsize=(6.5 * len(protocols), 4.8), squeeze=False)
     label = {"val_loss": "validation loss (nats / token)", "val_ppl": "validation perplexity",
              "train_loss": "training loss (nats / token)"}.get(metric, metric)
     is_loss = "loss" in metric
     for ax, protocol in zip(axes[0], protocols):
-        for (regime, cond), run in history[history["protocol"] == protocol].groupby(["regime", "conditioning"], sort=False):
-            run = run.dropna(subset=[metric])
+        for (regime, cond, *_), run in drawn[drawn["protocol"] == protocol].groupby(keys, sort=False):
             tag, style = run_name(regime, cond), conditioning_row(cond)
-            if run["epoch"].nunique() == 1:  # nothing trained (unadapted): a level line
+            if run[x].nunique() == 1:  # nothing trained (unadapted): a level line
                 ax.axhline(run[metric].iloc[0], color=regime_colour(regime), ls="--", lw=2, label=tag)
                 continue
-            ax.plot(run["epoch"], run[metric], marker=style.marker, lw=2.5,
+            ax.plot(run[x], run[metric], marker=style.marker, lw=2.5,
                     color=regime_colour(regime), ls=style.linestyle, label=tag)
         if is_loss:
             lo, hi = ax.get_ylim()
@@ -234,18 +250,24 @@ def loss_curves(history: pd.DataFrame, profile: str, name: str, metric: str = "v
             if lo < 0:  # a loss is never negative: the axis starts at 0 (and still spans min_span)
                 lo, hi = 0.0, max(hi, min_span or 0.0)
             ax.set_ylim(lo, hi)
-        ax.set(title=f"{protocol} protocol", xlabel="epoch", ylabel=label)
+        scored = drawn.loc[drawn["protocol"] == protocol, "scored"].iloc[0] if "scored" in drawn else None
+        on = {"last": ", last position", "all": ", every token"}.get(scored, f", scored {scored}" if scored else "")
+        ax.set(title=f"{protocol} protocol{on}", xlabel="optimizer step" if x == "step" else "epoch", ylabel=label)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    # one legend, outside the panels, so that no curve hides behind it
-    axes[0][-1].legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=11)
+    # one legend of every panel's runs, outside the panels, so that no curve hides behind it
+    named = {}
+    for ax in axes[0]:
+        for handle, tag in zip(*ax.get_legend_handles_labels()):
+            named.setdefault(tag, handle)
+    axes[0][-1].legend(list(named.values()), list(named), bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=11)
     span = f"; each panel spans at least {min_span:g} nat" if is_loss and min_span else ""
-    seeds = sorted(history["seed"].unique()) if "seed" in history else []
+    seeds = sorted(drawn["seed"].unique()) if "seed" in drawn else []
     which = f", single seed ({seeds[0]})" if len(seeds) == 1 else ""
     extra = f"\n{note}" if note else ""
     fig.suptitle(f"{label.split(' (')[0].capitalize()} during training ({profile} profile{which}{span}){extra}",
                  y=1.02 if not note else 1.07, fontsize=14)
     fig.tight_layout()
-    save(fig, history, name, profile)
+    save(fig, drawn, name, profile)
     return fig
 
 
@@ -398,13 +420,77 @@ def paper_length(table: pd.DataFrame, profile: str, name: str = "06_paper_length
     return fig
 
 
+def pad_share_by_length(table: pd.DataFrame, profile: str, name: str = "03_pad_share") -> plt.Figure:
+    """The authors' protocol against max_length, for the unadapted model: left, the share of scored targets
+    that are the pad token; right, the validation loss (the mean over lines of the last position's loss).
+
+    table columns: max_length, pad_share (0-1), val_loss; one row per length (analysis.paper_last_position
+    at each length gives both). Grey: one model, no regime.
+    """
+    data = table.sort_values("max_length").reset_index(drop=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6))
+    for ax, column, fmt, ylabel in ((left, "pad_share", "{:.0%}", "pad targets (share of scored lines)"),
+                                    (right, "val_loss", "{:.2f}", "validation loss (nats, last position)")):
+        ax.plot(data["max_length"], data[column], "o-", color="#555555", lw=2.5, markersize=8)
+        for x, v in zip(data["max_length"], data[column]):
+            ax.annotate(fmt.format(v), (x, v), xytext=(0, 9), textcoords="offset points", ha="center", fontsize=12)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(data["max_length"], [str(n) for n in data["max_length"]])
+        ax.minorticks_off()
+        ax.set(xlabel="max_length (tokens; right-padded)", ylabel=ylabel)
+    left.set_ylim(0, 1.15)
+    left.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
+    right.set_ylim(0, data["val_loss"].max() * 1.2)
+    left.set_title("Longer max_length: more of the scored\ntargets are the pad token")
+    right.set_title("The loss follows the padding,\nnot the text")
+    fig.suptitle(f"The authors' protocol, unadapted model, {len(data)} lengths ({profile} profile)", y=1.03, fontsize=14)
+    fig.tight_layout()
+    save(fig, data, name, profile)
+    return fig
+
+
+def loss_rouge(table: pd.DataFrame, profile: str, name: str, source: str | None = None) -> plt.Figure:
+    """Validation loss against ROUGE-L of the greedy answers, one point per run, one panel per protocol (their
+    losses score different tokens): colour by regime, marker by conditioning (one legend names the runs, as
+    close points would hide each other's names), error bars (std over seeds) where the table has val_loss_std
+    and rouge_l_std. A lower loss further left is a better answer only if the point is also higher.
+
+    table columns: regime, protocol, conditioning, val_loss, rouge_l; optional scored, seed, val_loss_std,
+    rouge_l_std, seeds (a compare() table of the instructions task).
+    """
+    protocols = protocols_in(table)
+    fig, axes = plt.subplots(1, len(protocols), figsize=(6.5 * len(protocols), 5.2), squeeze=False)
+    named = {}
+    for ax, protocol in zip(axes[0], protocols):
+        part = table[table["protocol"] == protocol]
+        for _, row in part.iterrows():
+            style = conditioning_row(row["conditioning"])
+            drawn = ax.errorbar(row["val_loss"], row["rouge_l"], xerr=row.get("val_loss_std"),
+                                yerr=row.get("rouge_l_std"), fmt=style.marker, markersize=10,
+                                color=regime_colour(row["regime"]), markeredgecolor="black", ecolor="#999999",
+                                elinewidth=1.5, capsize=4, alpha=0.9)
+            named.setdefault(run_name(row["regime"], row["conditioning"]), drawn)
+        ax.set(title=f"{protocol} protocol", xlabel="validation loss (nats / token; lower is better)",
+               ylabel="ROUGE-L of the greedy answers (higher is better)")
+    fig.legend(list(named.values()), list(named), loc="upper left", bbox_to_anchor=(1.0, 0.9), fontsize=11)
+    seeds = int(table["seeds"].min()) if "seeds" in table else 1
+    what = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed, no error bars"
+    fig.suptitle(f"Lower loss is not better answers: loss against ROUGE-L ({profile} profile, {what})"
+                 + (f"\n{source}" if source else ""), fontsize=14, y=1.02 if not source else 1.06)
+    fig.tight_layout()
+    save(fig, table, name, profile)
+    return fig
+
+
 def paired_forest(paired: pd.DataFrame, profile: str, name: str, title: str, source: str | None = None) -> plt.Figure:
     """A forest plot: one paired difference (run - reference, same seeds) per row with its 95% interval,
-    filled where the interval excludes 0 (`significant`), hollow where it does not.
+    filled where the drawn interval excludes 0, hollow where it does not; a row whose interval excludes 0 but
+    whose `significant` is False (a claim of a family corrected by Holm, as the domains experiment's) says
+    "n.s. after Holm" beside it. A legend names the colours (the regime of the row's run) and the fill.
 
     paired columns: difference, low, high, significant, and label (the row's name) or the keys of
     report.paired_differences (regime, conditioning, scored, reference); optional regime (its colour)
-    and `group`, which starts a new block of rows with its name as a header.
+    and `group`, which starts a new block of rows with its name as a header. The CSV adds `filled`.
     """
     data = paired.reset_index(drop=True).copy()
     if "label" not in data:
@@ -419,22 +505,39 @@ def paired_forest(paired: pd.DataFrame, profile: str, name: str, title: str, sou
             y += 1
         pos.append(y)
         y += 1
+    from matplotlib.lines import Line2D
+
+    data["filled"] = (data["low"] > 0) | (data["high"] < 0)  # the interval drawn excludes 0
+    corrected = data["filled"] & ~data["significant"].astype(bool)  # excludes 0, yet not a finding after Holm
+    colours = [regime_colour(r) if pd.notna(r) else "#333333" for r in data.get("regime", pd.Series([None] * len(data)))]
     fig, ax = plt.subplots(figsize=(11, 0.42 * y + 1.8))
-    for p, (_, row) in zip(pos, data.iterrows()):
-        colour = regime_colour(row["regime"]) if "regime" in data and pd.notna(row.get("regime")) else "#333333"
+    for p, (i, row), colour in zip(pos, data.iterrows(), colours):
         ax.plot([row["low"], row["high"]], [p, p], color=colour, lw=2.5)
         ax.plot(row["difference"], p, "o", markersize=9, color=colour, markeredgecolor="black",
-                markerfacecolor=colour if row["significant"] else "white")
+                markerfacecolor=colour if row["filled"] else "white")
+        if corrected[i]:
+            ax.annotate("n.s. after Holm", (max(row["high"], 0), p), xytext=(6, 0), textcoords="offset points",
+                        va="center", fontsize=9, style="italic")
     for p, g in headers:
         ax.text(0.0, p, g, transform=ax.get_yaxis_transform(), ha="left", va="center", fontsize=12, fontweight="bold")
     ax.axvline(0, color="black", lw=1)
     ax.set_yticks(pos, data["label"], fontsize=10)
     ax.set_ylim(y - 0.5, -0.7)
     ax.grid(axis="y", visible=False)
+    # the legend: the colours (the row's regime), then the fill; under the figure, so that it hides no interval
+    regimes = dict(zip(data["regime"], colours)) if "regime" in data else {}
+    handles = [Line2D([], [], color=c, lw=2.5, marker="o", markersize=8, markeredgecolor="black", label=r)
+               for r, c in regimes.items() if pd.notna(r)]
+    handles += [Line2D([], [], ls="", marker="o", markersize=8, color="#888888", markeredgecolor="black",
+                       markerfacecolor=f, label=t) for f, t in (("#888888", "interval excludes 0"),
+                                                               ("white", "interval includes 0"))]
     ax.set(xlabel="paired difference in validation loss (nats / token), 95% interval\n"
-                  "< 0: lower loss than the reference; filled: the interval excludes 0, hollow: it does not",
+                  "< 0: lower loss than the reference; filled: the interval excludes 0, hollow: it does not"
+                  + ("\n\"n.s. after Holm\": excludes 0, but not significant once its family is corrected" if corrected.any() else ""),
            title=title + (f"\n{source}" if source else ""))
     fig.tight_layout()
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=min(len(handles), 4), fontsize=10,
+               title="colour: the regime of the row's run; fill: its interval")
     save(fig, data, name, profile)
     return fig
 

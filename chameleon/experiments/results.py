@@ -19,6 +19,7 @@ from chameleon.experiments import domains as domains_experiment, domains_control
 from chameleon.experiments.compare import PAPER_TABLE, WIKITEXT2_PAD_SHARE_256
 from chameleon.config import ROOT, Config
 from chameleon.experiments.report import paired_differences, to_markdown
+from chameleon.regimes import PROTOCOLS
 
 # The committed tables the text is written from (each as <stem>.csv, <stem>-runs.csv).
 TABLES = {"lm": "results/cpu/lm/compare-seeds3", "instructions": "results/cpu/instructions/compare-seeds3",
@@ -50,11 +51,23 @@ def load(root: Path = ROOT) -> dict[str, pd.DataFrame]:
 
 # --- reading and formatting -------------------------------------------------------------------
 
+def select(table: pd.DataFrame, *regimes: str, unless: dict | None = None, **match) -> pd.DataFrame:
+    """The rows of `table` whose regime is one of `regimes` (any, where none is named), whose columns equal `match`
+    and equal none of the values `unless` gives (a value or a tuple of them): how every template picks named rows.
+
+        select(s, "lora", "chameleon", protocol="authors", unless={"conditioning": "prefix"})
+    """
+    keep = table.regime.isin(regimes) if regimes else pd.Series(True, index=table.index)
+    for k, v in match.items():
+        keep &= table[k] == v
+    for k, v in (unless or {}).items():
+        keep &= ~table[k].isin(v if isinstance(v, tuple) else (v,))
+    return table[keep]
+
+
 def one(table: pd.DataFrame, **match) -> pd.Series:
     """The one row of `table` whose columns equal `match` (a missing or repeated row is an error)."""
-    rows = table
-    for k, v in match.items():
-        rows = rows[rows[k] == v]
+    rows = select(table, **match)
     if len(rows) != 1:
         raise ValueError(f"{len(rows)} rows match {match}")
     return rows.iloc[0]
@@ -80,7 +93,7 @@ def pm(row: pd.Series, metric: str = "val_loss", digits: int = 3) -> str:
 def head_paired(per_run: pd.DataFrame) -> pd.DataFrame:
     """Paired differences of the head adapters (lora, lora_matched, chameleon) against `lora_matched` and
     against the `shuffled` control; `prefix` rows are left out: they score other tokens."""
-    heads = per_run[per_run.regime.isin(["lora", "lora_matched", "chameleon"]) & (per_run.conditioning != "prefix")]
+    heads = select(per_run, "lora", "lora_matched", "chameleon", unless={"conditioning": "prefix"})
     return pd.concat([paired_differences(heads, {"regime": "lora_matched"}),
                       paired_differences(heads, {"regime": "chameleon", "conditioning": "shuffled"})],
                      ignore_index=True)
@@ -106,7 +119,7 @@ def _losses(table: pd.DataFrame) -> str:
 
 # --- the sections of RESULTS.md ---------------------------------------------------------------
 
-def paper(t) -> str:
+def paper_section(t) -> str:
     rows = "\n".join(f"| {r.regime} | {r.trainable_params:,} | {r.val_loss} | {r.val_ppl:,g} |"
                      for r in PAPER_TABLE.itertuples())
     return ("## The paper's table\n\nGPT-2 124M on WikiText-2, rank 4, the authors' protocol (`compare.PAPER_TABLE`):"
@@ -116,12 +129,12 @@ def paper(t) -> str:
             "[docs/protocol.md](docs/protocol.md).\n")
 
 
-def lm(t) -> str:
+def lm_section(t) -> str:
     cfg, s, p = Config.from_profile("cpu"), t["lm"], head_paired(t["lm_runs"])
     pad_share = one(t["svf"], regime="svf", protocol="authors").pad_share
     a = {c: one(s, regime=r, protocol="authors", conditioning=c_) for c, (r, c_) in
          {"unadapted": ("unadapted", "-"), "lora_full": ("lora_full", "-")}.items()}
-    heads = s[(s.protocol == "authors") & s.regime.isin(["lora", "lora_matched", "chameleon"])]
+    heads = select(s, "lora", "lora_matched", "chameleon", protocol="authors")
     c = {r: one(s, regime=r, protocol="causal", conditioning=k) for r, k in
          [("unadapted", "-"), ("lora", "-"), ("lora_matched", "-"), ("lora_full", "-"), ("chameleon_full", "batch_mean")]}
     cham = {k: one(s, regime="chameleon", protocol="causal", conditioning=k) for k in ("batch_mean", "shuffled", "prefix")}
@@ -163,10 +176,10 @@ Paired differences, both protocols ([results/cpu/lm/compare-seeds3-paired.md](re
 """
 
 
-def heads(t) -> str:
+def heads_section(t) -> str:
     cfg, s, p, runs = Config.from_profile("study"), t["heads"], t["heads_paired"], t["heads_runs"]
     scored = f"from {cfg.prefix_tokens}"
-    vs_unadapted = paired_differences(runs[runs.scored == scored], {"regime": "unadapted"})
+    vs_unadapted = paired_differences(select(runs, scored=scored), {"regime": "unadapted"})
     bm = one(p, regime="chameleon", conditioning="batch_mean", reference="lora_matched")
     sh = one(p, regime="chameleon", conditioning="shuffled", reference="lora_matched")
     own = one(p, regime="chameleon", conditioning="batch_mean", reference="chameleon / shuffled")
@@ -204,10 +217,10 @@ Against the unadapted backbone, on the tokens after the first {cfg.prefix_tokens
 """
 
 
-def instructions(t) -> str:
+def instructions_section(t) -> str:
     cfg, s = Config.from_profile("cpu", task="instructions"), t["instructions"]
     p = head_paired(t["instructions_runs"])
-    authors = s[(s.protocol == "authors") & ~s.regime.isin(["unadapted", "lora"])]
+    authors = select(s, protocol="authors", unless={"regime": ("unadapted", "lora")})
     row = {(r, k): one(s, regime=r, protocol="causal", conditioning=k) for r, k in
            [("lora", "-"), ("lora_matched", "-"), ("chameleon", "task"), ("chameleon", "task_input"),
             ("chameleon", "shuffled")]}
@@ -245,21 +258,21 @@ Paired differences ([results/cpu/instructions/compare-seeds3-paired.md](results/
 """
 
 
-def paper_length(t) -> str:
+def paper_length_section(t) -> str:
     cfg, s, shares = Config.from_profile("cpu"), t["paper_length"], t["shares"]
-    share = shares[shares.lines == "corpus"].pivot_table(index="length", columns="tokenizer", values="padded_share")
+    share = select(shares, lines="corpus").pivot_table(index="length", columns="tokenizer", values="padded_share")
     share_rows = "\n".join(f"| {n} | {r.gpt2:.4f} | {r.smollm2:.4f} |" for n, r in share.loc[[128, 160, 192, 256]].iterrows())
     lines = int(shares.n_lines.iloc[0])
-    at = {n: s[s.max_length == n].set_index(["regime", "conditioning"]) for n in (160, 256)}
+    at = {n: select(s, max_length=n).set_index(["regime", "conditioning"]) for n in (160, 256)}
 
     def cell(n, key, metric):
         r = at[n].loc[key]
         return f"{r[metric]:.4g}" + (f" ± {r[f'{metric}_std']:.1g}" if r["seeds"] > 1 and r[f"{metric}_std"] > 1e-6 else "")
     table = "\n".join(f"| {k[0]} | {k[1]} | {cell(160, k, 'val_loss')} | {at[160].loc[k].val_loss_pad:.2g} | "
                       f"{at[160].loc[k].val_loss_real:.3f} | {cell(256, k, 'val_loss')} |" for k in at[160].index)
-    u160, u256 = at[160].loc[("unadapted", "-")], at[256].loc[("unadapted", "-")]
-    heads = at[160].drop(index=("unadapted", "-"))
-    lora, cham = at[160].loc[("lora", "-")], at[160].loc[("chameleon", "batch_mean")]
+    u160, u256 = (one(s, max_length=n, regime="unadapted") for n in (160, 256))
+    heads = select(s, max_length=160, unless={"regime": "unadapted"})
+    lora, cham = (one(s, max_length=160, regime=r, conditioning=c) for r, c in [("lora", "-"), ("chameleon", "batch_mean")])
     p = WIKITEXT2_PAD_SHARE_256
     published = PAPER_TABLE.set_index("regime").val_loss
     real = u160.val_loss_real
@@ -296,7 +309,7 @@ L_real rests on {(1 - u160.pad_share) * cfg.max_eval_examples:.0f} lines; at 256
   ({lora.val_loss:.4f}) here. Its controls, `shuffled` (another
   batch's mean), `prefix` (the first {cfg.prefix_tokens} tokens) and `batch_mean_excl` (the mean without any scored
   token), land at the same loss and L_real; what differs is how far L_pad falls in {cfg.epochs} epochs
-  ({lora.val_loss_pad:.1g} for `lora`, {heads.loc[('chameleon', slice(None)), 'val_loss_pad'].max():.1g} or less for
+  ({lora.val_loss_pad:.1g} for `lora`, {select(heads, 'chameleon').val_loss_pad.max():.1g} or less for
   every hypernetwork head, whatever its conditioning).
 - At 256 tokens every target is the pad token: the unadapted SmolLM2 scores {u256.val_loss:.2f} (its EOS after a longer
   run of EOS) and every adapted head {at[256].drop(index=('unadapted', '-')).val_loss.max():.3f} or less.
@@ -325,17 +338,17 @@ separate the paper's two numbers. See [docs/protocol.md](docs/protocol.md).
 """
 
 
-def transformer2(t) -> str:
+def transformer2_section(t) -> str:
     main, svf, runs = t["lm"], t["svf"], t["svf_runs"]
     row = {r: one(main, regime=r, protocol="causal", conditioning=k) for r, k in
            [("unadapted", "-"), ("lora", "-"), ("lora_full", "-"), ("chameleon_full", "batch_mean")]}
     cham = one(main, regime="chameleon", protocol="causal", conditioning="batch_mean")
     one_expert = one(svf, regime="svf", protocol="causal")
-    experts = svf[(svf.regime == "svf_experts") & (svf.protocol == "causal")]
+    experts = select(svf, "svf_experts", protocol="causal")
     oracle = one(experts, conditioning="dispatch=oracle")
-    accuracy = runs[(runs.conditioning == "dispatch=classifier") & (runs.protocol == "causal")].dispatch_accuracy
-    authors = svf[svf.protocol == "authors"]
-    authors_experts = authors[authors.regime == "svf_experts"]
+    accuracy = select(runs, conditioning="dispatch=classifier", protocol="causal").dispatch_accuracy
+    authors = select(svf, protocol="authors")
+    authors_experts = select(authors, "svf_experts")
     lines = [("unadapted", 0, "1", f"{row['unadapted'].val_loss:.3f}"),
              ("lora (head)", row["lora"].trainable_params, "1", pm(row["lora"])),
              ("chameleon (head, batch_mean)", cham.trainable_params, "1 + hypernetwork", pm(cham)),
@@ -371,7 +384,7 @@ protocols as the `cpu` table above. Causal protocol, beside that table's rows:
 """
 
 
-def domains(t) -> str:
+def domains_section(t) -> str:
     return (f"## Across domains\n\nDoes adapting to the batch help across domains: see [{DOMAINS}]({DOMAINS}) (the "
             "`domains` experiment; its analysis plan, committed before any result, is "
             "[results/domains/lm/PLAN.md](results/domains/lm/PLAN.md)), and the second experiment, whose positive "
@@ -386,22 +399,23 @@ def results_md(t) -> str:
             "disagree). Losses are validation losses in nats, mean ± standard deviation over seeds 0-2. A paired "
             "difference is run - reference on the same seed and scored tokens, with a 95% t-interval over the seeds; "
             "it is significant when the interval excludes 0. The protocols are in [docs/protocol.md](docs/protocol.md).\n")
-    return "\n".join([head, paper(t), lm(t), heads(t), instructions(t), paper_length(t), transformer2(t), domains(t)])
+    return "\n".join([head, paper_section(t), lm_section(t), heads_section(t), instructions_section(t),
+                      paper_length_section(t), transformer2_section(t), domains_section(t)])
 
 
 def answers(t) -> str:
     """The README's answers block, between the ANSWERS markers."""
     pl, svf, main, study = t["paper_length"], t["svf"], t["lm"], t["heads_paired"]
-    at160 = pl[pl.max_length == 160]
+    at160 = select(pl, max_length=160)
     u = one(at160, regime="unadapted")
-    adapted = at160[at160.regime != "unadapted"]
+    adapted = select(at160, unless={"regime": "unadapted"})
     bm = one(study, regime="chameleon", conditioning="batch_mean", reference="lora_matched")
     sh = one(study, regime="chameleon", conditioning="shuffled", reference="lora_matched")
     own = one(study, regime="chameleon", conditioning="batch_mean", reference="chameleon / shuffled")
     cham = one(main, regime="chameleon", protocol="causal", conditioning="batch_mean")
     unadapted = one(main, regime="unadapted", protocol="causal")
     one_expert = one(svf, regime="svf", protocol="causal")
-    experts = svf[(svf.regime == "svf_experts") & (svf.protocol == "causal")]
+    experts = select(svf, "svf_experts", protocol="causal")
     published = PAPER_TABLE.set_index("regime").val_loss
     return f"""{ANSWERS[0]}
 **Do the paper's numbers hold?** Its parameter counts do. Its losses ({published['unadapted']} -> {published['lora']}
@@ -421,6 +435,8 @@ heterogeneous incoming batches grouped at inference ([{DOMAINS}]({DOMAINS}), pla
 {across_domains(t)}
 
 {control_answer(t)}
+
+{line_answer(t)}
 
 **ChamaleonLLM or Transformer²?** On this data one SVF expert ({one_expert.trainable_params:,} parameters on the MLP
 matrices) reaches {pm(one_expert)} causal, below the ChamaleonLLM head ({cham.trainable_params:,} parameters,
@@ -442,10 +458,21 @@ def control_answer(t, up: str = "") -> str:
     out = t["control_folder"]
     said = domains_control.answer_of(out) if (out / "recipes.csv").exists() else \
         "its dev stage (recipes, rates, epochs) has not finished."
-    if (out / "runs.csv").exists() and (v := domains_control.verdicts(domains_experiment.line_table(out)))["lines"]:
-        said += " " + domains_control.line_answer(v)
     return (f"But this experiment's positive control failed too, so a second one asks first whether the hypernetwork "
             f"can read its input ([{CONTROL}]({up}{CONTROL}), plan committed before its runs): {said}")
+
+
+def line_answer(t, up: str = "") -> str:
+    """Batch against line in the second domains experiment: its five differences and what each level costs."""
+    out = t["control_folder"]
+    v = domains_control.verdicts(domains_experiment.line_table(out)) if (out / "runs.csv").exists() else None
+    if v is None or not v["lines"]:
+        return "**One adapter per batch or one per line?** Not measured yet."
+    said = domains_control.line_answer(v)
+    if (out / "costs.csv").exists():
+        said += " " + domains_control.cost_sentence(pd.read_csv(out / "costs.csv"))
+    return (f"**One adapter per batch or one per line?** {said} [{CONTROL}]({up}{CONTROL}), "
+            f"[PLAN-line.md]({up}{CONTROL_FOLDER}/PLAN-line.md).")
 
 
 def transformer2_across_domains(t) -> str:
@@ -473,7 +500,8 @@ def workshop_domains(t) -> str:
     first = "the first domains experiment has not landed." if lines is None else (
         "On six domains (`domains`, 5 seeds, `kmeans` batching) the batch's leak-free prefix against a constant "
         "input: " + domains_experiment.answer(domains_experiment.comparisons(lines))[0].split(": ", 1)[1].rstrip("."))
-    return f"{WORKSHOP_KEY[0]}\n   {first}.\n   {control_answer(t, '../')}\n   {WORKSHOP_KEY[1]}"
+    return (f"{WORKSHOP_KEY[0]}\n   {first}.\n   {control_answer(t, '../')}\n   {line_answer(t, '../')}\n"
+            f"   {WORKSHOP_KEY[1]}")
 
 
 def texts(root: Path = ROOT) -> dict[str, str]:
@@ -505,18 +533,18 @@ def write(root: Path = ROOT) -> list[Path]:
 
 # --- make reproduce: a user's numbers beside the committed ones --------------------------------
 
-def compare_runs(reproduced: pd.DataFrame, committed: pd.DataFrame, metric: str = "val_loss",
+def beside_committed(reproduced: pd.DataFrame, committed: pd.DataFrame, metric: str = "val_loss",
                  tolerance: float = 0.02) -> pd.DataFrame:
     """The runs present in both tables, matched by regime, protocol, conditioning, scored positions,
     max_length and seed, with both values of `metric` and whether they agree within `tolerance` (absolute).
 
-    A committed table without a `scored` column predates it: its runs scored every token (causal) or the last
-    one (authors), so only such reproduced runs are matched to it.
+    A committed table without a `scored` column predates it: its runs scored what their protocol scores (every token,
+    or the last one: regimes.Protocol.scores), so only such reproduced runs are matched to it.
     """
     keys = [k for k in ("regime", "protocol", "conditioning", "scored", "max_length", "seed")
             if k in reproduced and k in committed]
     if "scored" in reproduced and "scored" not in committed:
-        reproduced = reproduced[reproduced.scored.isin(["all", "last"])]
+        reproduced = reproduced[reproduced.scored.isin([p.scores for p in PROTOCOLS.values()])]
     both = reproduced[keys + [metric]].merge(committed[keys + [metric]], on=keys, suffixes=("_reproduced", "_committed"))
     both["difference"] = both[f"{metric}_reproduced"] - both[f"{metric}_committed"]
     both["within"] = both.difference.abs() <= tolerance
@@ -535,7 +563,7 @@ def check_reproduced(outputs: Path, root: Path = ROOT, tolerance: float = 0.02) 
         if not committed:
             rows.append({"table": str(folder / path.name), "committed": "-", "runs": 0})
             continue
-        both = compare_runs(pd.read_csv(path), pd.read_csv(committed[-1]), tolerance=tolerance)
+        both = beside_committed(pd.read_csv(path), pd.read_csv(committed[-1]), tolerance=tolerance)
         rows.append({"table": str(folder / path.name), "committed": str(committed[-1].relative_to(root)),
                      "runs": len(both), "largest difference": both.difference.abs().max() if len(both) else None,
                      "outside tolerance": int((~both.within).sum())})

@@ -7,13 +7,14 @@
 This is the paper's inference-time clustering made usable. Each prompt is embedded as in
 training (`embeddings.mean_embeddings` of its tokens under the run's protocol's mask; the
 prompt alone, never an answer), the batch is split into groups, and a ChameleonLLM head
-applies one generated LoRA update per group:
+applies one generated LoRA update per group. The groupings are the batchings of evaluation
+(`regimes.BATCHINGS`), under serving's words for them (`regimes.GROUP_WORDS`; a batching's own name works too):
 
-- `route`: each prompt goes to its nearest training centroid (`clustering.assign`), as
+- `route` (`clustered`): each prompt goes to its nearest training centroid (`clustering.assign`), as
   `prepare` routes validation examples; prompts of one cluster form a group.
 - `kmeans`: the incoming batch is clustered by itself (k = ceil(n / cfg.batch_size), or
   `n_groups`): the paper's inference-time clusters.
-- `single`: the whole batch is one group (the paper's "one adapter per batch").
+- `single` (`mixed`): the whole batch is one group (the paper's "one adapter per batch").
 
 A group's conditioning vector is the mean of its prompts' embeddings, the same rule as
 `training.batch_loss` (the batch mean of the members' embeddings), not the training
@@ -63,18 +64,15 @@ from chameleon.serve.decoding import batched_greedy, tokenize_prompts, until_eos
 from chameleon.serve.hf import HFAdapted, hf_inputs
 from chameleon.adapters.model import Adapted
 from chameleon.prepare import prepare, prompt_prefix
-from chameleon.regimes import CONDITIONINGS, DISPATCHES, LEVELS
+from chameleon.regimes import CONDITIONINGS, DISPATCHES, LEVELS, grouping
 from chameleon.runs import load_trained, read_centroids, read_config
-
-GROUPINGS = ("route", "kmeans", "single")
-
 
 @dataclass
 class Result:
     prompt: str
     text: str  # the decoded answer, special tokens skipped, stripped
     tokens: list[int]  # the new token ids, EOS excluded
-    group: int  # route: the training cluster; kmeans: the cluster within this batch; single: 0
+    group: int  # route (clustered): the training cluster; kmeans: the cluster within this batch; single (mixed): 0
     group_size: int  # prompts of this batch in the same group (they share one adapter)
     stopped: bool  # True when the model chose EOS, False when max_new_tokens ran out
     expert: int | None = None  # experts regimes: the expert its group was dispatched to
@@ -155,21 +153,19 @@ class Adapter:
                 or (self.adapted.experts is not None and DISPATCHES[self.cfg.dispatch].per_line))
 
     def assign_groups(self, emb: torch.Tensor, group: str = "route", n_groups: int | None = None) -> np.ndarray:
-        """(N,) group of each embedding under `group` ("route", "kmeans" or "single")."""
-        n = len(emb)
-        if group == "single" or n == 0:
-            return np.zeros(n, dtype=np.int64)
-        if group == "route":
+        """(N,) group of each embedding under `group` (regimes.GROUPINGS: "route", "kmeans" or "single")."""
+        n, batching = len(emb), grouping(group)
+        if batching.routed and n:
             if self.centroids is None:
-                raise ValueError("group='route' needs the training centroids, and this adapter has none; "
+                raise ValueError(f"group={group!r} needs the training centroids, and this adapter has none; "
                                  "use group='kmeans' or 'single'")
             return assign(emb, self.centroids)
-        if group == "kmeans":
+        if batching.grouped and n:
             k = n_groups or math.ceil(n / self.cfg.batch_size)
             if not 1 <= k:
                 raise ValueError(f"n_groups must be a positive integer, got {n_groups}")
             return np.zeros(n, dtype=np.int64) if min(k, n) == 1 else kmeans(emb, min(k, n), self.cfg.seed)[0]
-        raise ValueError(f"group={group!r} is not valid; choose one of {list(GROUPINGS)}")
+        return np.zeros(n, dtype=np.int64)  # one group: the whole batch
 
     def conditions(self, prompts: list[str], labels: np.ndarray, emb: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Each group's conditioning vector: the mean of its prompts' conditioning embeddings."""
@@ -180,8 +176,7 @@ class Adapter:
 
     def plan(self, prompts: list[str], group: str = "route", n_groups: int | None = None) -> "Batch":
         """How a batch of prompts decodes: each prompt's group, each group's conditioning vector and expert."""
-        if group not in GROUPINGS:
-            raise ValueError(f"group={group!r} is not valid; choose one of {list(GROUPINGS)}")
+        grouping(group)  # a bad word is refused before any work
         if why := self.adapted.unservable():
             raise ValueError(f"{self.cfg.regime} cannot be served as loaded: {why}")
         emb = self.embed(prompts, self.cfg.route_prefix)
@@ -213,7 +208,8 @@ class Adapter:
             prompts: the texts to continue (for an instruction run: the paper's prompt format,
                 `instructions.prompt(instruction, input)`).
             max_new_tokens: at most this many new tokens each (None: the run's cfg.max_new_tokens).
-            group: "route", "kmeans" or "single" (see the module docstring).
+            group: "route", "kmeans" or "single", or a batching's own name (regimes.GROUPINGS; see the module
+                docstring).
             n_groups: k of "kmeans" (None: ceil(len(prompts) / cfg.batch_size)).
             ignore_eos: decode max_new_tokens for every prompt (benchmarks: equal work per variant).
             sampling: Hugging Face `generate` arguments (do_sample, temperature, top_p, top_k, stop_strings,
@@ -250,7 +246,7 @@ class Adapter:
         selections = None if batch.selections is None else [batch.selections[g] for g in keys]
         pad = self.tokenizer.pad_token_id
         if self.adapted.body_per_group:  # one group's rows: its expert is the body's
-            self.adapted.svf.selection = selections[0]
+            self.adapted.route_to(selections[0])
         if not sampling:
             return batched_greedy(self.adapted, prompt_ids, max_new_tokens, eos, pad, conds, groups, selections)
         if sampling.get("num_return_sequences", 1) != 1:

@@ -97,11 +97,11 @@ def unexportable(regime: str, cond_level: str = "batch") -> str:
         return (f"cond_level={cond_level!r} generates one adapter per input line, from that line alone; PEFT holds a "
                 "fixed set of adapters chosen by name, so there is no set to write: serve the run with "
                 "`python -m chameleon serve` (one group per prompt)")
-    if row.blocks == "svf":
+    if row.svf_blocks:
         return ("SVF rescales the singular values of every MLP matrix, a full-rank change that no LoRA adapter holds; "
                 "it would need the adapted matrices U diag(S sigmoid(z)) Vh saved as a whole model per expert "
                 "(or an SVF adapter type in PEFT); serve it with `python -m chameleon generate` or `serve`")
-    if row.head == "base" and row.blocks == "frozen":
+    if not row.trains:
         return "it trains no adapter: its model is the backbone itself (save_pretrained it as it is)"
     return ""
 

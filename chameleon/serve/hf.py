@@ -32,10 +32,11 @@ class HFAdapted(PreTrainedModel, GenerationMixin):
         if adapted.body_per_group:
             chosen = set(selections or [])
             if len(chosen) != 1:
-                raise ValueError(f"{adapted.svf.cfg.regime} changes the body per expert and this batch's groups use "
+                raise ValueError(f"{adapted.experts.cfg.regime} changes the body per expert and this batch's groups use "
                                  f"{len(chosen)} experts: one Hugging Face model holds one body; use "
                                  "Adapter.generate, which decodes such a batch group by group")
-            adapted.svf.selection, selections = chosen.pop(), None
+            adapted.route_to(chosen.pop())
+            selections = None
         super().__init__(copy.deepcopy(adapted.model.config))
         self.adapted = adapted
         self.head = GroupedHead(adapted, conds, selections, n_groups)

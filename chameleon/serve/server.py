@@ -7,11 +7,11 @@ one adapter per group of prompts (the paper's inference-time clusters, formed fr
 
 How a batch forms: the first waiting request opens a window of --window-ms; every request that arrives in it
 joins, up to --max-batch prompts. The batch is grouped as `Adapter.generate` groups (--group: route, kmeans,
-single), one adapter per group, and decoded in one pass (the kit's batched decoding); while it decodes, the
-next requests queue up and form the next batch. Each choice names its group. Requests with other sampling
-settings (temperature, top_p, stop) are decoded apart in the same round. A request waits in a bounded queue
-(--max-queue requests): when it is full the server answers 503 at once. Bad requests get a 4xx with a message
-and never reach the model; an error while decoding fails that batch's requests (500), not the server.
+single, serving's words for the batchings: regimes.GROUPINGS), one adapter per group, and decoded in one pass (the
+kit's batched decoding); while it decodes, the next requests queue up and form the next batch. Each choice names
+its group. Requests with other sampling settings (temperature, top_p, stop) are decoded apart in the same round. A
+request waits in a bounded queue (--max-queue requests): when it is full the server answers 503 at once. Bad requests
+get a 4xx with a message and never reach the model; an error while decoding fails that batch's requests (500), not the server.
 
 Request fields: prompt (a string or a list of strings, required), max_tokens (1..--max-tokens, default 16),
 temperature (0 = greedy, the default), top_p, stop (a string or a list of strings). The OpenAI fields it does not
