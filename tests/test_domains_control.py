@@ -160,6 +160,18 @@ def test_the_fixed_sequence_gives_each_of_the_three_answers(separable, prefix, v
         assert p["equivalent"] and f"{-p['t_low']:.3f} nats" in said
 
 
+@pytest.mark.parametrize("permuted, reads", [(0.02, True), (0.0, False)])
+def test_a_failed_control_says_whether_the_head_reads_its_codes(permuted, reads):
+    """Beside answer (a), the negative check decides the described sentence: permuted codes costing more than the
+    right ones (seed interval above 0) mean the head reads them; otherwise nothing is said."""
+    lines = _lines({"chameleon_constant": 0.0, "chameleon_oracle_separable": 0.01, "chameleon_prefix": 0.0,
+                    "chameleon_oracle_permuted": 0.01 + permuted})
+    said = dc.answer(dc.verdicts(lines), dev_passed=True)
+    assert said.startswith("**(a)") and ("not blind to its input" in said) == reads
+    if reads:
+        assert fmt_in(said, permuted)
+
+
 def fmt_in(text: str, x: float) -> bool:
     return domains.fmt(x) in text
 

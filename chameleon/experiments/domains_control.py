@@ -299,7 +299,7 @@ def answer(v: dict, dev_passed: bool) -> str:
         tried = "under every recipe tried on dev" if not dev_passed else "on validation, though it passed on dev"
         return (f"**(a) The hypernetwork cannot use its input at this scale**: {gate}, does not pass ({tried}). "
                 f"The primary comparison is not tested; its difference, for the record: {fmt(p['difference'])} nats "
-                f"{seed_interval(p)}.")
+                f"{seed_interval(p)}.{blind_or_not(v)}")
     primary = (f"conditioning on the batch's prefix against the constant input (`{PRIMARY[2]}`) {fmt(p['difference'])} "
                f"nats, 95% over {p['seeds']} seeds {seed_interval(p)}, p {p['p_seeds']:.3f}, over lines "
                f"{over_lines(pd.Series(p))}")
@@ -310,6 +310,17 @@ def answer(v: dict, dev_passed: bool) -> str:
              f"[{fmt(p['tost_low'])}, {fmt(p['tost_high'])}])")
     return (f"**(b) The control passes and the leak-free batch still does not beat the constant input**: {gate}, "
             f"passes; {primary}: {bound}; the largest benefit the seed interval allows is {-p['t_low']:.3f} nats.")
+
+
+def blind_or_not(v: dict) -> str:
+    """Described beside a failed control (not claimed by the plan): whether the trained head reads the codes at all,
+    from the negative check (the codes permuted across domains at inference against the right ones)."""
+    check = next((c for c in v["checks"] if c["second"] == CONTROL[0]), None)
+    if check is None or not check["t_low"] > 0:
+        return ""
+    return (f" Described, not claimed: it is not blind to its input, since giving each domain another's code costs "
+            f"{fmt(check['difference'])} nats more {seed_interval(check)} (the negative check); what it reads does "
+            f"not lower the validation loss below the constant input's.")
 
 
 def line_answer(v: dict) -> str:
