@@ -632,13 +632,21 @@ def control_diagnostics(table: pd.DataFrame, profile: str, name: str = "diagnost
 
 def line_costs(points: pd.DataFrame, profile: str, name: str = "lines") -> Path:
     """Loss against head adapters applied per 1,000 lines on `kmeans` batches, one point per row (batch, k-means
-    group, line); chameleon.experiments.domains_control.report gives the table (row, adapters, loss, sd)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    group, line); chameleon.experiments.domains_control.report gives the table (row, adapters, loss, sd). Rows at
+    the same cost are spread a little sideways (the axis is log: a few percent), so that their bars stay apart."""
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     for i, r in enumerate(points.itertuples()):
-        colour = KIND_COLOURS[i % len(KIND_COLOURS)]
-        ax.errorbar(r.adapters, r.loss, yerr=r.sd, fmt="o", color=colour, capsize=3)
-        ax.annotate(r.row, (r.adapters, r.loss), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        same = points.index[np.isclose(points.adapters, r.adapters)]
+        x = r.adapters * 1.04 ** (list(same).index(points.index[i]) - (len(same) - 1) / 2)
+        colour = plt.cm.tab10(i % 10)  # one colour per row (KIND_COLOURS has four)
+        ax.errorbar(x, r.loss, yerr=r.sd, fmt="o", color=colour, capsize=3, label=r.row)
     ax.set_xscale("log")
-    ax.set_xlabel("head adapters applied per 1,000 validation lines (`kmeans` batches, log)")
-    ax.set_ylabel("validation loss (nats / token), mean ± sd over seeds")
+    ticks = sorted(set(points.adapters.round()))
+    ax.set_xticks(ticks, [f"{t:,.0f}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlim(min(ticks) / 1.5, max(ticks) * 1.5)
+    ax.set_xlabel("head adapters applied per 1,000 validation lines (`kmeans` batches)")
+    ax.set_ylabel("validation loss (nats / token)\nmean ± sd over seeds")
+    ax.legend(fontsize=10, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, frameon=False)
+    fig.tight_layout()
     return save(fig, points, name, profile)
