@@ -65,8 +65,6 @@ SPELT_ALIKE = {
     ("chameleon/adapters/lora.py", "head"): "add_lora's placement (lora.WHERE), not Regime.experts",
     ("chameleon/experiments/sweeps.py", "task"): "Config field names (profile, task), not the `task` conditioning",
     ("chameleon/prepare.py", "full"): "the key of the texts tokenized already (data.load_split_texts), not a row",
-    ("chameleon/experiments/plots.py", "all"): "to convert: Protocol.scores_every_token, runs.scored_label's labels",
-    ("chameleon/experiments/plots.py", "last"): "to convert: runs.scored_label's labels",
 }
 DISPLAY_FIELDS = {"colour", "about", "linestyle", "hatch", "marker"}  # what figures and tables show, never tested
 

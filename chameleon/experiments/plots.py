@@ -37,6 +37,8 @@ STYLE = {"font.size": 14, "axes.titlesize": 16, "axes.labelsize": 14, "legend.fo
          "xtick.labelsize": 12, "ytick.labelsize": 12, "figure.dpi": 100, "savefig.dpi": 110,
          "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3}
 plt.rcParams.update(STYLE)
+# What each protocol scores when a row is scored as its protocol says (runs.scored_label): such rows need no tag
+WHOLE = {p.scores for p in PROTOCOLS.values()}
 
 
 def figures_dir(profile: str) -> Path:
@@ -323,7 +325,7 @@ def _after_prefix(part: pd.DataFrame) -> pd.Series:
     `scored` column, those whose conditioning embeds a prefix under a protocol that scores every token."""
     if "scored" in part:
         return part["scored"].astype(str).str.startswith("from")
-    return pd.Series([conditioning_row(c).prefix and PROTOCOLS[p].scores == "all"
+    return pd.Series([conditioning_row(c).prefix and PROTOCOLS[p].scores_every_token
                       for c, p in zip(part["conditioning"], part["protocol"])], index=part.index, dtype=bool)
 
 
@@ -494,7 +496,7 @@ def paired_forest(paired: pd.DataFrame, profile: str, name: str, title: str, sou
     """
     data = paired.reset_index(drop=True).copy()
     if "label" not in data:
-        data["label"] = [f"{run_name(r, c)}{'' if s in ('all', 'last') or pd.isna(s) else f' [{s}]'} - {ref}"
+        data["label"] = [f"{run_name(r, c)}{'' if s in WHOLE or pd.isna(s) else f' [{s}]'} - {ref}"
                          for r, c, s, ref in zip(data["regime"], data["conditioning"],
                                                  data.get("scored", pd.Series([None] * len(data))), data["reference"])]
     groups = data["group"] if "group" in data else pd.Series([""] * len(data))
