@@ -165,7 +165,7 @@ class Config:
         if kind and DISPATCHES[self.dispatch].mixes and kind not in MIXABLE_KINDS:
             raise ValueError(f"dispatch={self.dispatch!r} mixes experts, and {self.regime}'s {kind} experts cannot be "
                              f"mixed; choose one of {[d for d, row in DISPATCHES.items() if not row.mixes]}")
-        if DISPATCHES[self.dispatch].per_line and REGIMES[self.regime].experts not in ("", "head"):
+        if DISPATCHES[self.dispatch].per_line and REGIMES[self.regime].experts_in_blocks:
             raise ValueError(f"dispatch={self.dispatch!r} gives each line of a batch its own expert, which only head "
                              f"experts can (the body runs once per batch); {self.regime} holds its experts in the body: "
                              f"choose one of {[d for d, row in DISPATCHES.items() if not row.per_line]}")

@@ -351,12 +351,13 @@ def cost_sentence(costs: pd.DataFrame) -> str:
             f"adapters; time per scored row measured in one run): {each}.")
 
 
-def answer_of(out: Path) -> str:
-    """`answer` from the committed CSVs under `out` (once the dev stage has finished)."""
+def answer_of(out: Path, v: dict | None = None) -> str:
+    """`answer` from the committed CSVs under `out` (once the dev stage has finished); `v`: their verdicts, where the
+    caller has them already."""
     _, dev_passed = chosen_recipe(pd.read_csv(out / "recipes.csv"))
     if not (out / "runs.csv").exists():
         return "its validation runs have not landed yet."
-    return answer(verdicts(line_table(out)), dev_passed)
+    return answer(verdicts(line_table(out)) if v is None else v, dev_passed)
 
 
 def table_row(c: dict, *extra: str) -> str:
@@ -470,7 +471,7 @@ def results_text(out: Path) -> str:
         text += ["Rows with identical line losses on every seed: " + "; ".join(f"{a} = {b}" for a, b in same) + ".", ""]
     if (out / "diagnostics.csv").exists():
         text += diagnostics_text(out)
-    text += ["## Answer", "", answer_of(out), ""]
+    text += ["## Answer", "", answer_of(out, v), ""]
     return "\n".join(text)
 
 

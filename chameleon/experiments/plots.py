@@ -637,13 +637,14 @@ def line_costs(points: pd.DataFrame, profile: str, name: str = "lines") -> Path:
     group, line); chameleon.experiments.domains_control.report gives the table (row, adapters, loss, sd). Rows at
     the same cost are spread a little sideways (the axis is log: a few percent), so that their bars stay apart."""
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for i, r in enumerate(points.itertuples()):
-        same = points.index[np.isclose(points.adapters, r.adapters)]
-        x = r.adapters * 1.04 ** (list(same).index(points.index[i]) - (len(same) - 1) / 2)
+    cost = points.adapters.round()
+    nth, count = points.groupby(cost).cumcount(), cost.map(cost.value_counts())
+    xs = points.adapters * 1.04 ** (nth - (count - 1) / 2)
+    for i, (x, r) in enumerate(zip(xs, points.itertuples())):
         colour = plt.cm.tab10(i % 10)  # one colour per row (KIND_COLOURS has four)
         ax.errorbar(x, r.loss, yerr=r.sd, fmt="o", color=colour, capsize=3, label=r.row)
     ax.set_xscale("log")
-    ticks = sorted(set(points.adapters.round()))
+    ticks = sorted(set(cost))
     ax.set_xticks(ticks, [f"{t:,.0f}" for t in ticks])
     ax.minorticks_off()
     ax.set_xlim(min(ticks) / 1.5, max(ticks) * 1.5)

@@ -44,6 +44,8 @@ def load(root: Path = ROOT) -> dict[str, pd.DataFrame]:
     t["heads_paired"] = pd.read_csv(root / f"{TABLES['heads']}-paired.csv")
     t["shares"] = pd.read_csv(root / f"{TABLES['paper_length']}-shares.csv")
     t["control_folder"] = root / CONTROL_FOLDER
+    if (root / CONTROL_FOLDER / "runs.csv").exists():  # read by the README's, RESULTS.md's and the key's answers
+        t["control_verdicts"] = domains_control.verdicts(domains_experiment.line_table(root / CONTROL_FOLDER))
     if (root / DOMAINS_FOLDER / "runs.csv").exists():
         t["domains_lines"] = domains_experiment.line_table(root / DOMAINS_FOLDER)
     return t
@@ -456,7 +458,7 @@ def across_domains(t) -> str:
 def control_answer(t, up: str = "") -> str:
     """The second domains experiment's answer, or where it stands (links relative to a file `up` from the root)."""
     out = t["control_folder"]
-    said = domains_control.answer_of(out) if (out / "recipes.csv").exists() else \
+    said = domains_control.answer_of(out, t.get("control_verdicts")) if (out / "recipes.csv").exists() else \
         "its dev stage (recipes, rates, epochs) has not finished."
     return (f"But this experiment's positive control failed too, so a second one asks first whether the hypernetwork "
             f"can read its input ([{CONTROL}]({up}{CONTROL}), plan committed before its runs): {said}")
@@ -465,7 +467,7 @@ def control_answer(t, up: str = "") -> str:
 def line_answer(t, up: str = "") -> str:
     """Batch against line in the second domains experiment: its five differences and what each level costs."""
     out = t["control_folder"]
-    v = domains_control.verdicts(domains_experiment.line_table(out)) if (out / "runs.csv").exists() else None
+    v = t.get("control_verdicts")
     if v is None or not v["lines"]:
         return "**One adapter per batch or one per line?** Not measured yet."
     said = domains_control.line_answer(v)
